@@ -1,0 +1,492 @@
+//! The agent's config file: the JSON the earlier Python agent used
+//! (`/etc/camera_agent/config.json`), read as-is, parsed into an [`AgentConfig`] that
+//! needs no further checks.
+//!
+//! Sections and fields of the older agent that this one does not use are accepted and
+//! reported once, so existing files keep working; a misspelled field inside a section
+//! this agent reads is an error naming the field.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use common::{protocol::check_agent_id, Secret};
+use serde::{de::IgnoredAny, Deserialize};
+use tokio_tungstenite::tungstenite::http::Uri;
+
+/// Where the agent looks for its config unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/camera_agent/config.json";
+
+/// The RTSP paths of a Dahua camera's main and sub stream.
+pub const DAHUA_STREAM_PATHS: [&str; 2] = [
+    "/cam/realmonitor?channel=1&subtype=0",
+    "/cam/realmonitor?channel=1&subtype=1",
+];
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Unique id of this camera at the relay.
+    pub agent_id: String,
+    /// The relay's control link.
+    pub relay: RelayUrl,
+    /// Token presented at registration.
+    pub token: Secret,
+    /// Log level, from `agent.log_level`.
+    pub log_level: tracing::Level,
+    /// Camera model reported to the relay.
+    pub camera_model: String,
+    /// Relay port this camera would like (`tunnel.tunnel_port`).
+    pub tunnel_port: u16,
+    /// The camera's RTSP server (`streaming.rtsp_host`, `streaming.rtsp_port`).
+    pub rtsp_target: SocketAddr,
+    /// RTSP paths the camera serves, reported to the relay.
+    pub stream_paths: Vec<String>,
+    /// Limit for connecting to the relay and to the camera (`network.connection_timeout`).
+    pub connection_timeout: Duration,
+    /// Longest wait between reconnection attempts (`network.reconnect_interval`).
+    pub reconnect_interval: Duration,
+    /// Heartbeat period (`network.heartbeat_interval`).
+    pub heartbeat_interval: Duration,
+    /// Watcher connections the relay may have open through this agent at once.
+    pub max_streams: u32,
+    /// Sections and fields of the older agent that were present and are ignored.
+    pub ignored: Vec<String>,
+}
+
+/// The relay's control URL, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayUrl {
+    /// The URL to dial (`ws://` or `wss://`, path `/tunnel` if none was given).
+    pub url: String,
+    /// Host name or address; QUIC goes to the same host.
+    pub host: String,
+    /// TCP port of the control link.
+    pub port: u16,
+}
+
+impl RelayUrl {
+    /// Parses `ws://`, `wss://` (and `http://`, `https://`, which older configs used)
+    /// URLs; an empty path becomes `/tunnel`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: Uri = text.parse().map_err(|e| {
+            format!("{text:?} is not a URL ({e}); expected e.g. ws://relay.example.com:8080/tunnel")
+        })?;
+        let (scheme, default_port) = match uri.scheme_str() {
+            Some("ws") | Some("http") => ("ws", 80),
+            Some("wss") | Some("https") => ("wss", 443),
+            _ => return Err(format!("{text:?} must start with ws:// or wss://")),
+        };
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{text:?} names no host"))?
+            .to_string();
+        let port = uri.port_u16().unwrap_or(default_port);
+        let path = match uri.path_and_query().map(|p| p.as_str()) {
+            None | Some("") | Some("/") => "/tunnel",
+            Some(path) => path,
+        };
+        Ok(RelayUrl {
+            url: format!("{scheme}://{}:{port}{path}", host_for_url(&host)),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+        })
+    }
+}
+
+fn host_for_url(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+/// A config problem, saying which file, which field and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the agent config: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not JSON.
+    #[error("{path}: not valid JSON: {message}")]
+    Syntax {
+        /// The file.
+        path: String,
+        /// Parser message with line and column.
+        message: String,
+    },
+    /// A field is missing, unknown or has a bad value.
+    #[error("{path}: field `{field}`: {reason}")]
+    Field {
+        /// The file.
+        path: String,
+        /// Dotted path of the field, e.g. `network.heartbeat_interval`.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+// ---- the file as written -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: RawAgent,
+    #[serde(default)]
+    tunnel: RawTunnel,
+    #[serde(default)]
+    streaming: RawStreaming,
+    #[serde(default)]
+    network: RawNetwork,
+    /// The older agent's camera section; only `model` is read from it.
+    camera: Option<serde_json::Value>,
+    // Sections of the older agent this one does not use.
+    recording: Option<IgnoredAny>,
+    motion_detection: Option<IgnoredAny>,
+    security: Option<IgnoredAny>,
+    storage: Option<IgnoredAny>,
+    logging: Option<IgnoredAny>,
+    p2p: Option<IgnoredAny>,
+    cloud: Option<IgnoredAny>,
+    onvif: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    agent_id: String,
+    #[serde(alias = "cloud_server_url")]
+    tunnel_server_url: String,
+    #[serde(alias = "cloud_server_token", default)]
+    tunnel_server_token: Secret,
+    #[serde(default = "default_log_level")]
+    log_level: String,
+    camera_model: Option<String>,
+    // Fields of the older agent this one does not use.
+    device_id: Option<IgnoredAny>,
+    connection_mode: Option<IgnoredAny>,
+    log_file: Option<IgnoredAny>,
+    name: Option<IgnoredAny>,
+    version: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    tunnel_port: Option<u16>,
+    max_streams: Option<u32>,
+    // Older agent's fields, unused.
+    enabled: Option<IgnoredAny>,
+    tunnel_type: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStreaming {
+    rtsp_port: Option<u16>,
+    rtsp_host: Option<IpAddr>,
+    stream_paths: Option<Vec<String>>,
+    // Older agent's fields, unused: the agent carries bytes, it does not transcode.
+    stream_quality: Option<IgnoredAny>,
+    buffer_size: Option<IgnoredAny>,
+    video_codec: Option<IgnoredAny>,
+    resolution: Option<IgnoredAny>,
+    fps: Option<IgnoredAny>,
+    bitrate: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    connection_timeout: Option<f64>,
+    reconnect_interval: Option<f64>,
+    heartbeat_interval: Option<f64>,
+}
+
+fn default_log_level() -> String {
+    "INFO".into()
+}
+
+impl AgentConfig {
+    /// Reads and checks the config file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                ConfigError::Syntax {
+                    path: origin.to_string(),
+                    message: inner.to_string(),
+                }
+            } else {
+                ConfigError::Field {
+                    path: origin.to_string(),
+                    field,
+                    reason: inner.to_string(),
+                }
+            }
+        })?;
+        let field_error = |field: &str, reason: String| ConfigError::Field {
+            path: origin.to_string(),
+            field: field.to_string(),
+            reason,
+        };
+
+        let agent = raw.agent;
+        check_agent_id(&agent.agent_id).map_err(|r| field_error("agent.agent_id", r))?;
+        let relay = RelayUrl::parse(&agent.tunnel_server_url)
+            .map_err(|r| field_error("agent.tunnel_server_url", r))?;
+        if agent.tunnel_server_token.is_empty() {
+            return Err(field_error(
+                "agent.tunnel_server_token",
+                "missing or empty; set it to the relay's token for this camera".into(),
+            ));
+        }
+        let log_level =
+            parse_log_level(&agent.log_level).map_err(|r| field_error("agent.log_level", r))?;
+        let seconds = |value: Option<f64>, field: &str, default: u64| match value {
+            None => Ok(Duration::from_secs(default)),
+            Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+            Some(s) => Err(field_error(
+                field,
+                format!("{s} is not a number of seconds between 0 and 86400"),
+            )),
+        };
+        let network = raw.network;
+        let connection_timeout =
+            seconds(network.connection_timeout, "network.connection_timeout", 30)?;
+        let reconnect_interval =
+            seconds(network.reconnect_interval, "network.reconnect_interval", 10)?;
+        let heartbeat_interval =
+            seconds(network.heartbeat_interval, "network.heartbeat_interval", 30)?;
+
+        let rtsp_port = raw.streaming.rtsp_port.unwrap_or(554);
+        if rtsp_port == 0 {
+            return Err(field_error(
+                "streaming.rtsp_port",
+                "must be a port number from 1 to 65535".into(),
+            ));
+        }
+        let rtsp_host = raw
+            .streaming
+            .rtsp_host
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let max_streams = raw.tunnel.max_streams.unwrap_or(64);
+        if max_streams == 0 {
+            return Err(field_error(
+                "tunnel.max_streams",
+                "must be at least 1".into(),
+            ));
+        }
+        let camera_model = agent
+            .camera_model
+            .or_else(|| {
+                raw.camera
+                    .as_ref()
+                    .and_then(|c| c.get("model"))
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "unknown".into());
+
+        let present = |name: &str, here: bool| here.then(|| name.to_string());
+        let ignored = [
+            present("camera", raw.camera.is_some()),
+            present("recording", raw.recording.is_some()),
+            present("motion_detection", raw.motion_detection.is_some()),
+            present("security", raw.security.is_some()),
+            present("storage", raw.storage.is_some()),
+            present("logging", raw.logging.is_some()),
+            present("p2p", raw.p2p.is_some()),
+            present("cloud", raw.cloud.is_some()),
+            present("onvif", raw.onvif.is_some()),
+            present("agent.device_id", agent.device_id.is_some()),
+            present("agent.connection_mode", agent.connection_mode.is_some()),
+            present("agent.log_file", agent.log_file.is_some()),
+            present("agent.name", agent.name.is_some()),
+            present("agent.version", agent.version.is_some()),
+            present("tunnel.enabled", raw.tunnel.enabled.is_some()),
+            present("tunnel.tunnel_type", raw.tunnel.tunnel_type.is_some()),
+            present(
+                "streaming.stream_quality",
+                raw.streaming.stream_quality.is_some(),
+            ),
+            present("streaming.buffer_size", raw.streaming.buffer_size.is_some()),
+            present("streaming.video_codec", raw.streaming.video_codec.is_some()),
+            present("streaming.resolution", raw.streaming.resolution.is_some()),
+            present("streaming.fps", raw.streaming.fps.is_some()),
+            present("streaming.bitrate", raw.streaming.bitrate.is_some()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+
+        Ok(AgentConfig {
+            agent_id: agent.agent_id,
+            relay,
+            token: agent.tunnel_server_token,
+            log_level,
+            camera_model,
+            tunnel_port: raw.tunnel.tunnel_port.unwrap_or(8554),
+            rtsp_target: SocketAddr::new(rtsp_host, rtsp_port),
+            stream_paths: raw
+                .streaming
+                .stream_paths
+                .unwrap_or_else(|| DAHUA_STREAM_PATHS.iter().map(|p| p.to_string()).collect()),
+            connection_timeout,
+            reconnect_interval,
+            heartbeat_interval,
+            max_streams,
+            ignored,
+        })
+    }
+}
+
+/// Python's level names (the older agent's) and tracing's.
+fn parse_log_level(name: &str) -> Result<tracing::Level, String> {
+    match name.to_ascii_uppercase().as_str() {
+        "TRACE" => Ok(tracing::Level::TRACE),
+        "DEBUG" => Ok(tracing::Level::DEBUG),
+        "INFO" => Ok(tracing::Level::INFO),
+        "WARN" | "WARNING" => Ok(tracing::Level::WARN),
+        "ERROR" | "CRITICAL" => Ok(tracing::Level::ERROR),
+        _ => Err(format!(
+            "{name:?} is not a level; use DEBUG, INFO, WARNING or ERROR"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"{
+        "agent": {
+            "agent_id": "dahua-2449s-il-001",
+            "cloud_server_url": "ws://relay.example.com:8080",
+            "cloud_server_token": "s3cret",
+            "log_level": "WARNING",
+            "device_id": "ABC123"
+        },
+        "camera": {"model": "dahua-2449s-il", "resolution": "2688x1520", "fps": 20},
+        "tunnel": {"tunnel_port": 8555},
+        "streaming": {"rtsp_port": 554, "stream_paths": ["/cam/realmonitor?channel=1&subtype=0"]},
+        "network": {"connection_timeout": 30, "reconnect_interval": 10, "heartbeat_interval": 30},
+        "recording": {"enabled": false},
+        "motion_detection": {"enabled": true, "sensitivity": 5},
+        "security": {"ssl_verify": true}
+    }"#;
+
+    fn error(text: &str) -> String {
+        AgentConfig::parse(text, "/etc/camera_agent/config.json")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn reads_the_seed_schema_with_old_names() {
+        let c = AgentConfig::parse(SEED, "config.json").unwrap();
+        assert_eq!(c.agent_id, "dahua-2449s-il-001");
+        assert_eq!(c.relay.url, "ws://relay.example.com:8080/tunnel");
+        assert_eq!(c.token.expose(), "s3cret");
+        assert_eq!(c.log_level, tracing::Level::WARN);
+        assert_eq!(c.camera_model, "dahua-2449s-il");
+        assert_eq!(c.tunnel_port, 8555);
+        assert_eq!(c.rtsp_target, "127.0.0.1:554".parse().unwrap());
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(
+            c.ignored,
+            [
+                "camera",
+                "recording",
+                "motion_detection",
+                "security",
+                "agent.device_id"
+            ]
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn defaults_fill_what_is_left_out() {
+        let c = AgentConfig::parse(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "wss://r.example/agent/a", "tunnel_server_token": "t"}}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.relay.url, "wss://r.example:443/agent/a");
+        assert_eq!(c.tunnel_port, 8554);
+        assert_eq!(c.rtsp_target.port(), 554);
+        assert_eq!(c.stream_paths, DAHUA_STREAM_PATHS);
+        assert_eq!(c.reconnect_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn errors_name_file_field_and_reason() {
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "network": {"heartbeat_intervall": 3}}"#,
+        );
+        assert!(
+            e.contains("/etc/camera_agent/config.json") && e.contains("heartbeat_intervall"),
+            "{e}"
+        );
+        assert!(e.contains("network"), "{e}");
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "network": {"heartbeat_interval": "often"}}"#,
+        );
+        assert!(e.contains("network.heartbeat_interval"), "{e}");
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ftp://r", "tunnel_server_token": "t"}}"#,
+        );
+        assert!(
+            e.contains("agent.tunnel_server_url") && e.contains("ws://"),
+            "{e}"
+        );
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a b", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}}"#,
+        );
+        assert!(e.contains("agent.agent_id"), "{e}");
+
+        let e = error(r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r"}}"#);
+        assert!(e.contains("agent.tunnel_server_token"), "{e}");
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "network": {"reconnect_interval": 0}}"#,
+        );
+        assert!(e.contains("network.reconnect_interval"), "{e}");
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "tunel": {}}"#,
+        );
+        assert!(e.contains("tunel"), "{e}");
+
+        let e = error("{\"agent\": {");
+        assert!(e.contains("not valid JSON") && e.contains("line"), "{e}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The agent's control link: connect the WebSocket, register, then heartbeats and
+//! commands until the link ends.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::protocol::{
+    decode_control, encode_control, AgentMessage, CameraInfo, Command, CommandOutput, Register,
+    Registered, RelayMessage, ServiceRequest, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION, SERVICE_RTSP,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::{net::TcpStream, time::Instant};
+use tokio_tungstenite::{
+    tungstenite::{protocol::WebSocketConfig, Message},
+    MaybeTlsStream, WebSocketStream,
+};
+
+use crate::{config::AgentConfig, stats::Stats, SessionError};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A registered control connection.
+#[derive(Debug)]
+pub(crate) struct ControlLink {
+    socket: Socket,
+}
+
+/// Connects to the relay and registers; all within `network.connection_timeout`.
+pub(crate) async fn connect(
+    config: &AgentConfig,
+) -> Result<(ControlLink, Registered), SessionError> {
+    let attempt = async {
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_CONTROL_MESSAGE))
+            .max_frame_size(Some(MAX_CONTROL_MESSAGE));
+        let (mut socket, _response) = tokio_tungstenite::connect_async_with_config(
+            config.relay.url.as_str(),
+            Some(ws_config),
+            true,
+        )
+        .await
+        .map_err(|e| {
+            SessionError::Connect(format!(
+                "cannot open the control link to {}: {e}",
+                config.relay.url
+            ))
+        })?;
+        let register = AgentMessage::Register(Register {
+            version: PROTOCOL_VERSION,
+            agent_id: config.agent_id.clone(),
+            token: config.token.clone(),
+            camera: CameraInfo {
+                model: config.camera_model.clone(),
+                stream_paths: config.stream_paths.clone(),
+            },
+            services: vec![ServiceRequest {
+                name: SERVICE_RTSP.into(),
+                port: config.tunnel_port,
+            }],
+            heartbeat_interval_secs: config
+                .heartbeat_interval
+                .as_secs()
+                .clamp(1, u64::from(u32::MAX)) as u32,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        });
+        send(&mut socket, &register).await?;
+        match next_message(&mut socket).await? {
+            RelayMessage::Registered(registered) => Ok((ControlLink { socket }, registered)),
+            RelayMessage::Rejected(rejection) => Err(SessionError::Rejected(rejection)),
+            other => Err(SessionError::Protocol(format!(
+                "expected Registered, got {other:?}"
+            ))),
+        }
+    };
+    tokio::time::timeout(config.connection_timeout, attempt)
+        .await
+        .map_err(|_| {
+            SessionError::Connect(format!(
+                "no registration answer from {} within {:?} (network.connection_timeout)",
+                config.relay.url, config.connection_timeout
+            ))
+        })?
+}
+
+impl ControlLink {
+    /// Sends heartbeats and answers commands until the link ends; returns why it ended.
+    pub(crate) async fn run(mut self, interval: Duration, stats: &Stats) -> SessionError {
+        let silence_limit = interval * 3;
+        let mut last_heard = Instant::now();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let message = tokio::select! {
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return SessionError::Lost(format!("the relay did not answer for {silence_limit:?}"));
+                    }
+                    if let Err(e) = send(&mut self.socket, &AgentMessage::Heartbeat(stats.snapshot())).await {
+                        return e;
+                    }
+                    continue;
+                }
+                message = next_message(&mut self.socket) => message,
+            };
+            last_heard = Instant::now();
+            let reply = match message {
+                Err(e) => return e,
+                Ok(RelayMessage::HeartbeatAck) => continue,
+                Ok(RelayMessage::Closing(reason)) => return SessionError::Closed(reason),
+                Ok(RelayMessage::Command { id, command }) => {
+                    tracing::info!(id, ?command, "command from the relay");
+                    AgentMessage::CommandResult {
+                        id,
+                        result: Ok(execute(command, stats)),
+                    }
+                }
+                Ok(other) => return SessionError::Protocol(format!("unexpected {other:?}")),
+            };
+            if let Err(e) = send(&mut self.socket, &reply).await {
+                return e;
+            }
+        }
+    }
+
+    /// Closes the link politely, without waiting long for the relay.
+    pub(crate) async fn close(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.close(None)).await;
+    }
+}
+
+fn execute(command: Command, stats: &Stats) -> CommandOutput {
+    match command {
+        Command::Ping => CommandOutput::Pong {
+            unix_millis: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        },
+        Command::Stats => CommandOutput::Stats(stats.snapshot()),
+    }
+}
+
+async fn send(socket: &mut Socket, msg: &AgentMessage) -> Result<(), SessionError> {
+    let bytes = encode_control(msg).map_err(|e| SessionError::Protocol(e.to_string()))?;
+    socket
+        .send(Message::Binary(bytes.into()))
+        .await
+        .map_err(|e| SessionError::Lost(format!("control link send failed: {e}")))
+}
+
+async fn next_message(socket: &mut Socket) -> Result<RelayMessage, SessionError> {
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Binary(bytes))) => {
+                return decode_control(&bytes).map_err(|e| {
+                    SessionError::Protocol(format!("undecodable message from the relay: {e}"))
+                })
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(Message::Text(_))) => {
+                return Err(SessionError::Protocol("text message from the relay".into()))
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(SessionError::Lost(
+                    "the relay closed the control link".into(),
+                ))
+            }
+            Some(Err(e)) => return Err(SessionError::Lost(format!("control link failed: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The camera agent: runs inside the IP camera, dials out to the relay, and carries
+//! every Watcher connection the relay sends it to the camera's own RTSP server.
+//!
+//! # Glossary
+//! - **Relay**: the public server the agent dials; it exposes the camera as a local port.
+//! - **Control link**: WebSocket to the relay: register, heartbeats, commands.
+//! - **Tunnel**: QUIC connection to the relay; each Watcher connection is one stream.
+//! - **Watcher**: the VMS or player pulling RTSP from the relay.
+//!
+//! [`Agent::run`] keeps a session (control link + tunnel) up, re-registering with
+//! exponential backoff and full jitter whenever the relay goes away.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod control;
+pub mod stats;
+mod tunnel;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{
+    backoff::Backoff,
+    protocol::{CloseReason, Rejection},
+};
+use tokio::sync::watch;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use config::AgentConfig;
+pub use stats::Stats;
+
+/// First backoff step after a failure; later steps double up to `network.reconnect_interval`.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+
+/// What the agent is doing, for logs, tests and (later) the local status page.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentState {
+    /// Dialing the relay.
+    Connecting,
+    /// Registered, tunnel up: the camera is reachable at `port` on the relay host.
+    Online {
+        /// The relay port granted to the camera.
+        port: u16,
+    },
+    /// The last session failed or ended; the agent retries after a backoff.
+    Retrying {
+        /// Why, in words.
+        reason: String,
+        /// The relay's refusal, if it refused.
+        rejection: Option<Rejection>,
+    },
+    /// The agent stopped.
+    Stopped,
+}
+
+/// Why a session with the relay ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The relay could not be reached.
+    #[error("{0}")]
+    Connect(String),
+    /// The relay refused the registration.
+    #[error("the relay refused the registration: {0}")]
+    Rejected(Rejection),
+    /// The relay closed the session.
+    #[error("the relay closed the session: {0}")]
+    Closed(CloseReason),
+    /// The link was lost.
+    #[error("{0}")]
+    Lost(String),
+    /// The QUIC tunnel could not be set up.
+    #[error("{0}")]
+    Tunnel(String),
+    /// The relay broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// The agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: Arc<AgentConfig>,
+    stats: Arc<Stats>,
+    /// Published so tests and operators can wait on readiness instead of sleeping.
+    state: watch::Sender<AgentState>,
+}
+
+impl Agent {
+    /// An agent for `config`; nothing happens until [`Agent::run`].
+    pub fn new(config: AgentConfig) -> Self {
+        Agent {
+            config: Arc::new(config),
+            stats: Arc::new(Stats::default()),
+            state: watch::Sender::new(AgentState::Connecting),
+        }
+    }
+
+    /// Follows the agent's state.
+    pub fn subscribe(&self) -> watch::Receiver<AgentState> {
+        self.state.subscribe()
+    }
+
+    /// The agent's counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// Keeps a session with the relay until `shutdown`, reconnecting as needed.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(BACKOFF_BASE, self.config.reconnect_interval);
+        let tracker = TaskTracker::new();
+        loop {
+            self.state.send_replace(AgentState::Connecting);
+            let mut was_online = false;
+            let ended = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                ended = self.session(&tracker, &mut was_online) => ended,
+            };
+            if was_online {
+                backoff.reset();
+                self.stats
+                    .reconnections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!("{ended}; retrying in {:.1} s", delay.as_secs_f64());
+            let rejection = match &ended {
+                SessionError::Rejected(r) => Some(r.clone()),
+                _ => None,
+            };
+            self.state.send_replace(AgentState::Retrying {
+                reason: ended.to_string(),
+                rejection,
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        self.state.send_replace(AgentState::Stopped);
+        tracing::info!("agent stopped");
+    }
+
+    /// One session: register, bring the tunnel up, serve until either link ends.
+    async fn session(&self, tracker: &TaskTracker, was_online: &mut bool) -> SessionError {
+        let config = &self.config;
+        tracing::info!(relay = %config.relay.url, "connecting");
+        let (control, registered) = match control::connect(config).await {
+            Ok(ok) => ok,
+            Err(e) => return e,
+        };
+        let port = registered
+            .granted
+            .first()
+            .map(|g| g.port)
+            .unwrap_or_default();
+        let tunnel = match tunnel::dial(config, &registered).await {
+            Ok(tunnel) => tunnel,
+            Err(e) => {
+                control.close().await;
+                return e;
+            }
+        };
+        *was_online = true;
+        tracing::info!(
+            port,
+            rtt_ms = tunnel.rtt().as_millis() as u64,
+            target = %config.rtsp_target,
+            "online: the relay serves this camera on port {port}"
+        );
+        self.state.send_replace(AgentState::Online { port });
+        let ended = tokio::select! {
+            ended = control.run(config.heartbeat_interval, &self.stats) => ended,
+            ended = tunnel.serve(config, &self.stats, tracker) => ended,
+        };
+        tunnel.close();
+        ended
+    }
+}

@@ -1,0 +1,49 @@
+//! `camera-agent`: read the config, run until a signal.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use agent::{config::DEFAULT_CONFIG_PATH, Agent, AgentConfig};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Runs inside the IP camera: dials out to the relay and carries its RTSP sessions.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Config file, in the JSON schema of the earlier camera agent.
+    #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Log filter overriding `agent.log_level`, e.g. `debug` or `agent=debug,info`.
+    #[arg(long, env = "AGENT_LOG")]
+    log: Option<String>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match AgentConfig::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("camera-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = cli.log.clone().unwrap_or_else(|| {
+        common::process::project_filter(config.log_level, &["camera_agent", "agent", "common"])
+    });
+    common::process::init_logging(&filter);
+    if !config.ignored.is_empty() {
+        tracing::info!(
+            "{}: ignoring settings of the earlier agent that this one does not use: {}",
+            cli.config.display(),
+            config.ignored.join(", ")
+        );
+    }
+    tracing::info!(agent = %config.agent_id, version = env!("CARGO_PKG_VERSION"), "camera-agent starting");
+
+    let agent = Agent::new(config);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(common::process::cancel_on_signal(shutdown.clone()));
+    agent.run(shutdown).await;
+    ExitCode::SUCCESS
+}

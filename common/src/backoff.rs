@@ -1,0 +1,71 @@
+//! Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
+//! and Jitter"): each wait is uniform in `[0, min(cap, base * 2^attempt)]`, so a fleet
+//! of cameras that lost the same relay does not come back in lockstep.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Backoff state for one retry loop.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Waits start around `base` and never exceed `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Backoff {
+            base: base.min(cap),
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait, drawn at random; each call widens the window until it hits the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        rand::rng().random_range(Duration::ZERO..=ceiling)
+    }
+
+    /// The upper bound of the next wait.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// Starts again from `base`, after a connection that worked.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut ceilings = Vec::new();
+        for _ in 0..8 {
+            ceilings.push(b.ceiling().as_millis());
+            assert!(b.next_delay() <= Duration::from_secs(2));
+        }
+        assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn huge_attempt_counts_do_not_overflow() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(10));
+    }
+}

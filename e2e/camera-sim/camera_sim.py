@@ -1,0 +1,129 @@
+#!/usr/bin/python3
+"""A simulated Dahua camera: a real RTSP server (GStreamer's gst-rtsp-server) with a
+live test pattern, Digest authentication, and Dahua's URL scheme:
+
+    rtsp://admin:admin@HOST:PORT/cam/realmonitor?channel=1&subtype=0   main stream, H.265
+    rtsp://admin:admin@HOST:PORT/cam/realmonitor?channel=1&subtype=1   sub stream, H.264
+
+Stock gst-rtsp-server matches mount points on the path only, so one factory is mounted
+at /cam/realmonitor and picks the stream from the query string.
+
+Prints `READY port=N` on stdout once it listens (port 0 picks a free one), then serves
+until SIGTERM or SIGINT. Needs Debian's python3-gi, gir1.2-gst-rtsp-server-1.0 and
+gstreamer1.0-plugins-{base,good,bad,ugly}; run it with /usr/bin/python3.
+"""
+import argparse
+import signal
+import sys
+from urllib.parse import parse_qs
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtsp", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
+
+
+def size(text):
+    w, h = text.lower().split("x")
+    return int(w), int(h)
+
+
+class RealMonitor(GstRtspServer.RTSPMediaFactory):
+    """Builds the pipeline of the stream the query asks for."""
+
+    def __init__(self, streams):
+        super().__init__()
+        self.streams = streams
+        # Watchers of one stream share one encoder, as on a real camera. The default
+        # media key is the full request URI, query included, so subtypes stay apart.
+        self.set_shared(True)
+
+    def do_create_element(self, url):
+        query = parse_qs(url.query or "")
+        subtype = query.get("subtype", ["0"])[0]
+        launch = self.streams.get(subtype)
+        if launch is None:
+            print(f"unknown subtype {subtype!r} in {url.abspath}?{url.query}", file=sys.stderr, flush=True)
+            return None
+        return Gst.parse_launch(launch)
+
+
+def pipeline(codec, width, height, fps, bitrate_kbps):
+    source = (
+        f"videotestsrc is-live=true pattern=ball ! "
+        f"video/x-raw,width={width},height={height},framerate={fps}/1 ! "
+        f"videoconvert ! video/x-raw,format=I420 ! "
+    )
+    if codec == "h265":
+        enc = (
+            f"x265enc tune=zerolatency speed-preset=ultrafast bitrate={bitrate_kbps} "
+            f"key-int-max={fps * 2} ! video/x-h265,profile=main ! "
+            f"rtph265pay name=pay0 pt=96 config-interval=-1"
+        )
+    else:
+        enc = (
+            f"x264enc tune=zerolatency speed-preset=ultrafast bitrate={bitrate_kbps} "
+            f"key-int-max={fps * 2} ! video/x-h264,profile=baseline ! "
+            f"rtph264pay name=pay0 pt=96 config-interval=-1"
+        )
+    return f"( {source}{enc} )"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="RTSP port; 0 picks a free one")
+    p.add_argument("--main-size", type=size, default=(640, 360), help="main stream WxH (H.265)")
+    p.add_argument("--sub-size", type=size, default=(320, 240), help="sub stream WxH (H.264)")
+    p.add_argument("--fps", type=int, default=20)
+    p.add_argument("--main-kbps", type=int, default=1024)
+    p.add_argument("--sub-kbps", type=int, default=256)
+    p.add_argument("--user", default="admin")
+    p.add_argument("--password", default="admin")
+    p.add_argument("--no-auth", action="store_true", help="serve without Digest authentication")
+    args = p.parse_args()
+
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address(args.host)
+    server.set_service(str(args.port))
+
+    factory = RealMonitor(
+        {
+            "0": pipeline("h265", *args.main_size, args.fps, args.main_kbps),
+            "1": pipeline("h264", *args.sub_size, args.fps, args.sub_kbps),
+        }
+    )
+    # The tunnel carries RTSP over TCP (interleaved); offer only that, as the relay will.
+    factory.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
+
+    if not args.no_auth:
+        auth = GstRtspServer.RTSPAuth()
+        auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+        token = GstRtspServer.RTSPToken()
+        token.set_string("media.factory.role", args.user)
+        auth.add_digest(args.user, args.password, token)
+        server.set_auth(auth)
+        factory.add_role_from_structure(
+            Gst.Structure.new_from_string(
+                f"{args.user},media.factory.access=(boolean)true,media.factory.construct=(boolean)true"
+            )
+        )
+
+    server.get_mount_points().add_factory("/cam/realmonitor", factory)
+    if server.attach(None) == 0:
+        print(f"cannot listen on {args.host}:{args.port}", file=sys.stderr, flush=True)
+        return 1
+
+    loop = GLib.MainLoop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, sig, loop.quit)
+    print(f"READY port={server.get_bound_port()}", flush=True)
+    loop.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

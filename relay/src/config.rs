@@ -1,0 +1,443 @@
+//! Relay configuration: the TOML file (`relay --config relay.toml`) or the seed-style
+//! quick start (`relay --port 8080 --tunnel-port 8554 --token <secret>`), both parsed
+//! into one [`RelayConfig`] that needs no further checks.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{protocol::check_agent_id, Secret};
+use serde::Deserialize;
+
+/// Default TCP port of the control link, and UDP port of the QUIC endpoint.
+pub const DEFAULT_PORT: u16 = 8080;
+/// First camera port of the default range.
+pub const DEFAULT_CAMERA_PORT: u16 = 8554;
+/// Width of the camera port range in the quick start.
+pub const DEFAULT_CAMERA_PORTS: u16 = 100;
+
+/// Everything the relay needs to run.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// TCP address of the control link (WebSocket) and, later, the API.
+    pub listen: SocketAddr,
+    /// UDP address of the QUIC endpoint.
+    pub quic_listen: SocketAddr,
+    /// Address the per-camera listeners bind to.
+    pub camera_bind: IpAddr,
+    /// Camera ports the relay may hand out.
+    pub camera_ports: RangeInclusive<u16>,
+    /// Where port assignments are remembered across restarts; `None` keeps them in memory.
+    pub state_dir: Option<PathBuf>,
+    /// Which agents may register.
+    pub auth: AgentAuth,
+    /// PEM certificate and key for QUIC; `None` makes a self-signed one at start.
+    pub quic_tls: Option<(PathBuf, PathBuf)>,
+    /// Timeouts and bounds.
+    pub limits: Limits,
+}
+
+/// Which agents may register, and with what.
+#[derive(Debug, Clone, Default)]
+pub struct AgentAuth {
+    /// Agents named in the config, each with its own token and maybe a pinned port.
+    pub agents: HashMap<String, AgentEntry>,
+    /// A token any agent id may use (the quick start's `--token`).
+    pub shared_token: Option<Secret>,
+}
+
+/// One configured agent.
+#[derive(Debug, Clone)]
+pub struct AgentEntry {
+    /// Its token.
+    pub token: Secret,
+    /// Its camera port, whatever it asks for.
+    pub port: Option<u16>,
+}
+
+/// Timeouts and bounds of the relay.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time for a new control connection to send `Register`.
+    pub registration_timeout: Duration,
+    /// Time for a QUIC handshake plus the agent's hello.
+    pub handshake_timeout: Duration,
+    /// Longest wait, for a Watcher connection, for the camera's QUIC tunnel to come up.
+    pub tunnel_wait: Duration,
+    /// Heartbeats missed before an agent is declared offline.
+    pub missed_heartbeats: u32,
+    /// Largest heartbeat interval an agent may ask for.
+    pub max_heartbeat_interval: Duration,
+    /// Watcher connections one camera may have open at once.
+    pub max_streams_per_camera: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            registration_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            tunnel_wait: Duration::from_secs(10),
+            missed_heartbeats: 3,
+            max_heartbeat_interval: Duration::from_secs(300),
+            max_streams_per_camera: 64,
+        }
+    }
+}
+
+/// A configuration error, saying where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read the relay config: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What the parser said, with line and field.
+        message: String,
+    },
+    /// A value is out of place.
+    #[error("{path}: field `{field}`: {reason}")]
+    Invalid {
+        /// The file, or `command line`.
+        path: String,
+        /// The field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    quic_listen: Option<SocketAddr>,
+    #[serde(default = "default_camera_bind")]
+    camera_bind: IpAddr,
+    #[serde(default = "default_camera_ports")]
+    camera_ports: String,
+    state_dir: Option<PathBuf>,
+    shared_token: Option<Secret>,
+    #[serde(default)]
+    agents: Vec<FileAgent>,
+    tls: Option<FileTls>,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    id: String,
+    token: Secret,
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    quic_cert: PathBuf,
+    quic_key: PathBuf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    registration_timeout_secs: Option<f64>,
+    handshake_timeout_secs: Option<f64>,
+    tunnel_wait_secs: Option<f64>,
+    missed_heartbeats: Option<u32>,
+    max_heartbeat_interval_secs: Option<f64>,
+    max_streams_per_camera: Option<u32>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), DEFAULT_PORT)
+}
+
+fn default_camera_bind() -> IpAddr {
+    Ipv4Addr::LOCALHOST.into()
+}
+
+fn default_camera_ports() -> String {
+    format!(
+        "{}-{}",
+        DEFAULT_CAMERA_PORT,
+        DEFAULT_CAMERA_PORT + DEFAULT_CAMERA_PORTS - 1
+    )
+}
+
+impl RelayConfig {
+    /// The seed-style quick start: one shared token, control and QUIC on `port`,
+    /// cameras from `tunnel_port` up, state kept in memory.
+    pub fn quick(listen: SocketAddr, tunnel_port: u16, token: Secret) -> Result<Self, ConfigError> {
+        if token.is_empty() {
+            return Err(invalid("command line", "--token", "must not be empty"));
+        }
+        let last = tunnel_port.saturating_add(DEFAULT_CAMERA_PORTS - 1);
+        Ok(RelayConfig {
+            listen,
+            quic_listen: listen,
+            camera_bind: default_camera_bind(),
+            camera_ports: tunnel_port..=last,
+            state_dir: None,
+            auth: AgentAuth {
+                agents: HashMap::new(),
+                shared_token: Some(token),
+            },
+            quic_tls: None,
+            limits: Limits::default(),
+        })
+    }
+
+    /// Reads and checks a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let camera_ports = parse_port_range(&file.camera_ports).ok_or_else(|| {
+            invalid(
+                origin,
+                "camera_ports",
+                "expected FIRST-LAST, e.g. 8554-8653, with FIRST <= LAST and FIRST > 0",
+            )
+        })?;
+
+        let mut agents = HashMap::new();
+        for (i, agent) in file.agents.into_iter().enumerate() {
+            let field = |name: &str| format!("agents[{i}].{name}");
+            if let Err(reason) = check_agent_id(&agent.id) {
+                return Err(invalid(origin, &field("id"), &reason));
+            }
+            if agent.token.is_empty() {
+                return Err(invalid(origin, &field("token"), "must not be empty"));
+            }
+            if let Some(port) = agent.port {
+                if !camera_ports.contains(&port) {
+                    return Err(invalid(
+                        origin,
+                        &field("port"),
+                        &format!("{port} is outside camera_ports {}", file.camera_ports),
+                    ));
+                }
+            }
+            let entry = AgentEntry {
+                token: agent.token,
+                port: agent.port,
+            };
+            if agents.insert(agent.id.clone(), entry).is_some() {
+                return Err(invalid(
+                    origin,
+                    &field("id"),
+                    &format!("{:?} is listed twice", agent.id),
+                ));
+            }
+        }
+        if let Some(token) = &file.shared_token {
+            if token.is_empty() {
+                return Err(invalid(
+                    origin,
+                    "shared_token",
+                    "must not be empty (leave it out to admit only listed agents)",
+                ));
+            }
+        }
+        if agents.is_empty() && file.shared_token.is_none() {
+            return Err(invalid(
+                origin,
+                "agents",
+                "no agent could register: list [[agents]] or set shared_token",
+            ));
+        }
+
+        let defaults = Limits::default();
+        let l = file.limits;
+        let secs = |v: Option<f64>, name: &str, default: Duration| match v {
+            None => Ok(default),
+            Some(s) if s.is_finite() && s > 0.0 && s < 1e6 => Ok(Duration::from_secs_f64(s)),
+            Some(s) => Err(invalid(
+                origin,
+                &format!("limits.{name}"),
+                &format!("{s} is not a positive number of seconds"),
+            )),
+        };
+        let limits = Limits {
+            registration_timeout: secs(
+                l.registration_timeout_secs,
+                "registration_timeout_secs",
+                defaults.registration_timeout,
+            )?,
+            handshake_timeout: secs(
+                l.handshake_timeout_secs,
+                "handshake_timeout_secs",
+                defaults.handshake_timeout,
+            )?,
+            tunnel_wait: secs(l.tunnel_wait_secs, "tunnel_wait_secs", defaults.tunnel_wait)?,
+            missed_heartbeats: match l.missed_heartbeats {
+                Some(0) => {
+                    return Err(invalid(
+                        origin,
+                        "limits.missed_heartbeats",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.missed_heartbeats,
+            },
+            max_heartbeat_interval: secs(
+                l.max_heartbeat_interval_secs,
+                "max_heartbeat_interval_secs",
+                defaults.max_heartbeat_interval,
+            )?,
+            max_streams_per_camera: match l.max_streams_per_camera {
+                Some(0) => {
+                    return Err(invalid(
+                        origin,
+                        "limits.max_streams_per_camera",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.max_streams_per_camera,
+            },
+        };
+
+        Ok(RelayConfig {
+            listen: file.listen,
+            quic_listen: file.quic_listen.unwrap_or(file.listen),
+            camera_bind: file.camera_bind,
+            camera_ports,
+            state_dir: file.state_dir,
+            auth: AgentAuth {
+                agents,
+                shared_token: file.shared_token,
+            },
+            quic_tls: file.tls.map(|t| (t.quic_cert, t.quic_key)),
+            limits,
+        })
+    }
+}
+
+impl fmt::Display for RelayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "control {} (TCP), QUIC {} (UDP), cameras on {}:{}-{}, {} listed agent(s){}",
+            self.listen,
+            self.quic_listen,
+            self.camera_bind,
+            self.camera_ports.start(),
+            self.camera_ports.end(),
+            self.auth.agents.len(),
+            if self.auth.shared_token.is_some() {
+                ", shared token"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
+    let (first, last) = s.split_once('-')?;
+    let first: u16 = first.trim().parse().ok()?;
+    let last: u16 = last.trim().parse().ok()?;
+    (first > 0 && first <= last).then_some(first..=last)
+}
+
+fn invalid(path: &str, field: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_string(),
+        field: field.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let c = RelayConfig::from_toml(
+            r#"
+            listen = "127.0.0.1:9000"
+            camera_ports = "10000-10009"
+            state_dir = "/tmp/x"
+            [[agents]]
+            id = "cam-1"
+            token = "t1"
+            port = 10005
+            [limits]
+            missed_heartbeats = 5
+            "#,
+            "relay.toml",
+        )
+        .unwrap();
+        assert_eq!(c.quic_listen, c.listen);
+        assert_eq!(c.camera_ports, 10000..=10009);
+        assert_eq!(c.auth.agents["cam-1"].port, Some(10005));
+        assert_eq!(c.limits.missed_heartbeats, 5);
+        assert!(c.auth.shared_token.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_file_and_field() {
+        let err = |text: &str| {
+            RelayConfig::from_toml(text, "relay.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("shared_token = \"x\"\nlisten_adress = \"1.2.3.4:5\"");
+        assert!(
+            e.contains("relay.toml") && e.contains("listen_adress"),
+            "{e}"
+        );
+        let e = err("shared_token = \"x\"\ncamera_ports = \"9-1\"");
+        assert!(e.contains("camera_ports"), "{e}");
+        let e = err("[[agents]]\nid = \"bad id\"\ntoken = \"t\"");
+        assert!(e.contains("agents[0].id"), "{e}");
+        let e = err("[[agents]]\nid = \"a\"\ntoken = \"t\"\nport = 1");
+        assert!(e.contains("agents[0].port") && e.contains("outside"), "{e}");
+        let e = err("");
+        assert!(e.contains("no agent could register"), "{e}");
+        let e = err("shared_token = \"x\"\n[limits]\ntunnel_wait_secs = -1");
+        assert!(e.contains("limits.tunnel_wait_secs"), "{e}");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let c = RelayConfig::from_toml(
+            "shared_token = \"sh4red\"\n[[agents]]\nid = \"a\"\ntoken = \"0wn\"",
+            "relay.toml",
+        )
+        .unwrap();
+        let text = format!("{c:?} {c}");
+        assert!(!text.contains("sh4red") && !text.contains("0wn"), "{text}");
+    }
+}

@@ -1,0 +1,296 @@
+//! The control link: agents connect with a WebSocket (`/tunnel`, or `/agent/{id}` as
+//! the older server had it), register, and send heartbeats.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    extract::{
+        ws::{Message, WebSocket, WebSocketUpgrade},
+        ConnectInfo, Path, State,
+    },
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use common::protocol::{
+    decode_control, encode_control, peek_register_version, AgentMessage, CloseReason,
+    GrantedService, Register, Registered, Rejection, RelayMessage, MAX_CONTROL_MESSAGE,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
+};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::{forward, registry::AgentSession, Shared};
+
+/// Longest wait for one control message to be written to a slow agent.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Routes of the relay's TCP listener.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/tunnel", get(upgrade))
+        .route("/agent/{id}", get(upgrade_as))
+        .route("/health", get(health))
+        .with_state(shared)
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "agents_online": shared.registry.sessions().len(),
+    }))
+}
+
+async fn upgrade(
+    ws: WebSocketUpgrade,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(shared): State<Arc<Shared>>,
+) -> Response {
+    accept(ws, peer, shared, None)
+}
+
+async fn upgrade_as(
+    ws: WebSocketUpgrade,
+    Path(id): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    State(shared): State<Arc<Shared>>,
+) -> Response {
+    accept(ws, peer, shared, Some(id))
+}
+
+fn accept(
+    ws: WebSocketUpgrade,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    path_id: Option<String>,
+) -> Response {
+    let span = tracing::info_span!("agent", %peer, id = tracing::field::Empty);
+    let tracker = shared.tracker.clone();
+    ws.max_message_size(MAX_CONTROL_MESSAGE)
+        .max_frame_size(MAX_CONTROL_MESSAGE)
+        .on_upgrade(move |socket| {
+            tracker.track_future(serve(socket, peer, shared, path_id).instrument(span))
+        })
+        .into_response()
+}
+
+/// One control connection, from `Register` to its end.
+async fn serve(
+    mut socket: WebSocket,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    path_id: Option<String>,
+) {
+    let limits = &shared.limits;
+    let first =
+        match tokio::time::timeout(limits.registration_timeout, next_binary(&mut socket)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(why)) => {
+                tracing::warn!("control connection dropped before registering: {why}");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "no Register within {:?} (limits.registration_timeout_secs); closing",
+                    limits.registration_timeout
+                );
+                return;
+            }
+        };
+    let register = match decode_control::<AgentMessage>(&first) {
+        Ok(AgentMessage::Register(register)) => register,
+        Ok(_) => {
+            let rejection = Rejection::Invalid("the first message must be Register".into());
+            return refuse(&mut socket, rejection).await;
+        }
+        Err(e) => match peek_register_version(&first) {
+            Some(agent) if agent != PROTOCOL_VERSION => {
+                let rejection = Rejection::UnsupportedVersion {
+                    agent,
+                    min: MIN_PROTOCOL_VERSION,
+                    max: PROTOCOL_VERSION,
+                };
+                return refuse(&mut socket, rejection).await;
+            }
+            _ => {
+                tracing::warn!("dropping control connection: undecodable first message: {e}");
+                return;
+            }
+        },
+    };
+    tracing::Span::current().record("id", register.agent_id.as_str());
+    if let Some(path_id) = path_id.filter(|id| *id != register.agent_id) {
+        let why = format!(
+            "URL names agent {path_id:?} but Register names {:?}",
+            register.agent_id
+        );
+        return refuse(&mut socket, Rejection::Invalid(why)).await;
+    }
+
+    let admitted = shared
+        .registry
+        .admit(
+            &register,
+            peer,
+            limits.max_heartbeat_interval,
+            &shared.shutdown,
+        )
+        .await;
+    let (session, listener) = match admitted {
+        Ok(admitted) => admitted,
+        Err(rejection) => return refuse(&mut socket, rejection).await,
+    };
+    let listener_task = shared.tracker.spawn(
+        forward::serve_camera(
+            listener,
+            session.clone(),
+            shared.registry.clone(),
+            limits.clone(),
+            shared.tracker.clone(),
+        )
+        .in_current_span(),
+    );
+    session.set_listener(listener_task);
+
+    let end = match send(&mut socket, &registered(&shared, &session)).await {
+        Ok(()) => {
+            log_registered(&register, &session);
+            run_session(&mut socket, &session, limits.missed_heartbeats).await
+        }
+        Err(why) => End::Lost(why),
+    };
+    match &end {
+        End::Closed(reason) => {
+            tracing::info!("closing the agent's session: {reason}");
+            let _ = send(&mut socket, &RelayMessage::Closing(reason.clone())).await;
+        }
+        End::Lost(why) => tracing::info!("agent offline: {why}"),
+        End::Violation(why) => tracing::warn!("dropping agent connection: {why}"),
+    }
+    shared.registry.remove(&session).await;
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
+}
+
+fn registered(shared: &Shared, session: &AgentSession) -> RelayMessage {
+    RelayMessage::Registered(Registered {
+        session_key: session.session_key(),
+        quic_port: shared.quic_port,
+        cert_sha256: shared.cert_sha256,
+        granted: vec![GrantedService {
+            name: SERVICE_RTSP.into(),
+            port: session.port,
+        }],
+    })
+}
+
+fn log_registered(register: &Register, session: &AgentSession) {
+    tracing::info!(
+        port = session.port,
+        model = %register.camera.model,
+        agent_version = %register.agent_version,
+        heartbeat_secs = session.heartbeat_interval.as_secs_f64(),
+        "agent registered"
+    );
+}
+
+/// How a registered session ended.
+enum End {
+    /// The relay ended it (takeover, missed heartbeats, shutdown): tell the agent.
+    Closed(CloseReason),
+    /// The agent went away.
+    Lost(String),
+    /// The agent broke the protocol.
+    Violation(String),
+}
+
+async fn run_session(
+    socket: &mut WebSocket,
+    session: &AgentSession,
+    missed_heartbeats: u32,
+) -> End {
+    let timeout = session.heartbeat_interval * missed_heartbeats;
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        let message = tokio::select! {
+            _ = session.cancelled() => {
+                // Cancelled with no reason recorded: the relay's root token, i.e. shutdown.
+                return End::Closed(session.close_reason().unwrap_or(CloseReason::Shutdown));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return End::Closed(CloseReason::HeartbeatTimeout(timeout.as_secs()));
+            }
+            message = next_binary(socket) => message,
+        };
+        let bytes = match message {
+            Ok(bytes) => bytes,
+            Err(Disconnect::Closed(why)) => return End::Lost(why),
+            Err(Disconnect::Garbage(why)) => return End::Violation(why),
+        };
+        match decode_control::<AgentMessage>(&bytes) {
+            Ok(AgentMessage::Heartbeat(stats)) => {
+                session.heartbeat(stats);
+                deadline = Instant::now() + timeout;
+                if let Err(why) = send(socket, &RelayMessage::HeartbeatAck).await {
+                    return End::Lost(why);
+                }
+            }
+            Ok(AgentMessage::CommandResult { id, .. }) => {
+                tracing::debug!(id, "result for a command nobody waits for");
+            }
+            Ok(AgentMessage::Register(_)) => return End::Violation("Register sent twice".into()),
+            Err(e) => return End::Violation(format!("undecodable control message: {e}")),
+        }
+    }
+}
+
+/// Why no message could be read.
+enum Disconnect {
+    /// The connection ended.
+    Closed(String),
+    /// The peer sent something that is not our protocol.
+    Garbage(String),
+}
+
+impl std::fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Disconnect::Closed(why) | Disconnect::Garbage(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The next binary message; pings are answered by the WebSocket layer itself.
+async fn next_binary(socket: &mut WebSocket) -> Result<axum::body::Bytes, Disconnect> {
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Binary(bytes))) => return Ok(bytes),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(_))) => {
+                return Err(Disconnect::Garbage(
+                    "text message on the control link".into(),
+                ))
+            }
+            Some(Ok(Message::Close(_))) | None => {
+                return Err(Disconnect::Closed("connection closed".into()))
+            }
+            // Oversized frames and protocol violations arrive here too.
+            Some(Err(e)) => return Err(Disconnect::Garbage(format!("WebSocket error: {e}"))),
+        }
+    }
+}
+
+async fn send(socket: &mut WebSocket, msg: &RelayMessage) -> Result<(), String> {
+    let bytes = encode_control(msg).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Binary(bytes.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("send failed: {e}")),
+        Err(_) => Err(format!("send blocked for {SEND_TIMEOUT:?}")),
+    }
+}
+
+async fn refuse(socket: &mut WebSocket, rejection: Rejection) {
+    tracing::warn!("registration refused: {rejection}");
+    let _ = send(socket, &RelayMessage::Rejected(rejection)).await;
+    let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
+}

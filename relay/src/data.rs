@@ -1,0 +1,96 @@
+//! The QUIC endpoint: agents dial in, prove which registration they belong to, and
+//! their connection becomes that camera's tunnel.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use common::protocol::{read_frame, write_frame, DataHello, HelloReply};
+use quinn::VarInt;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::Registry;
+
+/// Application close code: the hello was refused.
+const CLOSE_REFUSED: u32 = 1;
+/// Application close code: the agent's session ended.
+const CLOSE_SESSION_ENDED: u32 = 2;
+
+/// Accepts QUIC connections until `shutdown`.
+pub(crate) async fn serve(
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry>,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let span = tracing::info_span!("tunnel", peer = %incoming.remote_address());
+        let registry = registry.clone();
+        tracker.spawn(
+            async move {
+                if let Err(e) = tunnel(incoming, &registry, handshake_timeout).await {
+                    tracing::warn!("tunnel refused: {e:#}");
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Handshakes one agent connection and keeps it as the camera's tunnel while it lives.
+async fn tunnel(
+    incoming: quinn::Incoming,
+    registry: &Registry,
+    handshake_timeout: Duration,
+) -> anyhow::Result<()> {
+    let (conn, hello, mut send) = tokio::time::timeout(handshake_timeout, async {
+        let conn = incoming.await.context("QUIC handshake failed")?;
+        let (send, mut recv) = conn.accept_bi().await.context("no hello stream")?;
+        let hello: DataHello = read_frame(&mut recv).await.context("bad hello")?;
+        anyhow::Ok((conn, hello, send))
+    })
+    .await
+    .context("no QUIC handshake and hello within the handshake timeout")??;
+
+    let session = registry
+        .get(&hello.agent_id)
+        .filter(|s| s.key_matches(&hello.session_key));
+    let Some(session) = session else {
+        let why = format!(
+            "no live registration of agent {:?} with this session key",
+            hello.agent_id
+        );
+        let _ = write_frame(&mut send, &HelloReply::Refused(why.clone())).await;
+        let _ = send.finish();
+        conn.close(VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
+        anyhow::bail!(why);
+    };
+    write_frame(&mut send, &HelloReply::Accepted).await?;
+    send.finish()?;
+
+    tracing::info!(agent = %session.id, rtt_ms = conn.rtt().as_millis() as u64, "tunnel up");
+    if let Some(old) = session.attach_tunnel(conn.clone()) {
+        old.close(
+            VarInt::from_u32(CLOSE_SESSION_ENDED),
+            b"replaced by a newer tunnel",
+        );
+    }
+    tokio::select! {
+        _ = session.cancelled() => {
+            conn.close(VarInt::from_u32(CLOSE_SESSION_ENDED), b"session ended");
+        }
+        reason = conn.closed() => {
+            tracing::info!(agent = %session.id, "tunnel closed: {reason}");
+        }
+    }
+    session.detach_tunnel(&conn);
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The per-camera listeners: every TCP connection a Watcher makes to a camera's port
+//! rides a fresh bidirectional stream on that camera's QUIC tunnel.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{atomic::Ordering, Arc},
+    task::{ready, Context, Poll},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use common::{
+    protocol::{decode_frame_prefix, write_frame, StreamOpen, StreamStatus, SERVICE_RTSP},
+    splice::{reset_tcp, splice},
+};
+use tokio::{
+    io::{AsyncRead, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::{config::Limits, registry::AgentSession, Registry};
+
+/// Pause after an accept error (e.g. out of file descriptors) before accepting again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts Watchers on `listener` until the session ends.
+pub(crate) async fn serve_camera(
+    listener: TcpListener,
+    session: Arc<AgentSession>,
+    registry: Arc<Registry>,
+    limits: Limits,
+    tracker: TaskTracker,
+) {
+    tracing::info!(port = session.port, "camera port open");
+    loop {
+        let accepted = tokio::select! {
+            _ = session.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("accepting a Watcher failed: {e}; retrying");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let connection_id = registry.next_connection_id();
+        let span = tracing::info_span!("watcher", %peer, conn = connection_id);
+        let session = session.clone();
+        let limits = limits.clone();
+        tracker.spawn(
+            async move {
+                if let Err(e) = watcher(tcp, peer, connection_id, &session, &limits).await {
+                    log_watcher_error(&e);
+                }
+            }
+            .instrument(span),
+        );
+    }
+    tracing::info!(port = session.port, "camera port closed");
+}
+
+/// Carries one Watcher connection through the tunnel.
+async fn watcher(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    connection_id: u64,
+    session: &AgentSession,
+    limits: &Limits,
+) -> anyhow::Result<()> {
+    // Camera traffic is paced small writes; Nagle would hold them back (~45 ms at p99).
+    tcp.set_nodelay(true)?;
+    let active = ActiveStream::enter(session);
+    if active.count > limits.max_streams_per_camera {
+        reset_tcp(&tcp);
+        anyhow::bail!(
+            "refused: camera already has {} Watcher connections (limits.max_streams_per_camera)",
+            limits.max_streams_per_camera
+        );
+    }
+    tracing::debug!(%peer, "Watcher connected");
+
+    let conn = session.tunnel(limits.tunnel_wait).await.with_context(|| {
+        format!(
+            "the camera's tunnel did not come up within {:?}",
+            limits.tunnel_wait
+        )
+    })?;
+    let (mut send, recv) = tokio::time::timeout(limits.tunnel_wait, conn.open_bi())
+        .await
+        .context("no stream could be opened on the tunnel in time")??;
+    let header = StreamOpen {
+        service: SERVICE_RTSP.to_string(),
+        connection_id,
+    };
+    write_frame(&mut send, &header).await?;
+
+    // Watcher bytes go out right behind the header, before the agent's answer: the
+    // first request reaches the camera one round trip after connect, not two.
+    let transfer = tokio::select! {
+        result = splice(tcp, StatusGate::new(recv), send, &session.counters) => result?,
+        _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
+    };
+    tracing::debug!(
+        from_watcher = transfer.from_tcp,
+        to_watcher = transfer.to_tcp,
+        "Watcher connection done"
+    );
+    Ok(())
+}
+
+fn log_watcher_error(e: &anyhow::Error) {
+    let refused = e
+        .downcast_ref::<io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<StreamRefused>());
+    match refused {
+        Some(refused) => tracing::warn!("Watcher connection closed: {refused}"),
+        None if is_expected_end(e) => tracing::debug!("Watcher connection ended: {e:#}"),
+        None => tracing::warn!("Watcher connection failed: {e:#}"),
+    }
+}
+
+/// Peers going away is the normal end of a stream, not an error worth a warning.
+fn is_expected_end(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<io::Error>().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+        )
+    })
+}
+
+/// Counts a Watcher connection as active while alive.
+struct ActiveStream<'a> {
+    session: &'a AgentSession,
+    count: u32,
+}
+
+impl<'a> ActiveStream<'a> {
+    fn enter(session: &'a AgentSession) -> Self {
+        let count = session.active_streams.fetch_add(1, Ordering::Relaxed) + 1;
+        ActiveStream { session, count }
+    }
+}
+
+impl Drop for ActiveStream<'_> {
+    fn drop(&mut self) {
+        self.session.active_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The agent said no to a stream.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct StreamRefused(StreamStatus);
+
+/// Reads the agent's [`StreamStatus`] off the front of a stream, then passes the payload
+/// through untouched. A refusal surfaces as a `ConnectionRefused` read error, which
+/// makes the splice reset the Watcher's connection at once.
+struct StatusGate<R> {
+    inner: R,
+    /// The status frame read so far; `None` once it was read and was `Connected`.
+    pending: Option<Vec<u8>>,
+}
+
+impl<R> StatusGate<R> {
+    fn new(inner: R) -> Self {
+        StatusGate {
+            inner,
+            pending: Some(Vec::with_capacity(16)),
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for StatusGate<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while let Some(pending) = &mut this.pending {
+            match decode_frame_prefix::<StreamStatus>(pending) {
+                Err(e) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+                Ok(Some((StreamStatus::Connected, _))) => this.pending = None,
+                Ok(Some((status, _))) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        StreamRefused(status),
+                    )))
+                }
+                Ok(None) => {
+                    // Read only up to the end of the frame, so no payload byte is taken.
+                    let want = match pending.get(..2) {
+                        Some(len) => 2 + usize::from(u16::from_be_bytes([len[0], len[1]])),
+                        None => 2,
+                    };
+                    let mut chunk = [0u8; 256];
+                    let take = (want - pending.len()).min(chunk.len());
+                    let mut chunk_buf = ReadBuf::new(&mut chunk[..take]);
+                    ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk_buf))?;
+                    if chunk_buf.filled().is_empty() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the agent closed the stream before answering",
+                        )));
+                    }
+                    pending.extend_from_slice(chunk_buf.filled());
+                }
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::protocol::write_frame;
+    use tokio::io::AsyncReadExt;
+
+    async fn gate(status: StreamStatus, payload: &[u8]) -> io::Result<Vec<u8>> {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &status).await.unwrap();
+        wire.extend_from_slice(payload);
+        // One byte at a time: the gate must cope with any split.
+        let (mut tx, rx) = tokio::io::duplex(1);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = tx.write_all(&wire).await;
+        });
+        let mut out = Vec::new();
+        StatusGate::new(rx).read_to_end(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn passes_payload_after_connected() {
+        assert_eq!(
+            gate(StreamStatus::Connected, b"RTSP/1.0 200 OK")
+                .await
+                .unwrap(),
+            b"RTSP/1.0 200 OK"
+        );
+        assert_eq!(gate(StreamStatus::Connected, b"").await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn refusals_are_errors_that_say_why() {
+        let e = gate(
+            StreamStatus::Refused("connection refused (127.0.0.1:554)".into()),
+            b"",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(e.to_string().contains("127.0.0.1:554"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_closed_before_the_status_is_an_error() {
+        let (tx, rx) = tokio::io::duplex(8);
+        drop(tx);
+        let e = StatusGate::new(rx)
+            .read_to_end(&mut Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}

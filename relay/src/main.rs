@@ -1,0 +1,86 @@
+//! `relay`: parse the command line, load the config, run until a signal.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use common::Secret;
+use relay::{config, Relay, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Makes IP cameras behind NAT reachable as local RTSP servers.
+///
+/// Quick start: `relay --port 8080 --tunnel-port 8554 --token SECRET`.
+/// Full form: `relay --config relay.toml` (see deploy/relay.toml).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    /// Relay config file (TOML). Without it, the quick-start flags apply.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address agents connect to: TCP for the control link, UDP for QUIC.
+    #[arg(long, default_value = "0.0.0.0", conflicts_with = "config")]
+    bind: std::net::IpAddr,
+    /// Port agents connect to (same number for TCP and UDP).
+    #[arg(long, default_value_t = config::DEFAULT_PORT, conflicts_with = "config")]
+    port: u16,
+    /// First camera port on 127.0.0.1; cameras get ports from here up (100 of them).
+    #[arg(long, default_value_t = config::DEFAULT_CAMERA_PORT, conflicts_with = "config")]
+    tunnel_port: u16,
+    /// Token every agent must present (quick start).
+    #[arg(
+        long,
+        env = "RELAY_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "config"
+    )]
+    token: Option<String>,
+    /// Log filter, e.g. `info` or `relay=debug,info`.
+    #[arg(long, env = "RELAY_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    common::process::init_logging(&cli.log);
+
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = run(config).await {
+        tracing::error!("{e:#}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
+    if let Some(path) = &cli.config {
+        return Ok(RelayConfig::from_file(path)?);
+    }
+    let Some(token) = &cli.token else {
+        anyhow::bail!(
+            "no agent could register: give --token SECRET (or RELAY_TOKEN), or --config relay.toml"
+        );
+    };
+    tracing::warn!(
+        "quick-start mode: one shared token for every agent id, plain ws:// control link; \
+         use --config with per-agent tokens for anything beyond a trial"
+    );
+    Ok(RelayConfig::quick(
+        SocketAddr::new(cli.bind, cli.port),
+        cli.tunnel_port,
+        Secret::new(token.clone()),
+    )?)
+}
+
+async fn run(config: RelayConfig) -> anyhow::Result<()> {
+    let relay = Relay::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(common::process::cancel_on_signal(shutdown.clone()));
+    relay.run(shutdown).await
+}

@@ -1,0 +1,309 @@
+//! The relay's table of live agents: who is registered, on which port, with which
+//! tunnel. Registration (token, port policy, takeover of a stale session) happens here,
+//! so the control link, the QUIC endpoint, the forwarders and (later) the API all read
+//! one source of truth.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use common::{
+    protocol::{
+        check_agent_id, AgentStats, CameraInfo, CloseReason, Register, Rejection,
+        MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP, SESSION_KEY_LEN,
+    },
+    secret::constant_time_eq,
+    splice::ByteCounters,
+};
+use rand::RngCore;
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::AgentAuth, ports::PortPolicy};
+
+/// How long a takeover waits for the old session to release its camera port.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// All live agent sessions, by agent id.
+#[derive(Debug)]
+pub struct Registry {
+    auth: AgentAuth,
+    sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+    /// Held for the whole of a registration: port choice, takeover and bind must not
+    /// interleave between two agents, or two could be promised one port.
+    ports: tokio::sync::Mutex<PortPolicy>,
+    next_connection_id: AtomicU64,
+}
+
+/// One registered agent: its camera port, its tunnel, its last heartbeat.
+///
+/// Cancelling [`AgentSession::cancel`] ends everything the session owns: the camera
+/// listener, the Watcher streams, the QUIC connection and the control connection.
+#[derive(Debug)]
+pub struct AgentSession {
+    /// The agent id.
+    pub id: String,
+    /// Where the control connection comes from.
+    pub remote: SocketAddr,
+    /// The camera, as the agent describes it.
+    pub camera: CameraInfo,
+    /// The agent's software version.
+    pub agent_version: String,
+    /// The relay port Watchers connect to for this camera.
+    pub port: u16,
+    /// When the registration was accepted.
+    pub registered_at: SystemTime,
+    /// Heartbeat interval the agent announced.
+    pub heartbeat_interval: Duration,
+    /// Bytes between Watchers and this camera (from_tcp: Watcher → camera).
+    pub counters: ByteCounters,
+    /// Watcher connections open right now.
+    pub active_streams: AtomicU32,
+    session_key: [u8; SESSION_KEY_LEN],
+    /// Child of the relay's root token; see the type's docs.
+    cancel: CancellationToken,
+    /// Why the session was ended from outside, for the control loop to tell the agent.
+    close_reason: Mutex<Option<CloseReason>>,
+    /// The agent's QUIC connection once its hello proved it owns this registration;
+    /// Watcher connections that arrive before that wait on it.
+    tunnel: watch::Sender<Option<quinn::Connection>>,
+    /// Last heartbeat: when, and the stats it carried.
+    heartbeat: Mutex<Option<(Instant, AgentStats)>>,
+    /// The camera listener's task; a takeover awaits it so the port is free to bind.
+    listener: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Registry {
+    /// An empty registry admitting agents per `auth` and `ports`.
+    pub fn new(auth: AgentAuth, ports: PortPolicy) -> Self {
+        Registry {
+            auth,
+            sessions: Mutex::new(HashMap::new()),
+            ports: tokio::sync::Mutex::new(ports),
+            next_connection_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Checks a registration and, if it is good, takes over any older session of the
+    /// same id, binds the camera port and records the new session. The caller starts
+    /// the listener with the returned [`tokio::net::TcpListener`].
+    pub async fn admit(
+        &self,
+        reg: &Register,
+        remote: SocketAddr,
+        max_heartbeat_interval: Duration,
+        parent: &CancellationToken,
+    ) -> Result<(Arc<AgentSession>, tokio::net::TcpListener), Rejection> {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reg.version) {
+            return Err(Rejection::UnsupportedVersion {
+                agent: reg.version,
+                min: MIN_PROTOCOL_VERSION,
+                max: PROTOCOL_VERSION,
+            });
+        }
+        check_agent_id(&reg.agent_id)
+            .map_err(|why| Rejection::Invalid(format!("agent id {why}")))?;
+        self.check_token(reg)?;
+        let requested = reg
+            .services
+            .iter()
+            .find(|s| s.name == SERVICE_RTSP)
+            .map(|s| s.port)
+            .ok_or_else(|| Rejection::Invalid(format!("no {SERVICE_RTSP:?} service requested")))?;
+
+        let mut ports = self.ports.lock().await;
+        let port = ports.choose(&reg.agent_id, requested)?;
+        let old = self.lock_sessions().remove(&reg.agent_id);
+        if let Some(old) = old {
+            tracing::warn!(agent = %reg.agent_id, old = %old.remote, new = %remote, "agent connected again; closing its older session");
+            old.close(CloseReason::Replaced(remote.to_string()));
+            old.wait_released().await;
+        }
+        let listener = ports.bind(port).await?;
+        if let Err(e) = ports.remember(&reg.agent_id, port) {
+            tracing::warn!(agent = %reg.agent_id, port, "could not save the port assignment: {e}");
+        }
+
+        let mut session_key = [0; SESSION_KEY_LEN];
+        rand::rng().fill_bytes(&mut session_key);
+        let interval = Duration::from_secs(u64::from(reg.heartbeat_interval_secs.max(1)))
+            .min(max_heartbeat_interval);
+        let session = Arc::new(AgentSession {
+            id: reg.agent_id.clone(),
+            remote,
+            camera: reg.camera.clone(),
+            agent_version: reg.agent_version.clone(),
+            port,
+            registered_at: SystemTime::now(),
+            heartbeat_interval: interval,
+            counters: ByteCounters::default(),
+            active_streams: AtomicU32::new(0),
+            session_key,
+            cancel: parent.child_token(),
+            close_reason: Mutex::new(None),
+            tunnel: watch::Sender::new(None),
+            heartbeat: Mutex::new(None),
+            listener: Mutex::new(None),
+        });
+        self.lock_sessions()
+            .insert(session.id.clone(), session.clone());
+        Ok((session, listener))
+    }
+
+    fn check_token(&self, reg: &Register) -> Result<(), Rejection> {
+        let expected = match self.auth.agents.get(&reg.agent_id) {
+            Some(entry) => &entry.token,
+            None => match &self.auth.shared_token {
+                Some(token) => token,
+                None => return Err(Rejection::UnknownAgent(reg.agent_id.clone())),
+            },
+        };
+        if expected.matches(&reg.token) {
+            Ok(())
+        } else {
+            Err(Rejection::BadToken)
+        }
+    }
+
+    /// Removes `session` if it is still the registered one for its id (a takeover may
+    /// already have replaced it), ends it and waits until its camera port is free.
+    pub async fn remove(&self, session: &Arc<AgentSession>) {
+        {
+            let mut sessions = self.lock_sessions();
+            if sessions
+                .get(&session.id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                sessions.remove(&session.id);
+            }
+        }
+        session.cancel.cancel();
+        session.wait_released().await;
+    }
+
+    /// The live session of `agent_id`, if any.
+    pub fn get(&self, agent_id: &str) -> Option<Arc<AgentSession>> {
+        self.lock_sessions().get(agent_id).cloned()
+    }
+
+    /// Every live session, for listings.
+    pub fn sessions(&self) -> Vec<Arc<AgentSession>> {
+        self.lock_sessions().values().cloned().collect()
+    }
+
+    /// Ends every session, telling each agent why.
+    pub fn close_all(&self, reason: CloseReason) {
+        for session in self.lock_sessions().drain().map(|(_, s)| s) {
+            session.close(reason.clone());
+        }
+    }
+
+    /// A relay-wide id for a new Watcher connection.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock_sessions(&self) -> MutexGuard<'_, HashMap<String, Arc<AgentSession>>> {
+        // A panic while holding this lock leaves a consistent map (every mutation is a
+        // single insert or remove), so poisoning carries no meaning here.
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl AgentSession {
+    /// Ends the session from outside; the control loop tells the agent `reason`.
+    pub fn close(&self, reason: CloseReason) {
+        lock(&self.close_reason).get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    /// Why the session was closed from outside, if it was.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        lock(&self.close_reason).clone()
+    }
+
+    /// Resolves when the session ends.
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// A token cancelled when the session ends, for tasks that outlive a borrow.
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// True if `key` is this session's key.
+    pub fn key_matches(&self, key: &[u8]) -> bool {
+        constant_time_eq(&self.session_key, key)
+    }
+
+    /// The session key, to hand to the agent in `Registered`.
+    pub fn session_key(&self) -> [u8; SESSION_KEY_LEN] {
+        self.session_key
+    }
+
+    /// Makes `conn` this session's tunnel; returns the one it replaces.
+    pub fn attach_tunnel(&self, conn: quinn::Connection) -> Option<quinn::Connection> {
+        self.tunnel.send_replace(Some(conn))
+    }
+
+    /// Forgets `conn` if it is still the tunnel.
+    pub fn detach_tunnel(&self, conn: &quinn::Connection) {
+        self.tunnel.send_if_modified(|current| {
+            if current
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+            {
+                *current = None;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The tunnel, waiting up to `wait` for the agent to bring it up.
+    pub async fn tunnel(&self, wait: Duration) -> Option<quinn::Connection> {
+        let mut rx = self.tunnel.subscribe();
+        let ready = tokio::time::timeout(wait, rx.wait_for(|c| c.is_some())).await;
+        match ready {
+            Ok(Ok(conn)) => conn.clone(),
+            _ => None,
+        }
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&self, stats: AgentStats) {
+        *lock(&self.heartbeat) = Some((Instant::now(), stats));
+    }
+
+    /// The last heartbeat's time and stats.
+    pub fn last_heartbeat(&self) -> Option<(Instant, AgentStats)> {
+        *lock(&self.heartbeat)
+    }
+
+    /// Keeps the camera listener's task, so a takeover can wait for the port.
+    pub fn set_listener(&self, task: JoinHandle<()>) {
+        *lock(&self.listener) = Some(task);
+    }
+
+    async fn wait_released(&self) {
+        let task = lock(&self.listener).take();
+        if let Some(task) = task {
+            if tokio::time::timeout(RELEASE_WAIT, task).await.is_err() {
+                tracing::warn!(agent = %self.id, port = self.port, "old camera listener did not stop in time");
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Values behind these locks are replaced whole; a poisoned one is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
