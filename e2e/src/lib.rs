@@ -1,0 +1,524 @@
+//! End-to-end harness shared by the tests and `make demo`: start a relay and agents
+//! (in-process or as the real binaries), the camera simulator (gst-rtsp-server), and
+//! real RTSP clients (ffprobe); wait on readiness, never on fixed sleeps; clean up
+//! every process on drop.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent::{Agent, AgentConfig, AgentState};
+use anyhow::{bail, Context as _};
+use common::Secret;
+use relay::{Registry, Relay, RelayConfig};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+    sync::{watch, Notify},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for anything to become ready. Generous: tests must not be flaky on a
+/// loaded 2-core machine, and a ready thing is seen at once anyway.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The main stream of a Dahua camera.
+pub const MAIN_STREAM: &str = "/cam/realmonitor?channel=1&subtype=0";
+/// The sub stream of a Dahua camera.
+pub const SUB_STREAM: &str = "/cam/realmonitor?channel=1&subtype=1";
+
+/// `n` TCP ports free on 127.0.0.1 right now (held together while picking, so distinct).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// The first of `n` consecutive TCP ports free on 127.0.0.1 right now, for a relay's
+/// camera port range.
+pub fn free_port_run(n: u16) -> u16 {
+    for _ in 0..1000 {
+        let base = free_ports(1)[0];
+        if base.checked_add(n).is_none() {
+            continue;
+        }
+        let held: Vec<_> = (base..base + n)
+            .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return base;
+        }
+    }
+    panic!("no run of {n} free ports on 127.0.0.1");
+}
+
+/// The relay's quick-start config on loopback, cameras on `camera_ports`.
+pub fn relay_config(token: &str, camera_ports: &[u16]) -> RelayConfig {
+    let first = camera_ports.iter().min().copied().unwrap_or(0);
+    let mut config = RelayConfig::quick(
+        "127.0.0.1:0".parse().expect("addr"),
+        first,
+        Secret::new(token),
+    )
+    .expect("quick config");
+    let last = camera_ports.iter().max().copied().unwrap_or(first);
+    config.camera_ports = first..=last;
+    config
+}
+
+/// An agent config as an operator would write it (parsed by the real parser).
+pub fn agent_config(
+    id: &str,
+    relay_url: &str,
+    token: &str,
+    tunnel_port: u16,
+    rtsp_port: u16,
+) -> AgentConfig {
+    let json = agent_config_json(id, relay_url, token, tunnel_port, rtsp_port);
+    AgentConfig::parse(&json.to_string(), "test config").expect("valid agent config")
+}
+
+/// The JSON of [`agent_config`], for the real binary. Short intervals keep tests quick.
+pub fn agent_config_json(
+    id: &str,
+    relay_url: &str,
+    token: &str,
+    tunnel_port: u16,
+    rtsp_port: u16,
+) -> serde_json::Value {
+    serde_json::json!({
+        "agent": {
+            "agent_id": id,
+            "tunnel_server_url": relay_url,
+            "tunnel_server_token": token,
+            "log_level": "DEBUG",
+        },
+        "tunnel": { "tunnel_port": tunnel_port },
+        "streaming": { "rtsp_port": rtsp_port },
+        "network": {
+            "connection_timeout": 10,
+            "reconnect_interval": 1,
+            "heartbeat_interval": 1,
+        },
+    })
+}
+
+/// A relay running in this process.
+#[derive(Debug)]
+pub struct RelayHandle {
+    /// Its control link address.
+    pub control: SocketAddr,
+    /// Its live agents.
+    pub registry: Arc<Registry>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RelayHandle {
+    /// Binds and starts a relay.
+    pub async fn start(config: RelayConfig) -> anyhow::Result<Self> {
+        let relay = Relay::bind(config).await?;
+        let control = relay.control_addr();
+        let registry = relay.registry();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(relay.run(shutdown.clone()));
+        Ok(RelayHandle {
+            control,
+            registry,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The URL agents dial.
+    pub fn url(&self) -> String {
+        format!("ws://{}/tunnel", self.control)
+    }
+
+    /// Shuts the relay down and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await?
+    }
+}
+
+/// An agent running in this process.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// The agent's state as it changes.
+    pub state: watch::Receiver<AgentState>,
+    /// The agent's counters.
+    pub stats: Arc<agent::Stats>,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl AgentHandle {
+    /// Starts an agent.
+    pub fn start(config: AgentConfig) -> Self {
+        let agent = Agent::new(config);
+        let state = agent.subscribe();
+        let stats = agent.stats();
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move { agent.run(token).await });
+        AgentHandle {
+            state,
+            stats,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Waits until the agent's state satisfies `pred`; returns that state.
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        pred: impl FnMut(&AgentState) -> bool,
+    ) -> anyhow::Result<AgentState> {
+        let waited = tokio::time::timeout(READY_TIMEOUT, self.state.wait_for(pred))
+            .await
+            .map(|r| r.map(|state| state.clone()));
+        match waited {
+            Ok(Ok(state)) => Ok(state),
+            Ok(Err(_)) => bail!("agent task ended while waiting for it to be {what}"),
+            Err(_) => bail!(
+                "agent not {what} within {READY_TIMEOUT:?}; last state {:?}",
+                *self.state.borrow()
+            ),
+        }
+    }
+
+    /// Waits until the agent is online; returns its camera port on the relay.
+    pub async fn online(&mut self) -> anyhow::Result<u16> {
+        match self
+            .wait_for("online", |s| matches!(s, AgentState::Online { .. }))
+            .await?
+        {
+            AgentState::Online { port } => Ok(port),
+            other => bail!("unexpected state {other:?}"),
+        }
+    }
+
+    /// Stops the agent and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Path of a binary of this workspace, built next to the running test or demo
+/// (`cargo build --bins` first; `make test` and `make demo` do).
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/test-hash, or target/<profile>/demo
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "binary {name:?} not found next to {}; run `cargo build --bins` first (make test does)",
+        exe.display()
+    )
+}
+
+/// A child process whose output is captured line by line (and echoed to stderr, tagged),
+/// killed when dropped.
+#[derive(Debug)]
+pub struct Child {
+    name: String,
+    child: tokio::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: Arc<Notify>,
+}
+
+impl Child {
+    /// Spawns `cmd` with stdout and stderr captured.
+    pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let new_line = Arc::new(Notify::new());
+        let stdout = child.stdout.take().context("stdout")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        for pipe in [
+            Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+            Box::new(stderr),
+        ] {
+            let (lines, new_line, name) = (lines.clone(), new_line.clone(), name.to_string());
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    eprintln!("[{name}] {line}");
+                    lock(&lines).push(line);
+                    new_line.notify_waiters();
+                }
+                new_line.notify_waiters();
+            });
+        }
+        Ok(Child {
+            name: name.to_string(),
+            child,
+            lines,
+            new_line,
+        })
+    }
+
+    /// Waits for an output line containing `needle`; returns it.
+    pub async fn wait_for_line(&mut self, needle: &str) -> anyhow::Result<String> {
+        self.wait_for_nth_line(needle, 1).await
+    }
+
+    /// Waits until `n` output lines contain `needle`; returns the last.
+    pub async fn wait_for_nth_line(&mut self, needle: &str, n: usize) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let notified = self.new_line.notified();
+            if let Some(line) = lock(&self.lines)
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+            {
+                return Ok(line.clone());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("{} exited ({status}) before printing {needle:?}", self.name);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                bail!(
+                    "{} did not print {needle:?} within {READY_TIMEOUT:?}",
+                    self.name
+                );
+            }
+        }
+    }
+
+    /// How many output lines so far contain `needle`.
+    pub fn count_lines(&self, needle: &str) -> usize {
+        lock(&self.lines)
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// All output so far.
+    pub fn output(&self) -> Vec<String> {
+        lock(&self.lines).clone()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGKILL and waits for the process to go.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await?;
+        }
+        Ok(tokio::time::timeout(READY_TIMEOUT, self.child.wait()).await??)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Path of the camera simulator script.
+pub fn camera_sim_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("camera-sim/camera_sim.py")
+}
+
+/// A running camera simulator (gst-rtsp-server with Dahua's URLs and Digest auth).
+#[derive(Debug)]
+pub struct CameraSim {
+    /// Its RTSP port on 127.0.0.1.
+    pub port: u16,
+    /// The process.
+    pub process: Child,
+}
+
+impl CameraSim {
+    /// Starts the simulator on a free port with `extra` arguments.
+    pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        // Debian's python3-gi belongs to the system interpreter, not to any other python3.
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.arg(camera_sim_script())
+            .args(["--port", "0"])
+            .args(extra);
+        let mut process = Child::spawn("camera", cmd)?;
+        let ready = process.wait_for_line("READY port=").await?;
+        let port = ready
+            .rsplit('=')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .with_context(|| format!("bad READY line {ready:?}"))?;
+        Ok(CameraSim { port, process })
+    }
+}
+
+/// What ffprobe decoded from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Codec name as ffprobe says it (`hevc`, `h264`).
+    pub codec: String,
+    /// Frame width.
+    pub width: u32,
+    /// Frame height.
+    pub height: u32,
+    /// Frames decoded.
+    pub frames: u32,
+}
+
+/// Decodes `frames` video frames from `url` with ffprobe over RTSP/TCP.
+pub async fn ffprobe(url: impl AsRef<str>, frames: u32) -> anyhow::Result<Probe> {
+    let url = url.as_ref();
+    let mut cmd = Command::new("ffprobe");
+    cmd.args([
+        "-v",
+        "error",
+        "-rtsp_transport",
+        "tcp",
+        "-count_frames",
+        "-select_streams",
+        "v:0",
+    ])
+    .args(["-read_intervals", &format!("%+#{frames}")])
+    .args([
+        "-show_entries",
+        "stream=codec_name,width,height,nb_read_frames",
+        "-of",
+        "json",
+    ])
+    .arg(url)
+    .kill_on_drop(true);
+    let output = tokio::time::timeout(READY_TIMEOUT, cmd.output())
+        .await
+        .with_context(|| format!("ffprobe {url} did not finish within {READY_TIMEOUT:?}"))?
+        .context("cannot run ffprobe")?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("ffprobe {url} failed ({}): {stderr}", output.status);
+    }
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("ffprobe printed no JSON; stderr: {stderr}"))?;
+    let stream = json["streams"]
+        .get(0)
+        .with_context(|| format!("ffprobe found no video stream in {url}; stderr: {stderr}"))?;
+    let number = |key: &str| -> anyhow::Result<u32> {
+        let v = &stream[key];
+        v.as_u64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| format!("ffprobe gave no {key} in {stream}"))
+    };
+    Ok(Probe {
+        codec: stream["codec_name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        width: number("width")?,
+        height: number("height")?,
+        frames: number("nb_read_frames")?,
+    })
+}
+
+/// `rtsp://admin:admin@127.0.0.1:{port}{path}`.
+pub fn rtsp_url(port: u16, path: &str) -> String {
+    format!("rtsp://admin:admin@127.0.0.1:{port}{path}")
+}
+
+/// The real `relay` binary, quick-start form.
+#[derive(Debug)]
+pub struct RelayProcess {
+    /// The process.
+    pub process: Child,
+    /// Its control port (TCP) and QUIC port (UDP).
+    pub port: u16,
+}
+
+impl RelayProcess {
+    /// Starts `relay --port PORT --tunnel-port FIRST --token TOKEN` and waits until ready.
+    pub async fn start(port: u16, first_camera_port: u16, token: &str) -> anyhow::Result<Self> {
+        let mut cmd = Command::new(bin("relay")?);
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--tunnel-port", &first_camera_port.to_string()])
+            .env("RELAY_TOKEN", token)
+            .env("RELAY_LOG", "relay=debug,info");
+        let mut process = Child::spawn("relay", cmd)?;
+        process.wait_for_line("relay ready").await?;
+        Ok(RelayProcess { process, port })
+    }
+
+    /// The URL agents dial.
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/tunnel", self.port)
+    }
+}
+
+/// The real `camera-agent` binary with a config file of its own.
+#[derive(Debug)]
+pub struct AgentProcess {
+    /// The process.
+    pub process: Child,
+    /// Holds the config file.
+    pub dir: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    /// Writes `config` to a fresh directory and starts the agent on it (not waiting).
+    pub fn spawn(name: &str, config: &serde_json::Value) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(config)?)?;
+        let mut cmd = Command::new(bin("camera-agent")?);
+        cmd.arg("--config").arg(&path);
+        Ok(AgentProcess {
+            process: Child::spawn(name, cmd)?,
+            dir,
+        })
+    }
+
+    /// Starts the agent and waits until it is online.
+    pub async fn start(name: &str, config: &serde_json::Value) -> anyhow::Result<Self> {
+        let mut agent = Self::spawn(name, config)?;
+        agent.online(1).await?;
+        Ok(agent)
+    }
+
+    /// Waits until the agent has come online `n` times in all.
+    pub async fn online(&mut self, n: usize) -> anyhow::Result<()> {
+        self.process
+            .wait_for_nth_line("online: the relay serves this camera", n)
+            .await?;
+        Ok(())
+    }
+}

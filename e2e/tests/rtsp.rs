@@ -1,0 +1,85 @@
+//! Real RTSP software end to end: the camera simulator (gst-rtsp-server, Digest auth,
+//! H.265 main and H.264 sub stream) behind the real `camera-agent`, the real `relay`,
+//! and ffprobe as the Watcher. A stream counts as delivered when frames decode.
+
+use e2e::{
+    agent_config_json, ffprobe, free_port_run, free_ports, rtsp_url, AgentProcess, CameraSim,
+    RelayProcess, MAIN_STREAM, SUB_STREAM,
+};
+
+const FRAMES: u32 = 10;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_streams_of_a_camera_decode_at_once_with_digest_auth() {
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ports = free_ports(2);
+    let relay = RelayProcess::start(ports[0], ports[1], "rtsp-token")
+        .await
+        .unwrap();
+    let config = agent_config_json("cam-a", &relay.url(), "rtsp-token", ports[1], camera.port);
+    let _agent = AgentProcess::start("agent", &config).await.unwrap();
+
+    let (main, sub) = tokio::join!(
+        ffprobe(rtsp_url(ports[1], MAIN_STREAM), FRAMES),
+        ffprobe(rtsp_url(ports[1], SUB_STREAM), FRAMES),
+    );
+    let (main, sub) = (main.unwrap(), sub.unwrap());
+    assert_eq!(
+        (main.codec.as_str(), main.width, main.height),
+        ("hevc", 640, 360)
+    );
+    assert_eq!(
+        (sub.codec.as_str(), sub.width, sub.height),
+        ("h264", 320, 240)
+    );
+    assert!(
+        main.frames >= FRAMES && sub.frames >= FRAMES,
+        "{main:?} {sub:?}"
+    );
+
+    // Digest auth is the camera's, end to end: a wrong password is refused by it.
+    let wrong = format!("rtsp://admin:wrong@127.0.0.1:{}{MAIN_STREAM}", ports[1]);
+    let e = ffprobe(wrong, 1).await.unwrap_err().to_string();
+    assert!(e.contains("401"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cameras_through_one_relay_decode_at_once() {
+    let (cam1, cam2) = tokio::join!(
+        CameraSim::start(&[]),
+        CameraSim::start(&["--main-size", "480x272"])
+    );
+    let (cam1, cam2) = (cam1.unwrap(), cam2.unwrap());
+    let first = free_port_run(2);
+    let ports = [free_ports(1)[0], first, first + 1];
+    let relay = RelayProcess::start(ports[0], first, "fleet").await.unwrap();
+    let _a1 = AgentProcess::start(
+        "agent-1",
+        &agent_config_json("cam-1", &relay.url(), "fleet", ports[1], cam1.port),
+    )
+    .await
+    .unwrap();
+    let _a2 = AgentProcess::start(
+        "agent-2",
+        &agent_config_json("cam-2", &relay.url(), "fleet", ports[2], cam2.port),
+    )
+    .await
+    .unwrap();
+
+    let (p1, p2) = tokio::join!(
+        ffprobe(rtsp_url(ports[1], MAIN_STREAM), FRAMES),
+        ffprobe(rtsp_url(ports[2], MAIN_STREAM), FRAMES),
+    );
+    let (p1, p2) = (p1.unwrap(), p2.unwrap());
+    assert_eq!(
+        (p1.codec.as_str(), p1.width, p1.height),
+        ("hevc", 640, 360),
+        "camera 1 on its own port"
+    );
+    assert_eq!(
+        (p2.codec.as_str(), p2.width, p2.height),
+        ("hevc", 480, 272),
+        "camera 2 on its own port"
+    );
+    assert!(p1.frames >= FRAMES && p2.frames >= FRAMES);
+}
