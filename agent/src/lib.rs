@@ -122,7 +122,12 @@ impl Agent {
                     .reconnections
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            let delay = backoff.next_delay();
+            let delay = match &ended {
+                // Another agent uses our id. Coming straight back would throw it off in
+                // turn, and the two would flap; wait the longest interval instead.
+                SessionError::Closed(CloseReason::Replaced(_)) => self.config.reconnect_interval,
+                _ => backoff.next_delay(),
+            };
             tracing::warn!("{ended}; retrying in {:.1} s", delay.as_secs_f64());
             let rejection = match &ended {
                 SessionError::Rejected(r) => Some(r.clone()),

@@ -151,28 +151,31 @@ async fn stream(
         return answer_and_finish(send, &status).await;
     }
     let target = config.rtsp_target;
-    let tcp =
-        match tokio::time::timeout(config.connection_timeout, TcpStream::connect(target)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => {
-                let status = match e.kind() {
+    let tcp = match tokio::time::timeout(config.connection_timeout, TcpStream::connect(target))
+        .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            let status = match e.kind() {
                     io::ErrorKind::ConnectionRefused => {
-                        StreamStatus::Refused(format!("nothing listens on {target} ({e})"))
+                        StreamStatus::Refused(format!(
+                    "nothing listens on {target} ({e}); is the camera's RTSP server up, and streaming.rtsp_port right?"
+                ))
                     }
                     _ => StreamStatus::Failed(format!("connecting to {target}: {e}")),
                 };
-                tracing::warn!("camera connection failed: {status}");
-                return answer_and_finish(send, &status).await;
-            }
-            Err(_) => {
-                let status = StreamStatus::TimedOut(format!(
-                    "{target} did not accept within {:?}",
-                    config.connection_timeout
-                ));
-                tracing::warn!("camera connection failed: {status}");
-                return answer_and_finish(send, &status).await;
-            }
-        };
+            tracing::warn!("camera connection failed: {status}");
+            return answer_and_finish(send, &status).await;
+        }
+        Err(_) => {
+            let status = StreamStatus::TimedOut(format!(
+                "{target} did not accept within {:?}",
+                config.connection_timeout
+            ));
+            tracing::warn!("camera connection failed: {status}");
+            return answer_and_finish(send, &status).await;
+        }
+    };
     // Camera traffic is paced small writes; Nagle would hold them back.
     let _ = tcp.set_nodelay(true);
     if let Err(e) = write_frame(&mut send, &StreamStatus::Connected).await {

@@ -274,9 +274,21 @@ async fn next_binary(socket: &mut WebSocket) -> Result<axum::body::Bytes, Discon
             Some(Ok(Message::Close(_))) | None => {
                 return Err(Disconnect::Closed("connection closed".into()))
             }
-            // Oversized frames and protocol violations arrive here too.
-            Some(Err(e)) => return Err(Disconnect::Garbage(format!("WebSocket error: {e}"))),
+            Some(Err(e)) => return Err(classify(e)),
         }
+    }
+}
+
+/// A peer that vanished is an ordinary end; oversized frames and broken framing are not.
+fn classify(e: axum::Error) -> Disconnect {
+    use tokio_tungstenite::tungstenite::{error::ProtocolError, Error};
+    let inner = e.into_inner();
+    match inner.downcast_ref::<Error>() {
+        Some(Error::ConnectionClosed | Error::AlreadyClosed | Error::Io(_))
+        | Some(Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+            Disconnect::Closed(format!("connection lost: {inner}"))
+        }
+        _ => Disconnect::Garbage(format!("WebSocket error: {inner}")),
     }
 }
 

@@ -1,0 +1,337 @@
+//! Bad input gets a clear refusal and harms nothing else: wrong token, wrong protocol
+//! version, a taken port, garbage and oversized control frames, a silent client, and a
+//! camera that refuses connections.
+
+use std::time::Duration;
+
+use agent::AgentState;
+use common::{
+    protocol::{
+        decode_control, encode_control, AgentMessage, AgentStats, CameraInfo, CloseReason,
+        Register, Rejection, RelayMessage, ServiceRequest, PROTOCOL_VERSION, SERVICE_RTSP,
+    },
+    Secret,
+};
+use e2e::{
+    agent_config, agent_config_json, free_port_run, free_ports, relay_config, AgentHandle,
+    AgentProcess, RelayHandle, RelayProcess, READY_TIMEOUT,
+};
+use futures_util::{SinkExt, StreamExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_tungstenite::{tungstenite::Message, MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+fn register(id: &str, token: &str, version: u16, port: u16, heartbeat_secs: u32) -> Vec<u8> {
+    encode_control(&AgentMessage::Register(Register {
+        version,
+        agent_id: id.into(),
+        token: Secret::new(token),
+        camera: CameraInfo::default(),
+        services: vec![ServiceRequest {
+            name: SERVICE_RTSP.into(),
+            port,
+        }],
+        heartbeat_interval_secs: heartbeat_secs,
+        agent_version: "test".into(),
+    }))
+    .unwrap()
+}
+
+async fn raw_client(relay: &RelayHandle) -> Ws {
+    tokio_tungstenite::connect_async(relay.url())
+        .await
+        .unwrap()
+        .0
+}
+
+/// The next relay message, or `None` once the relay has closed the connection.
+async fn next(ws: &mut Ws) -> Option<RelayMessage> {
+    loop {
+        let msg = tokio::time::timeout(READY_TIMEOUT, ws.next())
+            .await
+            .expect("the relay neither answered nor closed");
+        match msg {
+            Some(Ok(Message::Binary(b))) => return Some(decode_control(&b).unwrap()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// A relay with one healthy agent in front of an echo server.
+async fn relay_with_healthy_agent(token: &str) -> (RelayHandle, AgentHandle, u16, u16) {
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_port = echo.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = echo.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            });
+        }
+    });
+    let first = free_port_run(4);
+    let relay = RelayHandle::start(relay_config(token, &[first, first + 3]))
+        .await
+        .unwrap();
+    let mut agent = AgentHandle::start(agent_config(
+        "healthy",
+        &relay.url(),
+        token,
+        first,
+        echo_port,
+    ));
+    let port = agent.online().await.unwrap();
+    (relay, agent, port, first)
+}
+
+async fn echo_works(port: u16) {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(b"still alive").await.unwrap();
+    let mut buf = [0; 11];
+    tcp.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still alive");
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_refused_in_plain_words() {
+    let ports = free_ports(1);
+    let relay = RelayHandle::start(relay_config("right", &ports))
+        .await
+        .unwrap();
+    let mut agent = AgentHandle::start(agent_config("cam", &relay.url(), "wrong", ports[0], 1));
+    let state = agent
+        .wait_for("refused", |s| {
+            matches!(
+                s,
+                AgentState::Retrying {
+                    rejection: Some(_),
+                    ..
+                }
+            )
+        })
+        .await
+        .unwrap();
+    let AgentState::Retrying { reason, rejection } = state else {
+        unreachable!()
+    };
+    assert_eq!(rejection, Some(Rejection::BadToken));
+    assert!(
+        reason.contains("check agent.tunnel_server_token"),
+        "{reason}"
+    );
+    assert!(relay.registry.get("cam").is_none());
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn another_protocol_version_is_told_which_versions_work() {
+    let ports = free_ports(1);
+    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
+
+    let mut ws = raw_client(&relay).await;
+    ws.send(Message::Binary(
+        register("cam", "t", 99, ports[0], 1).into(),
+    ))
+    .await
+    .unwrap();
+    let expected = Rejection::UnsupportedVersion {
+        agent: 99,
+        min: 1,
+        max: PROTOCOL_VERSION,
+    };
+    assert_eq!(
+        next(&mut ws).await,
+        Some(RelayMessage::Rejected(expected.clone()))
+    );
+    assert!(expected
+        .to_string()
+        .contains("supported by this relay (it speaks 1..=1)"));
+    assert_eq!(next(&mut ws).await, None, "closed after the refusal");
+
+    // A future agent whose Register no longer decodes here still gets a useful answer.
+    let mut ws = raw_client(&relay).await;
+    ws.send(Message::Binary(
+        vec![0, 7, 0xff, 0xff, 0xff, 0xff, 0xff].into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(RelayMessage::Rejected(Rejection::UnsupportedVersion {
+            agent: 7,
+            ..
+        }))
+    ));
+}
+
+#[tokio::test]
+async fn a_port_held_by_another_program_is_refused() {
+    let ports = free_ports(1);
+    let _squatter = TcpListener::bind(("127.0.0.1", ports[0])).await.unwrap();
+    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
+    let mut agent = AgentHandle::start(agent_config("cam", &relay.url(), "t", ports[0], 1));
+    let state = agent
+        .wait_for("refused", |s| {
+            matches!(
+                s,
+                AgentState::Retrying {
+                    rejection: Some(_),
+                    ..
+                }
+            )
+        })
+        .await
+        .unwrap();
+    let AgentState::Retrying { reason, rejection } = state else {
+        unreachable!()
+    };
+    assert!(
+        matches!(rejection, Some(Rejection::PortTaken { port, .. }) if port == ports[0]),
+        "{rejection:?}"
+    );
+    assert!(reason.contains("already taken"), "{reason}");
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_drop_only_their_own_connection() {
+    let (relay, agent, healthy_port, first) = relay_with_healthy_agent("t").await;
+
+    let attacks: Vec<(&str, Message)> = vec![
+        (
+            "garbage",
+            Message::Binary(vec![0xde, 0xad, 0xbe, 0xef, 0x99].into()),
+        ),
+        ("oversized", Message::Binary(vec![0; 200 * 1024].into())),
+        ("text", Message::Text("hello".into())),
+        (
+            "heartbeat before register",
+            Message::Binary(
+                encode_control(&AgentMessage::Heartbeat(AgentStats::default()))
+                    .unwrap()
+                    .into(),
+            ),
+        ),
+    ];
+    for (what, attack) in attacks {
+        let mut ws = raw_client(&relay).await;
+        let _ = ws.send(attack).await;
+        match next(&mut ws).await {
+            None | Some(RelayMessage::Rejected(_)) => {}
+            other => panic!("{what}: relay answered {other:?}"),
+        }
+        assert_eq!(next(&mut ws).await, None, "{what}: connection not closed");
+    }
+
+    // Registered, then garbage: dropped, and its port released.
+    let mut ws = raw_client(&relay).await;
+    ws.send(Message::Binary(
+        register("intruder", "t", PROTOCOL_VERSION, first + 1, 30).into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(RelayMessage::Registered(_))
+    ));
+    ws.send(Message::Binary(vec![0xff; 64].into()))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut ws).await, None);
+    let released = async {
+        while relay.registry.get("intruder").is_some() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(READY_TIMEOUT, released)
+        .await
+        .expect("intruder's session not removed");
+    assert!(
+        TcpStream::connect(("127.0.0.1", first + 1)).await.is_err(),
+        "port released"
+    );
+
+    // The healthy agent never noticed.
+    echo_works(healthy_port).await;
+    assert_eq!(agent.stats.snapshot().reconnections, 0);
+    assert!(matches!(*agent.state.borrow(), AgentState::Online { .. }));
+    agent.stop().await;
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_registered_client_that_goes_quiet_is_closed_after_three_missed_heartbeats() {
+    let ports = free_ports(1);
+    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
+    let mut ws = raw_client(&relay).await;
+    ws.send(Message::Binary(
+        register("quiet", "t", PROTOCOL_VERSION, ports[0], 1).into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        next(&mut ws).await,
+        Some(RelayMessage::Registered(_))
+    ));
+    assert_eq!(
+        next(&mut ws).await,
+        Some(RelayMessage::Closing(CloseReason::HeartbeatTimeout(3)))
+    );
+    assert_eq!(next(&mut ws).await, None);
+    assert!(
+        TcpStream::connect(("127.0.0.1", ports[0])).await.is_err(),
+        "camera port closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_that_refuses_closes_the_watcher_promptly_and_is_logged_once_per_side() {
+    let ports = free_ports(3);
+    let closed_camera_port = ports[2];
+    let mut relay = RelayProcess::start(ports[0], ports[1], "t").await.unwrap();
+    let mut agent = AgentProcess::start(
+        "agent",
+        &agent_config_json("cam", &relay.url(), "t", ports[1], closed_camera_port),
+    )
+    .await
+    .unwrap();
+
+    let mut watcher = TcpStream::connect(("127.0.0.1", ports[1])).await.unwrap();
+    let _ = watcher
+        .write_all(b"OPTIONS rtsp://127.0.0.1/cam/realmonitor RTSP/1.0\r\nCSeq: 1\r\n\r\n")
+        .await;
+    let mut buf = [0; 64];
+    let read = tokio::time::timeout(READY_TIMEOUT, watcher.read(&mut buf))
+        .await
+        .expect("the Watcher's connection was left hanging");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "got bytes from a camera that is not there: {read:?}"
+    );
+
+    agent
+        .process
+        .wait_for_line("camera connection failed")
+        .await
+        .unwrap();
+    relay
+        .process
+        .wait_for_line("the camera refused the connection")
+        .await
+        .unwrap();
+    assert_eq!(agent.process.count_lines("camera connection failed"), 1);
+    assert_eq!(
+        relay
+            .process
+            .count_lines("the camera refused the connection"),
+        1
+    );
+    assert_eq!(relay.process.count_lines("ERROR"), 0);
+}

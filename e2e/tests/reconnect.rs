@@ -1,0 +1,120 @@
+//! Reconnection with the real binaries: the relay dies and returns, an agent dies
+//! loudly (SIGKILL) or silently (SIGSTOP), and an agent with the same id takes over.
+
+use std::time::Duration;
+
+use e2e::{
+    agent_config_json, ffprobe, free_ports, rtsp_url, AgentProcess, CameraSim, RelayProcess,
+    MAIN_STREAM, READY_TIMEOUT,
+};
+use tokio::net::TcpStream;
+
+/// Waits until nothing accepts connections on `port` any more.
+async fn wait_port_closed(port: u16) {
+    let closed = async {
+        while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(READY_TIMEOUT, closed)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("port {port} still accepts connections after {READY_TIMEOUT:?}")
+        });
+}
+
+async fn signal(process: &e2e::Child, name: &str) {
+    let pid = process.pid().expect("running").to_string();
+    let status = tokio::process::Command::new("kill")
+        .args([name, &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_comes_back_on_the_same_port_when_the_relay_returns() {
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ports = free_ports(2);
+    let mut relay = RelayProcess::start(ports[0], ports[1], "tok")
+        .await
+        .unwrap();
+    let mut agent = AgentProcess::start(
+        "agent",
+        &agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port),
+    )
+    .await
+    .unwrap();
+    ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
+
+    relay.process.kill().await.unwrap();
+    agent.process.wait_for_line("retrying in").await.unwrap();
+    wait_port_closed(ports[1]).await;
+
+    let _relay = RelayProcess::start(ports[0], ports[1], "tok")
+        .await
+        .unwrap();
+    agent.online(2).await.unwrap();
+    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
+    assert_eq!(probe.codec, "hevc");
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_agent_frees_its_port_and_a_new_agent_with_its_id_takes_it() {
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ports = free_ports(2);
+    let mut relay = RelayProcess::start(ports[0], ports[1], "tok")
+        .await
+        .unwrap();
+    let config = agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port);
+
+    // Silently dead: the TCP connection stays up, heartbeats stop (interval 1 s).
+    let mut first = AgentProcess::start("agent-1", &config).await.unwrap();
+    signal(&first.process, "-STOP").await;
+    relay
+        .process
+        .wait_for_line("the relay heard no heartbeat in 3 s")
+        .await
+        .unwrap();
+    wait_port_closed(ports[1]).await;
+    first.process.kill().await.unwrap();
+
+    // A new process with the same id gets the same port and carries video.
+    let mut second = AgentProcess::start("agent-2", &config).await.unwrap();
+    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
+    assert_eq!(probe.codec, "hevc");
+
+    // Loudly dead: the relay sees the connection close and frees the port at once.
+    second.process.kill().await.unwrap();
+    relay.process.wait_for_line("agent offline").await.unwrap();
+    wait_port_closed(ports[1]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_with_the_same_id_takes_over_and_the_first_is_told_why() {
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ports = free_ports(2);
+    let mut relay = RelayProcess::start(ports[0], ports[1], "tok")
+        .await
+        .unwrap();
+    let config = agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port);
+    let mut old = AgentProcess::start("agent-old", &config).await.unwrap();
+
+    let _new = AgentProcess::start("agent-new", &config).await.unwrap();
+    old.process
+        .wait_for_line("replaced this one; do two cameras share an agent_id?")
+        .await
+        .unwrap();
+    relay
+        .process
+        .wait_for_line("closing its older session")
+        .await
+        .unwrap();
+    // Stop the old one before it comes back (it waits the full reconnect interval).
+    old.process.kill().await.unwrap();
+
+    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
+    assert_eq!(probe.codec, "hevc");
+}
