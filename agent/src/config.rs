@@ -230,9 +230,11 @@ impl AgentConfig {
         Self::parse(&text, &path.display().to_string())
     }
 
-    /// Parses config text; `origin` names it in errors.
+    /// Parses config text; `origin` names it in errors. `//` and `/* */` comments are
+    /// allowed, so example files can explain every field.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let de = &mut serde_json::Deserializer::from_str(text);
+        let text = blank_comments(text);
+        let de = &mut serde_json::Deserializer::from_str(&text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
@@ -365,6 +367,44 @@ impl AgentConfig {
     }
 }
 
+/// Replaces `//` and `/* */` comments outside strings with spaces, keeping newlines,
+/// so the JSON parser's line and column numbers still point into the original file.
+fn blank_comments(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = bytes.to_vec();
+    let mut i = 0;
+    let mut in_string = false;
+    while i < bytes.len() {
+        match (in_string, bytes[i], bytes.get(i + 1)) {
+            (true, b'\\', _) => i += 1, // skip the escaped byte
+            (true, b'"', _) | (false, b'"', _) => in_string = !in_string,
+            (false, b'/', Some(b'/')) => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    out[i] = b' ';
+                    i += 1;
+                }
+                continue;
+            }
+            (false, b'/', Some(b'*')) => {
+                let end = text[i + 2..]
+                    .find("*/")
+                    .map_or(bytes.len(), |e| i + 2 + e + 2);
+                for b in &mut out[i..end] {
+                    if *b != b'\n' {
+                        *b = b' ';
+                    }
+                }
+                i = end;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    // Only ASCII bytes outside strings were replaced by ASCII spaces: still UTF-8.
+    String::from_utf8(out).unwrap_or_else(|_| text.to_string())
+}
+
 /// Python's level names (the older agent's) and tracing's.
 fn parse_log_level(name: &str) -> Result<tracing::Level, String> {
     match name.to_ascii_uppercase().as_str() {
@@ -442,6 +482,36 @@ mod tests {
         assert_eq!(c.rtsp_target.port(), 554);
         assert_eq!(c.stream_paths, DAHUA_STREAM_PATHS);
         assert_eq!(c.reconnect_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn the_example_in_deploy_parses() {
+        let text = include_str!("../../deploy/agent/config.json");
+        let c = AgentConfig::parse(text, "deploy/agent/config.json").unwrap();
+        assert_eq!(c.agent_id, "dahua-2449s-il-001");
+        assert!(c.ignored.is_empty());
+    }
+
+    #[test]
+    fn comments_are_allowed_and_positions_kept() {
+        let text = "{ // the agent\n  \"agent\": { /* who */ \"agent_id\": \"a//b\",\n";
+        let blanked = blank_comments(text);
+        assert_eq!(blanked.len(), text.len());
+        assert_eq!(blanked.lines().count(), text.lines().count());
+        assert!(blanked.contains("\"a//b\""), "{blanked}");
+        assert!(
+            !blanked.contains("who") && !blanked.contains("the agent"),
+            "{blanked}"
+        );
+
+        let c = AgentConfig::parse(
+            "// example\n{\"agent\": {\"agent_id\": \"a\", /* url: */ \"tunnel_server_url\": \"ws://r/x\", \"tunnel_server_token\": \"t\\\"//\"}}",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.token.expose(), "t\"//");
+        let e = error("// comment\n{\"agent\": }");
+        assert!(e.contains("line 2"), "{e}");
     }
 
     #[test]

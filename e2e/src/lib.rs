@@ -9,7 +9,10 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::Stdio,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -235,6 +238,14 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Whether children's output is copied to stderr (tests: yes, so a failure shows it).
+static ECHO: AtomicBool = AtomicBool::new(true);
+
+/// Turns the copying of children's output to stderr on or off (the demo turns it off).
+pub fn set_echo(on: bool) {
+    ECHO.store(on, Ordering::Relaxed);
+}
+
 /// A child process whose output is captured line by line (and echoed to stderr, tagged),
 /// killed when dropped.
 #[derive(Debug)]
@@ -246,7 +257,7 @@ pub struct Child {
 }
 
 impl Child {
-    /// Spawns `cmd` with stdout and stderr captured.
+    /// Spawns `cmd` with stdout and stderr captured (and echoed, see [`set_echo`]).
     pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -267,7 +278,9 @@ impl Child {
             tokio::spawn(async move {
                 let mut reader = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
-                    eprintln!("[{name}] {line}");
+                    if ECHO.load(Ordering::Relaxed) {
+                        eprintln!("[{name}] {line}");
+                    }
                     lock(&lines).push(line);
                     new_line.notify_waiters();
                 }

@@ -407,6 +407,16 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_deploy_parses() {
+        let c =
+            RelayConfig::from_toml(include_str!("../../deploy/relay.toml"), "deploy/relay.toml")
+                .unwrap();
+        assert_eq!(c.auth.agents.len(), 2);
+        assert_eq!(c.camera_ports, 8554..=8653);
+        assert_eq!(c.limits.missed_heartbeats, 3);
+    }
+
+    #[test]
     fn errors_name_the_file_and_field() {
         let err = |text: &str| {
             RelayConfig::from_toml(text, "relay.toml")

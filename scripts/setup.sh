@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Installs what `make demo` and `make test` need on Debian 12, idempotently:
+# - a Rust toolchain (kept if present; otherwise Debian's rustc-web/cargo-web 1.85,
+#   the oldest toolchain this workspace promises to build with);
+# - the camera simulator's parts: GStreamer's RTSP server with its Python bindings
+#   (python3-gi, run by /usr/bin/python3) and the encoders x265enc (plugins-bad) and
+#   x264enc (plugins-ugly);
+# - the Watcher: ffprobe/ffmpeg.
+# It runs apt only when something is missing, so a second run costs nothing.
+set -euo pipefail
+
+APT_PACKAGES=(
+  python3-gi
+  gir1.2-gst-rtsp-server-1.0
+  gstreamer1.0-plugins-base
+  gstreamer1.0-plugins-good
+  gstreamer1.0-plugins-bad
+  gstreamer1.0-plugins-ugly
+  ffmpeg
+)
+RUST_VERSION=1.85.0+dfsg3-1~deb12u3
+
+missing=()
+have_camera_sim() {
+  /usr/bin/python3 - <<'PY' 2>/dev/null
+import gi
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import Gst, GstRtspServer
+Gst.init(None)
+for element in ("x264enc", "x265enc", "rtph264pay", "rtph265pay", "videotestsrc"):
+    assert Gst.ElementFactory.find(element), element
+PY
+}
+if ! have_camera_sim || ! command -v ffprobe >/dev/null; then
+  missing+=("${APT_PACKAGES[@]}")
+fi
+if ! command -v cargo >/dev/null; then
+  missing+=("rustc-web=$RUST_VERSION" "cargo-web=$RUST_VERSION"
+            "libstd-rust-web-dev=$RUST_VERSION" "libstd-rust-web-1.85=$RUST_VERSION")
+fi
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "setup: everything needed is installed"
+  exit 0
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "setup: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+  SUDO=sudo
+fi
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+# An index that fails to refresh (e.g. a foreign architecture's security index) is
+# harmless as long as the packages above resolve; the install below says if not.
+$SUDO apt-get update -q || echo "setup: apt-get update reported errors; trying the install anyway" >&2
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+have_camera_sim || { echo "setup: GStreamer RTSP server still unusable after install" >&2; exit 1; }
+echo "setup: done"
