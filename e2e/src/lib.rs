@@ -18,7 +18,7 @@ use std::{
 
 use agent::{Agent, AgentConfig, AgentState};
 use anyhow::{bail, Context as _};
-use common::Secret;
+use common::{protocol::Rejection, Secret};
 use relay::{Registry, Relay, RelayConfig};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -210,6 +210,27 @@ impl AgentHandle {
             .await?
         {
             AgentState::Online { port } => Ok(port),
+            other => bail!("unexpected state {other:?}"),
+        }
+    }
+
+    /// Waits until the relay refuses the agent; returns the agent's words and the
+    /// relay's typed reason.
+    pub async fn refused(&mut self) -> anyhow::Result<(String, Rejection)> {
+        let refused = |s: &AgentState| {
+            matches!(
+                s,
+                AgentState::Retrying {
+                    rejection: Some(_),
+                    ..
+                }
+            )
+        };
+        match self.wait_for("refused", refused).await? {
+            AgentState::Retrying {
+                reason,
+                rejection: Some(rejection),
+            } => Ok((reason, rejection)),
             other => bail!("unexpected state {other:?}"),
         }
     }

@@ -2,6 +2,8 @@
 //! version, a taken port, garbage and oversized control frames, a silent client, and a
 //! camera that refuses connections.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
 use std::time::Duration;
 
 use agent::AgentState;
@@ -105,22 +107,8 @@ async fn a_wrong_token_is_refused_in_plain_words() {
         .await
         .unwrap();
     let mut agent = AgentHandle::start(agent_config("cam", &relay.url(), "wrong", ports[0], 1));
-    let state = agent
-        .wait_for("refused", |s| {
-            matches!(
-                s,
-                AgentState::Retrying {
-                    rejection: Some(_),
-                    ..
-                }
-            )
-        })
-        .await
-        .unwrap();
-    let AgentState::Retrying { reason, rejection } = state else {
-        unreachable!()
-    };
-    assert_eq!(rejection, Some(Rejection::BadToken));
+    let (reason, rejection) = agent.refused().await.unwrap();
+    assert_eq!(rejection, Rejection::BadToken);
     assert!(
         reason.contains("check agent.tunnel_server_token"),
         "{reason}"
@@ -176,23 +164,9 @@ async fn a_port_held_by_another_program_is_refused() {
     let _squatter = TcpListener::bind(("127.0.0.1", ports[0])).await.unwrap();
     let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
     let mut agent = AgentHandle::start(agent_config("cam", &relay.url(), "t", ports[0], 1));
-    let state = agent
-        .wait_for("refused", |s| {
-            matches!(
-                s,
-                AgentState::Retrying {
-                    rejection: Some(_),
-                    ..
-                }
-            )
-        })
-        .await
-        .unwrap();
-    let AgentState::Retrying { reason, rejection } = state else {
-        unreachable!()
-    };
+    let (reason, rejection) = agent.refused().await.unwrap();
     assert!(
-        matches!(rejection, Some(Rejection::PortTaken { port, .. }) if port == ports[0]),
+        matches!(rejection, Rejection::PortTaken { port, .. } if port == ports[0]),
         "{rejection:?}"
     );
     assert!(reason.contains("already taken"), "{reason}");

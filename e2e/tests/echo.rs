@@ -1,6 +1,8 @@
 //! Byte-exact transfer through the tunnel: seeded random payloads from 1 byte to 64 MiB,
 //! both directions at once, half-close, 8 connections in parallel.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
 use std::net::SocketAddr;
 
 use e2e::{agent_config, free_ports, relay_config, AgentHandle, RelayHandle};

@@ -1,6 +1,8 @@
 //! Reconnection with the real binaries: the relay dies and returns, an agent dies
 //! loudly (SIGKILL) or silently (SIGSTOP), and an agent with the same id takes over.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
 use std::time::Duration;
 
 use e2e::{
@@ -33,88 +35,99 @@ async fn signal(process: &e2e::Child, name: &str) {
     assert!(status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_comes_back_on_the_same_port_when_the_relay_returns() {
+/// A camera simulator, a relay process, and the config of an agent for both.
+struct Rig {
+    _camera: CameraSim,
+    relay: RelayProcess,
+    config: serde_json::Value,
+    relay_port: u16,
+    camera_port: u16,
+}
+
+async fn rig() -> Rig {
     let camera = CameraSim::start(&[]).await.unwrap();
     let ports = free_ports(2);
-    let mut relay = RelayProcess::start(ports[0], ports[1], "tok")
+    let relay = RelayProcess::start(ports[0], ports[1], "tok")
         .await
         .unwrap();
-    let mut agent = AgentProcess::start(
-        "agent",
-        &agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port),
-    )
-    .await
-    .unwrap();
-    ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
+    let config = agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port);
+    Rig {
+        _camera: camera,
+        relay,
+        config,
+        relay_port: ports[0],
+        camera_port: ports[1],
+    }
+}
 
-    relay.process.kill().await.unwrap();
+/// ffprobe decodes the camera's main stream through the relay's `port`.
+async fn video_flows(port: u16) {
+    let probe = ffprobe(rtsp_url(port, MAIN_STREAM), 5).await.unwrap();
+    assert_eq!(probe.codec, "hevc");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_comes_back_on_the_same_port_when_the_relay_returns() {
+    let mut rig = rig().await;
+    let mut agent = AgentProcess::start("agent", &rig.config).await.unwrap();
+    video_flows(rig.camera_port).await;
+
+    rig.relay.process.kill().await.unwrap();
     agent.process.wait_for_line("retrying in").await.unwrap();
-    wait_port_closed(ports[1]).await;
+    wait_port_closed(rig.camera_port).await;
 
-    let _relay = RelayProcess::start(ports[0], ports[1], "tok")
+    let _relay = RelayProcess::start(rig.relay_port, rig.camera_port, "tok")
         .await
         .unwrap();
     agent.online(2).await.unwrap();
-    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
-    assert_eq!(probe.codec, "hevc");
-    drop(relay);
+    video_flows(rig.camera_port).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_agent_frees_its_port_and_a_new_agent_with_its_id_takes_it() {
-    let camera = CameraSim::start(&[]).await.unwrap();
-    let ports = free_ports(2);
-    let mut relay = RelayProcess::start(ports[0], ports[1], "tok")
-        .await
-        .unwrap();
-    let config = agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port);
+    let mut rig = rig().await;
 
     // Silently dead: the TCP connection stays up, heartbeats stop (interval 1 s).
-    let mut first = AgentProcess::start("agent-1", &config).await.unwrap();
+    let mut first = AgentProcess::start("agent-1", &rig.config).await.unwrap();
     signal(&first.process, "-STOP").await;
-    relay
+    rig.relay
         .process
         .wait_for_line("the relay heard no heartbeat in 3 s")
         .await
         .unwrap();
-    wait_port_closed(ports[1]).await;
+    wait_port_closed(rig.camera_port).await;
     first.process.kill().await.unwrap();
 
     // A new process with the same id gets the same port and carries video.
-    let mut second = AgentProcess::start("agent-2", &config).await.unwrap();
-    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
-    assert_eq!(probe.codec, "hevc");
+    let mut second = AgentProcess::start("agent-2", &rig.config).await.unwrap();
+    video_flows(rig.camera_port).await;
 
     // Loudly dead: the relay sees the connection close and frees the port at once.
     second.process.kill().await.unwrap();
-    relay.process.wait_for_line("agent offline").await.unwrap();
-    wait_port_closed(ports[1]).await;
+    rig.relay
+        .process
+        .wait_for_line("agent offline")
+        .await
+        .unwrap();
+    wait_port_closed(rig.camera_port).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_connection_with_the_same_id_takes_over_and_the_first_is_told_why() {
-    let camera = CameraSim::start(&[]).await.unwrap();
-    let ports = free_ports(2);
-    let mut relay = RelayProcess::start(ports[0], ports[1], "tok")
-        .await
-        .unwrap();
-    let config = agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port);
-    let mut old = AgentProcess::start("agent-old", &config).await.unwrap();
+    let mut rig = rig().await;
+    let mut old = AgentProcess::start("agent-old", &rig.config).await.unwrap();
 
-    let _new = AgentProcess::start("agent-new", &config).await.unwrap();
+    let _new = AgentProcess::start("agent-new", &rig.config).await.unwrap();
     old.process
         .wait_for_line("replaced this one; do two cameras share an agent_id?")
         .await
         .unwrap();
-    relay
+    rig.relay
         .process
         .wait_for_line("closing its older session")
         .await
         .unwrap();
     // Stop the old one before it comes back (it waits the full reconnect interval).
     old.process.kill().await.unwrap();
-
-    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), 5).await.unwrap();
-    assert_eq!(probe.codec, "hevc");
+    video_flows(rig.camera_port).await;
 }

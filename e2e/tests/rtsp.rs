@@ -2,6 +2,8 @@
 //! H.265 main and H.264 sub stream) behind the real `camera-agent`, the real `relay`,
 //! and ffprobe as the Watcher. A stream counts as delivered when frames decode.
 
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
 use e2e::{
     agent_config_json, ffprobe, free_port_run, free_ports, rtsp_url, AgentProcess, CameraSim,
     RelayProcess, MAIN_STREAM, SUB_STREAM,

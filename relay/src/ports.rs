@@ -96,7 +96,6 @@ impl PortPolicy {
     fn holder(&self, port: u16, agent_id: &str) -> Option<&str> {
         self.pinned
             .iter()
-            .map(|(id, p)| (id, p))
             .chain(self.remembered.iter())
             .find(|(id, p)| **p == port && id.as_str() != agent_id)
             .map(|(id, _)| id.as_str())
