@@ -32,6 +32,10 @@ pub use stats::Stats;
 /// First backoff step after a failure; later steps double up to `network.reconnect_interval`.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 
+/// How long, after the tunnel closed, the agent waits for the relay's reason on the
+/// control link (TCP and UDP may deliver out of order).
+const CLOSE_REASON_GRACE: Duration = Duration::from_secs(2);
+
 /// What the agent is doing, for logs, tests and (later) the local status page.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentState {
@@ -126,6 +130,9 @@ impl Agent {
                 // Another agent uses our id. Coming straight back would throw it off in
                 // turn, and the two would flap; wait the longest interval instead.
                 SessionError::Closed(CloseReason::Replaced(_)) => self.config.reconnect_interval,
+                // The relay restarts: every camera heard this at once, so spread the
+                // fleet's return over the whole interval instead of storming back.
+                SessionError::Closed(CloseReason::Shutdown) => backoff.spread(),
                 _ => backoff.next_delay(),
             };
             tracing::warn!("{ended}; retrying in {:.1} s", delay.as_secs_f64());
@@ -176,9 +183,18 @@ impl Agent {
             "online: the relay serves this camera on port {port}"
         );
         self.state.send_replace(AgentState::Online { port });
+        let control_run = control.run(config.heartbeat_interval, &self.stats);
+        tokio::pin!(control_run);
         let ended = tokio::select! {
-            ended = control.run(config.heartbeat_interval, &self.stats) => ended,
-            ended = tunnel.serve(config, &self.stats, tracker) => ended,
+            ended = &mut control_run => ended,
+            ended = tunnel.serve(config, &self.stats, tracker) => {
+                // The relay ends both links at once, and its Closing message (which says
+                // why) may arrive just after the tunnel's close; give it a moment.
+                match tokio::time::timeout(CLOSE_REASON_GRACE, &mut control_run).await {
+                    Ok(closed @ SessionError::Closed(_)) => closed,
+                    _ => ended,
+                }
+            }
         };
         tunnel.close();
         ended

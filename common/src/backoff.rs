@@ -37,6 +37,12 @@ impl Backoff {
         self.base.saturating_mul(factor).min(self.cap)
     }
 
+    /// A wait drawn uniformly from `[0, cap]`, whatever the attempt: for events a whole
+    /// fleet sees at once (a relay restart), so its members come back spread out.
+    pub fn spread(&self) -> Duration {
+        rand::rng().random_range(Duration::ZERO..=self.cap)
+    }
+
     /// Starts again from `base`, after a connection that worked.
     pub fn reset(&mut self) {
         self.attempt = 0;

@@ -556,3 +556,82 @@ impl AgentProcess {
         Ok(())
     }
 }
+
+/// A hand-driven control-link client, for sending what a real agent never would.
+#[derive(Debug)]
+pub struct ControlClient {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl ControlClient {
+    /// Opens a WebSocket to `url`.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(ControlClient { ws })
+    }
+
+    /// Sends one WebSocket message as it is.
+    pub async fn send(
+        &mut self,
+        msg: tokio_tungstenite::tungstenite::Message,
+    ) -> anyhow::Result<()> {
+        use futures_util::SinkExt;
+        self.ws.send(msg).await?;
+        Ok(())
+    }
+
+    /// Sends bytes as one binary message.
+    pub async fn send_bytes(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
+        self.send(tokio_tungstenite::tungstenite::Message::Binary(
+            bytes.into(),
+        ))
+        .await
+    }
+
+    /// Sends a `Register` for the `rtsp` service on `port`.
+    pub async fn register(
+        &mut self,
+        id: &str,
+        token: &str,
+        version: u16,
+        port: u16,
+        heartbeat_secs: u32,
+    ) -> anyhow::Result<()> {
+        use common::protocol::{
+            encode_control, AgentMessage, CameraInfo, Register, ServiceRequest, SERVICE_RTSP,
+        };
+        let register = AgentMessage::Register(Register {
+            version,
+            agent_id: id.into(),
+            token: Secret::new(token),
+            camera: CameraInfo::default(),
+            services: vec![ServiceRequest {
+                name: SERVICE_RTSP.into(),
+                port,
+            }],
+            heartbeat_interval_secs: heartbeat_secs,
+            agent_version: "test".into(),
+        });
+        self.send_bytes(encode_control(&register)?).await
+    }
+
+    /// The relay's next message, or `None` once it has closed the connection.
+    pub async fn next(&mut self) -> anyhow::Result<Option<common::protocol::RelayMessage>> {
+        use futures_util::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let msg = tokio::time::timeout(READY_TIMEOUT, self.ws.next())
+                .await
+                .context("the relay neither answered nor closed")?;
+            match msg {
+                Some(Ok(Message::Binary(b))) => {
+                    return Ok(Some(common::protocol::decode_control(&b)?))
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(None),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}

@@ -4,65 +4,20 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
-use std::time::Duration;
-
 use agent::AgentState;
-use common::{
-    protocol::{
-        decode_control, encode_control, AgentMessage, AgentStats, CameraInfo, CloseReason,
-        Register, Rejection, RelayMessage, ServiceRequest, PROTOCOL_VERSION, SERVICE_RTSP,
-    },
-    Secret,
+use common::protocol::{
+    encode_control, AgentMessage, AgentStats, CloseReason, Rejection, RelayMessage,
+    PROTOCOL_VERSION,
 };
 use e2e::{
     agent_config, agent_config_json, free_port_run, free_ports, relay_config, AgentHandle,
-    AgentProcess, RelayHandle, RelayProcess, READY_TIMEOUT,
+    AgentProcess, ControlClient, RelayHandle, RelayProcess, READY_TIMEOUT,
 };
-use futures_util::{SinkExt, StreamExt};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
-use tokio_tungstenite::{tungstenite::Message, MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-fn register(id: &str, token: &str, version: u16, port: u16, heartbeat_secs: u32) -> Vec<u8> {
-    encode_control(&AgentMessage::Register(Register {
-        version,
-        agent_id: id.into(),
-        token: Secret::new(token),
-        camera: CameraInfo::default(),
-        services: vec![ServiceRequest {
-            name: SERVICE_RTSP.into(),
-            port,
-        }],
-        heartbeat_interval_secs: heartbeat_secs,
-        agent_version: "test".into(),
-    }))
-    .unwrap()
-}
-
-async fn raw_client(relay: &RelayHandle) -> Ws {
-    tokio_tungstenite::connect_async(relay.url())
-        .await
-        .unwrap()
-        .0
-}
-
-/// The next relay message, or `None` once the relay has closed the connection.
-async fn next(ws: &mut Ws) -> Option<RelayMessage> {
-    loop {
-        let msg = tokio::time::timeout(READY_TIMEOUT, ws.next())
-            .await
-            .expect("the relay neither answered nor closed");
-        match msg {
-            Some(Ok(Message::Binary(b))) => return Some(decode_control(&b).unwrap()),
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
+use tokio_tungstenite::tungstenite::Message;
 
 /// A relay with one healthy agent in front of an echo server.
 async fn relay_with_healthy_agent(token: &str) -> (RelayHandle, AgentHandle, u16, u16) {
@@ -122,35 +77,29 @@ async fn another_protocol_version_is_told_which_versions_work() {
     let ports = free_ports(1);
     let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
 
-    let mut ws = raw_client(&relay).await;
-    ws.send(Message::Binary(
-        register("cam", "t", 99, ports[0], 1).into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = ControlClient::connect(&relay.url()).await.unwrap();
+    ws.register("cam", "t", 99, ports[0], 1).await.unwrap();
     let expected = Rejection::UnsupportedVersion {
         agent: 99,
         min: 1,
         max: PROTOCOL_VERSION,
     };
     assert_eq!(
-        next(&mut ws).await,
+        ws.next().await.unwrap(),
         Some(RelayMessage::Rejected(expected.clone()))
     );
     assert!(expected
         .to_string()
         .contains("supported by this relay (it speaks 1..=1)"));
-    assert_eq!(next(&mut ws).await, None, "closed after the refusal");
+    assert_eq!(ws.next().await.unwrap(), None, "closed after the refusal");
 
     // A future agent whose Register no longer decodes here still gets a useful answer.
-    let mut ws = raw_client(&relay).await;
-    ws.send(Message::Binary(
-        vec![0, 7, 0xff, 0xff, 0xff, 0xff, 0xff].into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = ControlClient::connect(&relay.url()).await.unwrap();
+    ws.send_bytes(vec![0, 7, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     assert!(matches!(
-        next(&mut ws).await,
+        ws.next().await.unwrap(),
         Some(RelayMessage::Rejected(Rejection::UnsupportedVersion {
             agent: 7,
             ..
@@ -194,39 +143,32 @@ async fn garbage_and_oversized_frames_drop_only_their_own_connection() {
         ),
     ];
     for (what, attack) in attacks {
-        let mut ws = raw_client(&relay).await;
+        let mut ws = ControlClient::connect(&relay.url()).await.unwrap();
         let _ = ws.send(attack).await;
-        match next(&mut ws).await {
+        match ws.next().await.unwrap() {
             None | Some(RelayMessage::Rejected(_)) => {}
             other => panic!("{what}: relay answered {other:?}"),
         }
-        assert_eq!(next(&mut ws).await, None, "{what}: connection not closed");
+        assert_eq!(
+            ws.next().await.unwrap(),
+            None,
+            "{what}: connection not closed"
+        );
     }
 
     // Registered, then garbage: dropped, and its port released.
-    let mut ws = raw_client(&relay).await;
-    ws.send(Message::Binary(
-        register("intruder", "t", PROTOCOL_VERSION, first + 1, 30).into(),
-    ))
-    .await
-    .unwrap();
-    assert!(matches!(
-        next(&mut ws).await,
-        Some(RelayMessage::Registered(_))
-    ));
-    ws.send(Message::Binary(vec![0xff; 64].into()))
+    let mut ws = ControlClient::connect(&relay.url()).await.unwrap();
+    ws.register("intruder", "t", PROTOCOL_VERSION, first + 1, 30)
         .await
         .unwrap();
-    assert_eq!(next(&mut ws).await, None);
-    let released = async {
-        while relay.registry.get("intruder").is_some() {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(READY_TIMEOUT, released)
-        .await
-        .expect("intruder's session not removed");
+    assert!(matches!(
+        ws.next().await.unwrap(),
+        Some(RelayMessage::Registered(_))
+    ));
+    ws.send_bytes(vec![0xff; 64]).await.unwrap();
+    assert_eq!(ws.next().await.unwrap(), None);
+    // The relay closes the connection only after the session is gone and its port free.
+    assert!(relay.registry.get("intruder").is_none());
     assert!(
         TcpStream::connect(("127.0.0.1", first + 1)).await.is_err(),
         "port released"
@@ -244,21 +186,19 @@ async fn garbage_and_oversized_frames_drop_only_their_own_connection() {
 async fn a_registered_client_that_goes_quiet_is_closed_after_three_missed_heartbeats() {
     let ports = free_ports(1);
     let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
-    let mut ws = raw_client(&relay).await;
-    ws.send(Message::Binary(
-        register("quiet", "t", PROTOCOL_VERSION, ports[0], 1).into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = ControlClient::connect(&relay.url()).await.unwrap();
+    ws.register("quiet", "t", PROTOCOL_VERSION, ports[0], 1)
+        .await
+        .unwrap();
     assert!(matches!(
-        next(&mut ws).await,
+        ws.next().await.unwrap(),
         Some(RelayMessage::Registered(_))
     ));
     assert_eq!(
-        next(&mut ws).await,
+        ws.next().await.unwrap(),
         Some(RelayMessage::Closing(CloseReason::HeartbeatTimeout(3)))
     );
-    assert_eq!(next(&mut ws).await, None);
+    assert_eq!(ws.next().await.unwrap(), None);
     assert!(
         TcpStream::connect(("127.0.0.1", ports[0])).await.is_err(),
         "camera port closed"

@@ -131,3 +131,21 @@ async fn a_second_connection_with_the_same_id_takes_over_and_the_first_is_told_w
     old.process.kill().await.unwrap();
     video_flows(rig.camera_port).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_relay_and_agent_cleanly_and_the_relay_tells_its_agents() {
+    let mut rig = rig().await;
+    let mut agent = AgentProcess::start("agent", &rig.config).await.unwrap();
+
+    let status = rig.relay.process.terminate().await.unwrap();
+    assert!(status.success(), "relay exited with {status}");
+    agent
+        .process
+        .wait_for_line("the relay closed the session: the relay is shutting down")
+        .await
+        .unwrap();
+
+    let status = agent.process.terminate().await.unwrap();
+    assert!(status.success(), "agent exited with {status}");
+    assert_eq!(agent.process.count_lines("agent stopped"), 1);
+}

@@ -85,7 +85,10 @@ async fn tunnel(
     }
     tokio::select! {
         _ = session.cancelled() => {
-            conn.close(VarInt::from_u32(CLOSE_SESSION_ENDED), b"session ended");
+            let why = session
+                .close_reason()
+                .map_or_else(|| "session ended".to_string(), |r| r.to_string());
+            conn.close(VarInt::from_u32(CLOSE_SESSION_ENDED), why.as_bytes());
         }
         reason = conn.closed() => {
             tracing::info!(agent = %session.id, "tunnel closed: {reason}");
