@@ -552,6 +552,34 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic_any_decoder() {
+        use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0xbad);
+        let valid = encode_control(&register(1)).unwrap();
+        for i in 0..20_000 {
+            let bytes: Vec<u8> = if i % 2 == 0 {
+                let mut b = vec![0; rng.random_range(0..256)];
+                rng.fill_bytes(&mut b);
+                b
+            } else {
+                // A valid message with a few bytes flipped reaches deeper into the decoder.
+                let mut b = valid.clone();
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..b.len());
+                    b[at] = rng.random();
+                }
+                b
+            };
+            let _ = decode_control::<AgentMessage>(&bytes);
+            let _ = decode_control::<RelayMessage>(&bytes);
+            let _ = peek_register_version(&bytes);
+            let _ = decode_frame_prefix::<StreamOpen>(&bytes);
+            let _ = decode_frame_prefix::<StreamStatus>(&bytes);
+            let _ = decode_frame_prefix::<DataHello>(&bytes);
+        }
+    }
+
+    #[test]
     fn secrets_stay_out_of_debug_output() {
         let text = format!("{:?}", register(1));
         assert!(!text.contains("s3cret"), "{text}");
