@@ -6,6 +6,7 @@
 use common::protocol::{hex, Rejection, RelayMessage, PROTOCOL_VERSION};
 use e2e::{agent_config, free_port_run, AgentHandle, ControlClient, RelayHandle};
 use relay::RelayConfig;
+use std::path::Path;
 
 fn config(
     first: u16,
@@ -58,6 +59,21 @@ async fn pin_handed_out(relay: &RelayHandle) -> String {
         Some(RelayMessage::Registered(registered)) => hex(&registered.cert_sha256),
         other => panic!("expected Registered, got {other:?}"),
     }
+}
+
+/// Starts a relay with a certificate made by `certs` and checks that agents are told
+/// to pin exactly that certificate.
+async fn start_with_certificate(first: u16, state: &Path, cert: &Path, key: &Path) -> RelayHandle {
+    let relay = RelayHandle::start(config(first, state, Some((cert, key))))
+        .await
+        .unwrap();
+    let pin = certs::fingerprint_pem(cert).unwrap();
+    assert_eq!(
+        pin_handed_out(&relay).await,
+        pin,
+        "agents are told the configured certificate"
+    );
+    relay
 }
 
 #[tokio::test]
@@ -117,17 +133,8 @@ async fn a_restarted_relay_gives_each_camera_its_old_port_and_keeps_a_fixed_cert
     let pair = certs::relay_certificate(&["camera-relay".into()], &[]).unwrap();
     let (cert, key) = certs::write_pair(state.path(), "relay", &pair, false).unwrap();
 
-    let pin = certs::fingerprint_pem(&cert).unwrap();
-
     // Asking for port 0 lets the relay choose; it remembers the choice on disk.
-    let relay = RelayHandle::start(config(first, state.path(), Some((&cert, &key))))
-        .await
-        .unwrap();
-    assert_eq!(
-        pin_handed_out(&relay).await,
-        pin,
-        "agents are told the configured certificate"
-    );
+    let relay = start_with_certificate(first, state.path(), &cert, &key).await;
     let mut agent =
         AgentHandle::start(agent_config("roaming", &relay.url(), "roaming-token", 0, 1));
     let port = agent.online().await.unwrap();
@@ -141,14 +148,7 @@ async fn a_restarted_relay_gives_each_camera_its_old_port_and_keeps_a_fixed_cert
     );
 
     // Another camera may not take that port while it is remembered for "roaming".
-    let relay = RelayHandle::start(config(first, state.path(), Some((&cert, &key))))
-        .await
-        .unwrap();
-    assert_eq!(
-        pin_handed_out(&relay).await,
-        pin,
-        "same certificate after the restart"
-    );
+    let relay = start_with_certificate(first, state.path(), &cert, &key).await;
     let mut other = AgentHandle::start(agent_config("pinned", &relay.url(), "pinned-token", 0, 1));
     assert_eq!(
         other.online().await.unwrap(),
