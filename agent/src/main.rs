@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs inside the IP camera: dials out to the relay and carries its RTSP sessions.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(name = "camera-agent", version)]
 struct Cli {
     /// Config file, in the JSON schema of the earlier camera agent.
     #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
