@@ -50,6 +50,12 @@ class RealMonitor(GstRtspServer.RTSPMediaFactory):
         return Gst.parse_launch(launch)
 
 
+def log_setup(_client, ctx):
+    _, transport = ctx.request.get_header(GstRtsp.RTSPHeaderField.TRANSPORT, 0)
+    print(f"SETUP transport={transport}", flush=True)
+    return GstRtsp.RTSPStatusCode.OK
+
+
 def pipeline(codec, width, height, fps, bitrate_kbps):
     source = (
         f"videotestsrc is-live=true pattern=ball ! "
@@ -83,6 +89,7 @@ def main():
     p.add_argument("--user", default="admin")
     p.add_argument("--password", default="admin")
     p.add_argument("--no-auth", action="store_true", help="serve without Digest authentication")
+    p.add_argument("--tcp-only", action="store_true", help="refuse RTP over UDP (461), as some cameras do")
     args = p.parse_args()
 
     Gst.init(None)
@@ -96,8 +103,9 @@ def main():
             "1": pipeline("h264", *args.sub_size, args.fps, args.sub_kbps),
         }
     )
-    # The tunnel carries RTSP over TCP (interleaved); offer only that, as the relay will.
-    factory.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
+    # Like a real camera, offer RTP over UDP and over TCP (interleaved) unless told not to.
+    if args.tcp_only:
+        factory.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
 
     if not args.no_auth:
         auth = GstRtspServer.RTSPAuth()
@@ -113,6 +121,9 @@ def main():
         )
 
     server.get_mount_points().add_factory("/cam/realmonitor", factory)
+    # One line per SETUP with the transport the client asked for, so tests can tell
+    # what reached the camera.
+    server.connect("client-connected", lambda _server, client: client.connect("pre-setup-request", log_setup))
     if server.attach(None) == 0:
         print(f"cannot listen on {args.host}:{args.port}", file=sys.stderr, flush=True)
         return 1

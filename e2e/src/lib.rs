@@ -434,26 +434,30 @@ pub struct Probe {
 
 /// Decodes `frames` video frames from `url` with ffprobe over RTSP/TCP.
 pub async fn ffprobe(url: impl AsRef<str>, frames: u32) -> anyhow::Result<Probe> {
+    ffprobe_with(url, frames, &["-rtsp_transport", "tcp"]).await
+}
+
+/// Decodes `frames` video frames from `url` with ffprobe and extra `options` (none: the
+/// defaults a user gets, RTP over UDP first).
+pub async fn ffprobe_with(
+    url: impl AsRef<str>,
+    frames: u32,
+    options: &[&str],
+) -> anyhow::Result<Probe> {
     let url = url.as_ref();
     let mut cmd = Command::new("ffprobe");
-    cmd.args([
-        "-v",
-        "error",
-        "-rtsp_transport",
-        "tcp",
-        "-count_frames",
-        "-select_streams",
-        "v:0",
-    ])
-    .args(["-read_intervals", &format!("%+#{frames}")])
-    .args([
-        "-show_entries",
-        "stream=codec_name,width,height,nb_read_frames",
-        "-of",
-        "json",
-    ])
-    .arg(url)
-    .kill_on_drop(true);
+    cmd.args(["-v", "error"])
+        .args(options)
+        .args(["-count_frames", "-select_streams", "v:0"])
+        .args(["-read_intervals", &format!("%+#{frames}")])
+        .args([
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+            "-of",
+            "json",
+        ])
+        .arg(url)
+        .kill_on_drop(true);
     let output = tokio::time::timeout(READY_TIMEOUT, cmd.output())
         .await
         .with_context(|| format!("ffprobe {url} did not finish within {READY_TIMEOUT:?}"))?

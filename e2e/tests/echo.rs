@@ -157,3 +157,52 @@ async fn a_server_that_speaks_first_and_closes_reaches_the_watcher_whole() {
     agent.stop().await;
     relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsp_shaped_and_line_protocol_streams_pass_byte_exact() {
+    // The relay reads RTSP on Watcher connections; whatever it does not need to change
+    // must come through exactly, split however TCP likes.
+    let target = echo_server().await;
+    let ports = free_ports(1);
+    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
+    let mut agent = AgentHandle::start(agent_config(
+        "shapes",
+        &relay.url(),
+        "t",
+        ports[0],
+        target.port(),
+    ));
+    let port = agent.online().await.unwrap();
+
+    let mut frames = vec![0u8; 3 * 65_535];
+    StdRng::seed_from_u64(3).fill_bytes(&mut frames);
+    let mut rtsp = b"DESCRIBE rtsp://127.0.0.1/cam/realmonitor?channel=1&subtype=0 RTSP/1.0\r\nCSeq: 2\r\n\r\n\
+        SET_PARAMETER rtsp://127.0.0.1/ RTSP/1.0\r\nCSeq: 3\r\nContent-Length: 10\r\n\r\n\r\n\r\n\r\n\r\n\r\n\
+        SETUP rtsp://127.0.0.1/cam/realmonitor/trackID=0 RTSP/1.0\r\nCSeq: 4\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n\r\n"
+        .to_vec();
+    for chunk in frames.chunks(65_535) {
+        rtsp.extend_from_slice(&[b'$', 0]);
+        rtsp.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+        rtsp.extend_from_slice(chunk);
+    }
+    rtsp.extend_from_slice(b"TEARDOWN rtsp://127.0.0.1/ RTSP/1.0\r\nCSeq: 5\r\n\r\n");
+
+    let mut line_protocol = b"PING\r\n".to_vec();
+    line_protocol.extend_from_slice(&frames[..1000]);
+
+    for (what, payload) in [
+        ("rtsp", &rtsp),
+        ("line protocol", &line_protocol),
+        ("partial head", &b"OPTIONS * RT".to_vec()),
+    ] {
+        let echoed = round_trip(port, payload).await;
+        assert!(
+            echoed == *payload,
+            "{what}: {} bytes sent, {} came back altered",
+            payload.len(),
+            echoed.len()
+        );
+    }
+    agent.stop().await;
+    relay.stop().await.unwrap();
+}

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
 use e2e::{
-    agent_config_json, ffprobe, free_port_run, free_ports, rtsp_url, AgentProcess, CameraSim,
-    RelayProcess, MAIN_STREAM, SUB_STREAM,
+    agent_config_json, ffprobe, ffprobe_with, free_port_run, free_ports, rtsp_url, AgentProcess,
+    CameraSim, RelayProcess, MAIN_STREAM, SUB_STREAM,
 };
 
 const FRAMES: u32 = 10;
@@ -84,4 +84,36 @@ async fn two_cameras_through_one_relay_decode_at_once() {
         "camera 2 on its own port"
     );
     assert!(p1.frames >= FRAMES && p2.frames >= FRAMES);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes() {
+    // The simulator accepts UDP like a real camera, and logs every SETUP's transport.
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ports = free_ports(2);
+    let mut relay = RelayProcess::start(ports[0], ports[1], "t").await.unwrap();
+    let config = agent_config_json("cam-udp", &relay.url(), "t", ports[1], camera.port);
+    let _agent = AgentProcess::start("agent", &config).await.unwrap();
+
+    let probe = ffprobe_with(rtsp_url(ports[1], SUB_STREAM), FRAMES, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (probe.codec.as_str(), probe.width, probe.height),
+        ("h264", 320, 240)
+    );
+    assert!(probe.frames >= FRAMES, "{probe:?}");
+
+    relay.process.wait_for_line("answered 461").await.unwrap();
+    let setups: Vec<String> = camera
+        .process
+        .output()
+        .into_iter()
+        .filter(|l| l.starts_with("SETUP transport="))
+        .collect();
+    assert!(!setups.is_empty(), "the camera saw no SETUP");
+    assert!(
+        setups.iter().all(|l| l.contains("RTP/AVP/TCP")),
+        "a UDP SETUP reached the camera: {setups:?}"
+    );
 }

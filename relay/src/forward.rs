@@ -13,7 +13,7 @@ use std::{
 use anyhow::Context as _;
 use common::{
     protocol::{decode_frame_prefix, write_frame, StreamOpen, StreamStatus, SERVICE_RTSP},
-    splice::{reset_tcp, splice},
+    splice::reset_tcp,
 };
 use tokio::{
     io::{AsyncRead, ReadBuf},
@@ -22,7 +22,7 @@ use tokio::{
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::{config::Limits, registry::AgentSession, Registry};
+use crate::{config::Limits, registry::AgentSession, rtsp, Registry};
 
 /// Pause after an accept error (e.g. out of file descriptors) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -101,9 +101,10 @@ async fn watcher(
     write_frame(&mut send, &header).await?;
 
     // Watcher bytes go out right behind the header, before the agent's answer: the
-    // first request reaches the camera one round trip after connect, not two.
+    // first request reaches the camera one round trip after connect, not two. The
+    // proxy understands RTSP; any other protocol passes through byte for byte.
     let transfer = tokio::select! {
-        result = splice(tcp, StatusGate::new(recv), send, &session.counters) => result?,
+        result = rtsp::proxy(tcp, StatusGate::new(recv), send, &session.counters) => result?,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
     tracing::debug!(

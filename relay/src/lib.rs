@@ -19,6 +19,7 @@ mod data;
 mod forward;
 pub mod ports;
 pub mod registry;
+mod rtsp;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

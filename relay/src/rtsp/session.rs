@@ -1,0 +1,178 @@
+//! One Watcher connection through the tunnel, RTSP-aware: Watcher → camera requests are
+//! checked (see [`super::message`]), answers of the relay's own go back to the Watcher
+//! between the camera's messages, and every other byte passes through as it arrives.
+//!
+//! Same contract as `common::splice::splice`: each direction runs to its own end
+//! (half-close: Watcher FIN → stream finish, stream finish → Watcher FIN); if either
+//! fails, the QUIC stream and the Watcher's TCP connection are both reset.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use common::splice::{reset_tcp, ByteCounters, Transfer, RESET_CODE};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+    sync::mpsc,
+};
+
+use super::{
+    message::{on_request, Decision},
+    scanner::{Event, Scanner},
+};
+
+/// Read buffer of each direction, as in the plain splice.
+const BUFFER: usize = 64 * 1024;
+
+/// Responses of the relay's own waiting for a boundary in the camera's stream. A client
+/// waits for each answer before it asks again, so a handful is plenty.
+const PENDING_ANSWERS: usize = 8;
+
+/// Carries one Watcher connection through a QUIC stream until both directions end.
+pub(crate) async fn proxy<R>(
+    tcp: TcpStream,
+    mut quic_recv: R,
+    mut quic_send: quinn::SendStream,
+    counters: &ByteCounters,
+) -> io::Result<Transfer>
+where
+    R: AsyncRead + Unpin,
+{
+    let (mut watcher_rd, mut watcher_wr) = tcp.into_split();
+    let (answers_tx, answers_rx) = mpsc::channel(PENDING_ANSWERS);
+    let up = upstream(
+        &mut watcher_rd,
+        &mut quic_send,
+        answers_tx,
+        &counters.from_tcp,
+    );
+    let down = downstream(
+        &mut quic_recv,
+        &mut watcher_wr,
+        answers_rx,
+        &counters.to_tcp,
+    );
+    match tokio::try_join!(up, down) {
+        Ok((from_tcp, to_tcp)) => Ok(Transfer { from_tcp, to_tcp }),
+        Err(e) => {
+            // Already finished or reset streams refuse a reset; either way the peer knows.
+            let _ = quic_send.reset(quinn::VarInt::from_u32(RESET_CODE));
+            reset_tcp(watcher_wr.as_ref());
+            Err(e)
+        }
+    }
+}
+
+/// Watcher → camera: requests are checked, everything else passes.
+async fn upstream(
+    watcher: &mut OwnedReadHalf,
+    camera: &mut quinn::SendStream,
+    answers: mpsc::Sender<Vec<u8>>,
+    counter: &AtomicU64,
+) -> io::Result<u64> {
+    let mut buf = vec![0; BUFFER];
+    let mut out = Vec::with_capacity(BUFFER);
+    let mut scanner = Scanner::new();
+    let mut total = 0;
+    loop {
+        let n = watcher.read(&mut buf).await?;
+        if n == 0 {
+            if let Some(partial) = scanner.finish() {
+                camera.write_all(&partial).await?;
+            }
+            camera.finish().map_err(io::Error::other)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        out.clear();
+        for event in scanner.feed(&buf[..n]) {
+            match event {
+                Event::Pass(bytes) => out.extend_from_slice(bytes),
+                Event::NotRtsp(bytes) => out.extend_from_slice(&bytes),
+                Event::End => {}
+                Event::Head(head) => match on_request(&head) {
+                    Decision::Forward => out.extend_from_slice(&head),
+                    Decision::Rewrite(narrowed) => {
+                        tracing::debug!("SETUP offered UDP and TCP; passing on only TCP");
+                        out.extend_from_slice(&narrowed);
+                    }
+                    Decision::Answer(response) => {
+                        tracing::info!(
+                            "SETUP asked for RTP over UDP, which the tunnel cannot carry; \
+                             answered 461 so the client retries over TCP"
+                        );
+                        // The downstream half only goes away with the connection.
+                        let _ = answers.send(response).await;
+                    }
+                },
+            }
+        }
+        camera.write_all(&out).await?;
+    }
+}
+
+/// Camera → Watcher: passes everything, and puts the relay's answers in between the
+/// camera's messages, never inside one.
+async fn downstream<R>(
+    camera: &mut R,
+    watcher: &mut OwnedWriteHalf,
+    mut answers: mpsc::Receiver<Vec<u8>>,
+    counter: &AtomicU64,
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut buf = vec![0; BUFFER];
+    let mut out = Vec::with_capacity(BUFFER);
+    let mut scanner = Scanner::new();
+    let mut answers_open = true;
+    let mut total = 0;
+    loop {
+        out.clear();
+        tokio::select! {
+            // Idle between messages: an answer can go out at once.
+            answer = answers.recv(), if answers_open && scanner.at_boundary() => match answer {
+                Some(answer) => out.extend_from_slice(&answer),
+                None => answers_open = false,
+            },
+            read = camera.read(&mut buf) => {
+                let n = read?;
+                if n == 0 {
+                    if let Some(partial) = scanner.finish() {
+                        out.extend_from_slice(&partial);
+                    }
+                    while let Ok(answer) = answers.try_recv() {
+                        out.extend_from_slice(&answer);
+                    }
+                    watcher.write_all(&out).await?;
+                    total += out.len() as u64;
+                    counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+                    watcher.shutdown().await?;
+                    return Ok(total);
+                }
+                for event in scanner.feed(&buf[..n]) {
+                    match event {
+                        Event::Pass(bytes) => out.extend_from_slice(bytes),
+                        Event::Head(bytes) | Event::NotRtsp(bytes) => out.extend_from_slice(&bytes),
+                        Event::End => {
+                            while let Ok(answer) = answers.try_recv() {
+                                out.extend_from_slice(&answer);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            watcher.write_all(&out).await?;
+            total += out.len() as u64;
+            counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
