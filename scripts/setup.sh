@@ -5,7 +5,8 @@
 # - the camera simulator's parts: GStreamer's RTSP server with its Python bindings
 #   (python3-gi, run by /usr/bin/python3) and the encoders x265enc (plugins-bad) and
 #   x264enc (plugins-ugly);
-# - the Watcher: ffprobe/ffmpeg.
+# - the Watchers: ffprobe/ffmpeg, and GStreamer's rtspsrc (gst-launch-1.0, with the
+#   libav decoders).
 # It runs apt only when something is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -16,6 +17,8 @@ APT_PACKAGES=(
   gstreamer1.0-plugins-good
   gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly
+  gstreamer1.0-libav
+  gstreamer1.0-tools
   ffmpeg
 )
 RUST_VERSION=1.85.0+dfsg3-1~deb12u3
@@ -32,7 +35,11 @@ for element in ("x264enc", "x265enc", "rtph264pay", "rtph265pay", "videotestsrc"
     assert Gst.ElementFactory.find(element), element
 PY
 }
-if ! have_camera_sim || ! command -v ffprobe >/dev/null; then
+have_watchers() {
+  command -v ffprobe >/dev/null && command -v gst-launch-1.0 >/dev/null \
+    && gst-inspect-1.0 avdec_h264 >/dev/null 2>&1 && gst-inspect-1.0 avdec_h265 >/dev/null 2>&1
+}
+if ! have_camera_sim || ! have_watchers; then
   missing+=("${APT_PACKAGES[@]}")
 fi
 if ! command -v cargo >/dev/null; then
@@ -57,4 +64,5 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q || echo "setup: apt-get update reported errors; trying the install anyway" >&2
 $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 have_camera_sim || { echo "setup: GStreamer RTSP server still unusable after install" >&2; exit 1; }
+have_watchers || { echo "setup: ffprobe or GStreamer decoders still missing after install" >&2; exit 1; }
 echo "setup: done"

@@ -489,6 +489,31 @@ pub async fn ffprobe_with(
     })
 }
 
+/// Decodes `buffers` video frames from `url` with GStreamer's `rtspsrc` at its default
+/// settings (RTP over UDP first, then TCP), as `gst-launch-1.0` runs it.
+pub async fn gst_decode(url: &str, buffers: u32) -> anyhow::Result<()> {
+    let mut cmd = Command::new("gst-launch-1.0");
+    cmd.arg("rtspsrc")
+        .arg(format!("location={url}"))
+        .args(["!", "decodebin", "!", "video/x-raw", "!", "fakesink"])
+        .arg(format!("num-buffers={buffers}"))
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(READY_TIMEOUT, cmd.output())
+        .await
+        .with_context(|| format!("gst-launch {url} did not finish within {READY_TIMEOUT:?}"))?
+        .context("cannot run gst-launch-1.0")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // EOS reaches the pipeline only after the sink has taken `buffers` decoded frames.
+    if !output.status.success() || !stdout.contains("Got EOS from element") {
+        bail!(
+            "gst-launch {url} decoded no video ({}): {stdout} {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// `rtsp://admin:admin@127.0.0.1:{port}{path}`.
 pub fn rtsp_url(port: u16, path: &str) -> String {
     format!("rtsp://admin:admin@127.0.0.1:{port}{path}")

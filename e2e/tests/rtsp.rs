@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
 use e2e::{
-    agent_config_json, ffprobe, ffprobe_with, free_port_run, free_ports, rtsp_url, AgentProcess,
-    CameraSim, RelayProcess, MAIN_STREAM, SUB_STREAM,
+    agent_config_json, ffprobe, ffprobe_with, free_port_run, free_ports, gst_decode, rtsp_url,
+    AgentProcess, CameraSim, RelayProcess, MAIN_STREAM, SUB_STREAM,
 };
 
 const FRAMES: u32 = 10;
@@ -116,4 +116,25 @@ async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes()
         setups.iter().all(|l| l.contains("RTP/AVP/TCP")),
         "a UDP SETUP reached the camera: {setups:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gstreamer_rtspsrc_with_default_settings_decodes_through_the_tunnel() {
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ports = free_ports(2);
+    let mut relay = RelayProcess::start(ports[0], ports[1], "t").await.unwrap();
+    let config = agent_config_json("cam-gst", &relay.url(), "t", ports[1], camera.port);
+    let _agent = AgentProcess::start("agent", &config).await.unwrap();
+
+    gst_decode(&rtsp_url(ports[1], MAIN_STREAM), FRAMES)
+        .await
+        .unwrap();
+    relay.process.wait_for_line("answered 461").await.unwrap();
+    let udp_setups = camera
+        .process
+        .output()
+        .into_iter()
+        .filter(|l| l.starts_with("SETUP transport=") && !l.contains("/TCP"))
+        .count();
+    assert_eq!(udp_setups, 0, "a UDP SETUP reached the camera");
 }
