@@ -106,7 +106,7 @@ async fn run(once: bool, started: &mut Vec<(&'static str, Child)>) -> anyhow::Re
         return Ok(());
     }
     println!();
-    println!("Running. Try:  ffplay -rtsp_transport tcp '{main_url}'");
+    println!("Running. Try:  ffplay '{main_url}'");
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
     Ok(())
