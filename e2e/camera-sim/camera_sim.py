@@ -13,8 +13,11 @@ until SIGTERM or SIGINT. Needs Debian's python3-gi, gir1.2-gst-rtsp-server-1.0 a
 gstreamer1.0-plugins-{base,good,bad,ugly}; run it with /usr/bin/python3.
 """
 import argparse
+import re
 import signal
+import socket
 import sys
+import threading
 from urllib.parse import parse_qs
 
 import gi
@@ -48,6 +51,93 @@ class RealMonitor(GstRtspServer.RTSPMediaFactory):
             print(f"unknown subtype {subtype!r} in {url.abspath}?{url.query}", file=sys.stderr, flush=True)
             return None
         return Gst.parse_launch(launch)
+
+
+class LanAddressFront:
+    """Makes the camera answer like one on its own LAN: a front proxy that rewrites the
+    RTSP server's `Content-Base` and turns SDP `a=control` entries into absolute URLs
+    naming `advertise` (e.g. 192.168.1.108:554), as real cameras do. Logs every request
+    line it forwards as `REQUEST <line>`, so tests can see which URLs clients used."""
+
+    def __init__(self, host, port, backend_port, advertise):
+        self.listener = socket.create_server((host, port))
+        self.backend = ("127.0.0.1", backend_port)
+        self.advertise = advertise
+
+    @property
+    def port(self):
+        return self.listener.getsockname()[1]
+
+    def serve_forever(self):
+        while True:
+            client, _ = self.listener.accept()
+            backend = socket.create_connection(self.backend)
+            for sock in (client, backend):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self.requests, args=(client, backend), daemon=True).start()
+            threading.Thread(target=self.responses, args=(backend, client), daemon=True).start()
+
+    def requests(self, src, dst):
+        buf = b""
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                buf = (buf + data)[-4096:]
+                while b"\r\n" in buf:
+                    line, buf = buf.split(b"\r\n", 1)
+                    if line.endswith(b" RTSP/1.0"):
+                        print(f"REQUEST {line.decode(errors='replace')}", flush=True)
+        except OSError:
+            pass
+        finally:
+            close(dst)
+
+    def responses(self, src, dst):
+        reader = src.makefile("rb")
+        try:
+            while first := reader.read(1):
+                if first == b"$":
+                    header = reader.read(3)
+                    dst.sendall(first + header + reader.read(int.from_bytes(header[1:3], "big")))
+                    continue
+                head = first + read_head(reader)
+                length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1)) if re.search(
+                    rb"(?im)^content-length:", head) else 0
+                body = reader.read(length) if length else b""
+                head, body = self.rewrite(head, body)
+                dst.sendall(head + body)
+        except (OSError, AttributeError, ValueError):
+            pass
+        finally:
+            close(dst)
+
+    def rewrite(self, head, body):
+        base = re.search(rb"(?im)^content-base:\s*rtsp://[^/\r\n]+(\S*)", head)
+        if base:
+            lan_base = b"rtsp://" + self.advertise.encode() + base.group(1)
+            head = head[: base.start()] + b"Content-Base: " + lan_base + head[base.end():]
+            if body:
+                prefix = lan_base if lan_base.endswith(b"/") else lan_base + b"/"
+                body = re.sub(rb"(?m)^a=control:(?!rtsp://)(?!\*)(\S+)", lambda m: b"a=control:" + prefix + m.group(1), body)
+                head = re.sub(rb"(?im)^content-length:\s*\d+", b"Content-Length: %d" % len(body), head)
+        return head, body
+
+
+def read_head(reader):
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        line = reader.readline()
+        if not line:
+            raise OSError("closed")
+        head += line
+    return head
+
+
+def close(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def log_setup(_client, ctx):
@@ -90,12 +180,19 @@ def main():
     p.add_argument("--password", default="admin")
     p.add_argument("--no-auth", action="store_true", help="serve without Digest authentication")
     p.add_argument("--tcp-only", action="store_true", help="refuse RTP over UDP (461), as some cameras do")
+    p.add_argument("--advertise", metavar="HOST:PORT",
+                   help="answer with absolute URLs naming this LAN address, like a real camera (e.g. 192.168.1.108:554)")
     args = p.parse_args()
 
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
-    server.set_address(args.host)
-    server.set_service(str(args.port))
+    if args.advertise:
+        # The RTSP server hides behind a front that rewrites its answers (see above).
+        server.set_address("127.0.0.1")
+        server.set_service("0")
+    else:
+        server.set_address(args.host)
+        server.set_service(str(args.port))
 
     factory = RealMonitor(
         {
@@ -131,7 +228,12 @@ def main():
     loop = GLib.MainLoop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, sig, loop.quit)
-    print(f"READY port={server.get_bound_port()}", flush=True)
+    port = server.get_bound_port()
+    if args.advertise:
+        front = LanAddressFront(args.host, args.port, port, args.advertise)
+        threading.Thread(target=front.serve_forever, daemon=True).start()
+        port = front.port
+    print(f"READY port={port}", flush=True)
     loop.run()
     return 0
 

@@ -138,3 +138,54 @@ async fn gstreamer_rtspsrc_with_default_settings_decodes_through_the_tunnel() {
         .count();
     assert_eq!(udp_setups, 0, "a UDP SETUP reached the camera");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_that_names_its_lan_address_is_followed_back_into_the_tunnel() {
+    // Like a real Dahua, the camera answers with Content-Base and SDP a=control URLs
+    // naming its LAN address, which a client outside that LAN cannot reach.
+    let camera = CameraSim::start(&["--advertise", "192.168.1.108:554"])
+        .await
+        .unwrap();
+    let requests = |camera: &CameraSim, verb: &str| -> Vec<String> {
+        let prefix = format!("REQUEST {verb} ");
+        camera
+            .process
+            .output()
+            .into_iter()
+            .filter(|l| l.starts_with(&prefix))
+            .collect()
+    };
+
+    // Control: a client that reaches the camera directly follows the LAN address.
+    ffprobe(rtsp_url(camera.port, SUB_STREAM), 2).await.unwrap();
+    let direct = requests(&camera, "SETUP");
+    assert!(
+        direct
+            .iter()
+            .all(|l| l.contains("rtsp://192.168.1.108:554/")),
+        "{direct:?}"
+    );
+
+    let ports = free_ports(2);
+    let relay = RelayProcess::start(ports[0], ports[1], "t").await.unwrap();
+    let config = agent_config_json("cam-lan", &relay.url(), "t", ports[1], camera.port);
+    let _agent = AgentProcess::start("agent", &config).await.unwrap();
+
+    // Through the relay the client is sent back to the relay's own address, and Digest
+    // authentication (on in the simulator) still passes.
+    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), FRAMES)
+        .await
+        .unwrap();
+    assert_eq!(probe.codec, "hevc");
+    let relay_address = format!("rtsp://127.0.0.1:{}/", ports[1]);
+    let tunnelled: Vec<String> = requests(&camera, "SETUP")
+        .into_iter()
+        .skip(direct.len())
+        .collect();
+    assert!(!tunnelled.is_empty());
+    assert!(
+        tunnelled.iter().all(|l| l.contains(&relay_address)),
+        "{tunnelled:?}"
+    );
+    drop(relay);
+}

@@ -1,6 +1,7 @@
 //! One Watcher connection through the tunnel, RTSP-aware: Watcher → camera requests are
-//! checked (see [`super::message`]), answers of the relay's own go back to the Watcher
-//! between the camera's messages, and every other byte passes through as it arrives.
+//! checked and camera → Watcher responses have the camera's own URLs renamed (see
+//! [`super::message`]); answers of the relay's own go back to the Watcher between the
+//! camera's messages; every other byte passes through as it arrives.
 //!
 //! Same contract as `common::splice::splice`: each direction runs to its own end
 //! (half-close: Watcher FIN → stream finish, stream finish → Watcher FIN); if either
@@ -8,7 +9,10 @@
 
 use std::{
     io,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        OnceLock,
+    },
 };
 
 use common::splice::{reset_tcp, ByteCounters, Transfer, RESET_CODE};
@@ -22,7 +26,7 @@ use tokio::{
 };
 
 use super::{
-    message::{on_request, Decision},
+    message::{has_sdp_body, on_request, request_authority, rewrite_response, Decision},
     scanner::{Event, Scanner},
 };
 
@@ -45,16 +49,21 @@ where
 {
     let (mut watcher_rd, mut watcher_wr) = tcp.into_split();
     let (answers_tx, answers_rx) = mpsc::channel(PENDING_ANSWERS);
+    // The host:port the Watcher dialled, learnt from its first absolute request URI
+    // (before the camera can answer anything) and used to rename the camera's URLs.
+    let authority = OnceLock::new();
     let up = upstream(
         &mut watcher_rd,
         &mut quic_send,
         answers_tx,
+        &authority,
         &counters.from_tcp,
     );
     let down = downstream(
         &mut quic_recv,
         &mut watcher_wr,
         answers_rx,
+        &authority,
         &counters.to_tcp,
     );
     match tokio::try_join!(up, down) {
@@ -73,6 +82,7 @@ async fn upstream(
     watcher: &mut OwnedReadHalf,
     camera: &mut quinn::SendStream,
     answers: mpsc::Sender<Vec<u8>>,
+    authority: &OnceLock<String>,
     counter: &AtomicU64,
 ) -> io::Result<u64> {
     let mut buf = vec![0; BUFFER];
@@ -96,33 +106,41 @@ async fn upstream(
                 Event::Pass(bytes) => out.extend_from_slice(bytes),
                 Event::NotRtsp(bytes) => out.extend_from_slice(&bytes),
                 Event::End => {}
-                Event::Head(head) => match on_request(&head) {
-                    Decision::Forward => out.extend_from_slice(&head),
-                    Decision::Rewrite(narrowed) => {
-                        tracing::debug!("SETUP offered UDP and TCP; passing on only TCP");
-                        out.extend_from_slice(&narrowed);
+                Event::Head(head) => {
+                    if authority.get().is_none() {
+                        if let Some(found) = request_authority(&head) {
+                            let _ = authority.set(found);
+                        }
                     }
-                    Decision::Answer(response) => {
-                        tracing::info!(
-                            "SETUP asked for RTP over UDP, which the tunnel cannot carry; \
-                             answered 461 so the client retries over TCP"
-                        );
-                        // The downstream half only goes away with the connection.
-                        let _ = answers.send(response).await;
+                    match on_request(&head) {
+                        Decision::Forward => out.extend_from_slice(&head),
+                        Decision::Rewrite(narrowed) => {
+                            tracing::debug!("SETUP offered UDP and TCP; passing on only TCP");
+                            out.extend_from_slice(&narrowed);
+                        }
+                        Decision::Answer(response) => {
+                            tracing::info!(
+                                "SETUP asked for RTP over UDP, which the tunnel cannot carry; \
+                                 answered 461 so the client retries over TCP"
+                            );
+                            // The downstream half only goes away with the connection.
+                            let _ = answers.send(response).await;
+                        }
                     }
-                },
+                }
             }
         }
         camera.write_all(&out).await?;
     }
 }
 
-/// Camera → Watcher: passes everything, and puts the relay's answers in between the
-/// camera's messages, never inside one.
+/// Camera → Watcher: renames the camera's URLs, passes everything else, and puts the
+/// relay's answers in between the camera's messages, never inside one.
 async fn downstream<R>(
     camera: &mut R,
     watcher: &mut OwnedWriteHalf,
     mut answers: mpsc::Receiver<Vec<u8>>,
+    authority: &OnceLock<String>,
     counter: &AtomicU64,
 ) -> io::Result<u64>
 where
@@ -131,10 +149,13 @@ where
     let mut buf = vec![0; BUFFER];
     let mut out = Vec::with_capacity(BUFFER);
     let mut scanner = Scanner::new();
+    // An SDP response held back until its body is complete, to rename URLs in both.
+    let mut held: Option<(Vec<u8>, Vec<u8>)> = None;
     let mut answers_open = true;
     let mut total = 0;
     loop {
         out.clear();
+        let mut ended = false;
         tokio::select! {
             // Idle between messages: an answer can go out at once.
             answer = answers.recv(), if answers_open && scanner.at_boundary() => match answer {
@@ -144,23 +165,34 @@ where
             read = camera.read(&mut buf) => {
                 let n = read?;
                 if n == 0 {
+                    ended = true;
+                    if let Some((head, body)) = held.take() {
+                        out.extend_from_slice(&head);
+                        out.extend_from_slice(&body);
+                    }
                     if let Some(partial) = scanner.finish() {
                         out.extend_from_slice(&partial);
                     }
                     while let Ok(answer) = answers.try_recv() {
                         out.extend_from_slice(&answer);
                     }
-                    watcher.write_all(&out).await?;
-                    total += out.len() as u64;
-                    counter.fetch_add(out.len() as u64, Ordering::Relaxed);
-                    watcher.shutdown().await?;
-                    return Ok(total);
                 }
                 for event in scanner.feed(&buf[..n]) {
-                    match event {
-                        Event::Pass(bytes) => out.extend_from_slice(bytes),
-                        Event::Head(bytes) | Event::NotRtsp(bytes) => out.extend_from_slice(&bytes),
-                        Event::End => {
+                    match (event, &mut held) {
+                        (Event::Pass(bytes), Some((_, body))) => body.extend_from_slice(bytes),
+                        (Event::Pass(bytes), None) => out.extend_from_slice(bytes),
+                        (Event::NotRtsp(bytes), _) => out.extend_from_slice(&bytes),
+                        (Event::Head(head), _) => match authority.get() {
+                            Some(_) if has_sdp_body(&head) => held = Some((head, Vec::new())),
+                            Some(authority) => out.extend_from_slice(&rewrite_response(&head, &[], authority).0),
+                            None => out.extend_from_slice(&head),
+                        },
+                        (Event::End, _) => {
+                            if let (Some((head, body)), Some(authority)) = (held.take(), authority.get()) {
+                                let (head, body) = rewrite_response(&head, &body, authority);
+                                out.extend_from_slice(&head);
+                                out.extend_from_slice(&body);
+                            }
                             while let Ok(answer) = answers.try_recv() {
                                 out.extend_from_slice(&answer);
                             }
@@ -173,6 +205,10 @@ where
             watcher.write_all(&out).await?;
             total += out.len() as u64;
             counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+        }
+        if ended {
+            watcher.shutdown().await?;
+            return Ok(total);
         }
     }
 }
