@@ -1,0 +1,130 @@
+//! The relay's RTSP handling under load, in process: the relay's own answers go between
+//! the camera's messages, never inside an interleaved frame, and no frame is altered.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+use e2e::{agent_config, free_ports, relay_config, AgentHandle, RelayHandle};
+use rand::{rngs::StdRng, RngCore, SeedableRng};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+};
+
+const FRAMES: usize = 400;
+
+/// The frames the fake camera sends: `$`, channel 0, length, seeded payload.
+fn frames() -> Vec<Vec<u8>> {
+    let mut rng = StdRng::seed_from_u64(11);
+    (0..FRAMES)
+        .map(|i| {
+            let mut payload = vec![0; 1 + (i * 7919) % 60_000];
+            rng.fill_bytes(&mut payload);
+            payload
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
+    // A camera that streams interleaved media in writes of odd sizes, so frames straddle
+    // reads, and records what it receives.
+    let camera = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let camera_port = camera.local_addr().unwrap().port();
+    let (received_tx, received_rx) = oneshot::channel();
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (tcp, _) = camera.accept().await.unwrap();
+        let (mut rd, mut wr) = tcp.into_split();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            rd.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut wire = Vec::new();
+        let mut pause_at = 0;
+        for (i, payload) in frames().iter().enumerate() {
+            if i == FRAMES / 3 {
+                // Stop in the middle of this frame's payload: the relay's answer must
+                // wait for the frame to end.
+                pause_at = wire.len() + 4 + payload.len() / 2;
+            }
+            wire.extend_from_slice(&[b'$', 0]);
+            wire.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            wire.extend_from_slice(payload);
+        }
+        let (first, rest) = wire.split_at(pause_at);
+        wr.write_all(first).await.unwrap();
+        // The rest only after the Watcher has sent its SETUP, so it meets media in flight.
+        go_rx.await.unwrap();
+        for chunk in rest.chunks(4093) {
+            wr.write_all(chunk).await.unwrap();
+        }
+        wr.shutdown().await.unwrap();
+        received_tx.send(reader.await.unwrap()).unwrap();
+    });
+
+    let ports = free_ports(1);
+    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
+    let mut agent = AgentHandle::start(agent_config(
+        "busy",
+        &relay.url(),
+        "t",
+        ports[0],
+        camera_port,
+    ));
+    let port = agent.online().await.unwrap();
+
+    let mut watcher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let play = format!("PLAY rtsp://127.0.0.1:{port}/cam/realmonitor/ RTSP/1.0\r\nCSeq: 6\r\n\r\n");
+    watcher.write_all(play.as_bytes()).await.unwrap();
+    // Wait until media flows, then ask for UDP in the middle of it.
+    let mut first = [0u8; 1];
+    watcher.read_exact(&mut first).await.unwrap();
+    let setup = format!(
+        "SETUP rtsp://127.0.0.1:{port}/cam/realmonitor/stream=1 RTSP/1.0\r\nCSeq: 7\r\n\
+         Transport: RTP/AVP;unicast;client_port=6000-6001\r\n\r\n"
+    );
+    watcher.write_all(setup.as_bytes()).await.unwrap();
+    go_tx.send(()).unwrap();
+    let mut stream = first.to_vec();
+    watcher.read_to_end(&mut stream).await.unwrap();
+    watcher.shutdown().await.unwrap();
+
+    // Parse what the Watcher got: frames, and exactly one response of the relay's own.
+    let expected = frames();
+    let (mut at, mut frame, mut answers) = (0, 0, Vec::new());
+    while at < stream.len() {
+        if stream[at] == b'$' {
+            let len = usize::from(u16::from_be_bytes([stream[at + 2], stream[at + 3]]));
+            assert!(
+                stream[at + 4..at + 4 + len] == expected[frame][..],
+                "frame {frame} altered"
+            );
+            at += 4 + len;
+            frame += 1;
+        } else {
+            let end = at
+                + stream[at..]
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("a whole head")
+                + 4;
+            answers.push(String::from_utf8(stream[at..end].to_vec()).unwrap());
+            at = end;
+        }
+    }
+    assert_eq!(frame, FRAMES, "every frame arrived");
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(
+        answers[0].starts_with("RTSP/1.0 461 Unsupported Transport\r\nCSeq: 7\r\n"),
+        "{answers:?}"
+    );
+
+    // The camera got the PLAY but never the UDP SETUP.
+    let received = String::from_utf8(received_rx.await.unwrap()).unwrap();
+    assert_eq!(received, play);
+
+    agent.stop().await;
+    relay.stop().await.unwrap();
+}
