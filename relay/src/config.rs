@@ -69,6 +69,9 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Longest wait, for a Watcher connection, for the camera's QUIC tunnel to come up.
     pub tunnel_wait: Duration,
+    /// Longest wait for the agent to say whether it reached the camera; above the
+    /// agent's own connection timeout (30 s by default), which always produces an answer.
+    pub stream_answer_timeout: Duration,
     /// Heartbeats missed before an agent is declared offline.
     pub missed_heartbeats: u32,
     /// Largest heartbeat interval an agent may ask for.
@@ -83,6 +86,7 @@ impl Default for Limits {
             registration_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             tunnel_wait: Duration::from_secs(10),
+            stream_answer_timeout: Duration::from_secs(40),
             missed_heartbeats: 3,
             max_heartbeat_interval: Duration::from_secs(300),
             max_streams_per_camera: 64,
@@ -161,6 +165,7 @@ struct FileLimits {
     registration_timeout_secs: Option<f64>,
     handshake_timeout_secs: Option<f64>,
     tunnel_wait_secs: Option<f64>,
+    stream_answer_timeout_secs: Option<f64>,
     missed_heartbeats: Option<u32>,
     max_heartbeat_interval_secs: Option<f64>,
     max_streams_per_camera: Option<u32>,
@@ -298,6 +303,11 @@ impl RelayConfig {
                 defaults.handshake_timeout,
             )?,
             tunnel_wait: secs(l.tunnel_wait_secs, "tunnel_wait_secs", defaults.tunnel_wait)?,
+            stream_answer_timeout: secs(
+                l.stream_answer_timeout_secs,
+                "stream_answer_timeout_secs",
+                defaults.stream_answer_timeout,
+            )?,
             missed_heartbeats: match l.missed_heartbeats {
                 Some(0) => {
                     return Err(invalid(

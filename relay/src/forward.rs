@@ -2,6 +2,7 @@
 //! rides a fresh bidirectional stream on that camera's QUIC tunnel.
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -104,7 +105,7 @@ async fn watcher(
     // first request reaches the camera one round trip after connect, not two. The
     // proxy understands RTSP; any other protocol passes through byte for byte.
     let transfer = tokio::select! {
-        result = rtsp::proxy(tcp, StatusGate::new(recv), send, &session.counters) => result?,
+        result = rtsp::proxy(tcp, StatusGate::new(recv, limits.stream_answer_timeout), send, &session.counters) => result?,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
     tracing::debug!(
@@ -170,13 +171,16 @@ struct StatusGate<R> {
     inner: R,
     /// The status frame read so far; `None` once it was read and was `Connected`.
     pending: Option<Vec<u8>>,
+    /// When the agent must have answered by; a stuck agent must not hold the Watcher.
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<R> StatusGate<R> {
-    fn new(inner: R) -> Self {
+    fn new(inner: R, wait: Duration) -> Self {
         StatusGate {
             inner,
             pending: Some(Vec::with_capacity(16)),
+            deadline: Box::pin(tokio::time::sleep(wait)),
         }
     }
 }
@@ -199,6 +203,12 @@ impl<R: AsyncRead + Unpin> AsyncRead for StatusGate<R> {
                     )))
                 }
                 Ok(None) => {
+                    if this.deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the agent did not say in time whether it reached the camera (limits.stream_answer_timeout_secs)",
+                        )));
+                    }
                     // Read only up to the end of the frame, so no payload byte is taken.
                     let want = match pending.get(..2) {
                         Some(len) => 2 + usize::from(u16::from_be_bytes([len[0], len[1]])),
@@ -239,7 +249,9 @@ mod tests {
             let _ = tx.write_all(&wire).await;
         });
         let mut out = Vec::new();
-        StatusGate::new(rx).read_to_end(&mut out).await?;
+        StatusGate::new(rx, Duration::from_secs(60))
+            .read_to_end(&mut out)
+            .await?;
         Ok(out)
     }
 
@@ -266,11 +278,25 @@ mod tests {
         assert!(e.to_string().contains("127.0.0.1:554"), "{e}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_never_answers_times_out() {
+        let (_tx, rx) = tokio::io::duplex(8);
+        let e = StatusGate::new(rx, Duration::from_secs(10))
+            .read_to_end(&mut Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(
+            e.to_string().contains("limits.stream_answer_timeout_secs"),
+            "{e}"
+        );
+    }
+
     #[tokio::test]
     async fn a_stream_closed_before_the_status_is_an_error() {
         let (tx, rx) = tokio::io::duplex(8);
         drop(tx);
-        let e = StatusGate::new(rx)
+        let e = StatusGate::new(rx, Duration::from_secs(60))
             .read_to_end(&mut Vec::new())
             .await
             .unwrap_err();
