@@ -146,9 +146,9 @@ def log_setup(_client, ctx):
     return GstRtsp.RTSPStatusCode.OK
 
 
-def pipeline(codec, width, height, fps, bitrate_kbps):
+def pipeline(codec, width, height, fps, bitrate_kbps, pattern):
     source = (
-        f"videotestsrc is-live=true pattern=ball ! "
+        f"videotestsrc is-live=true pattern={pattern} ! "
         f"video/x-raw,width={width},height={height},framerate={fps}/1 ! "
         f"videoconvert ! video/x-raw,format=I420 ! "
     )
@@ -174,6 +174,8 @@ def main():
     p.add_argument("--main-size", type=size, default=(640, 360), help="main stream WxH (H.265)")
     p.add_argument("--sub-size", type=size, default=(320, 240), help="sub stream WxH (H.264)")
     p.add_argument("--fps", type=int, default=20)
+    p.add_argument("--pattern", default="ball",
+                   help="videotestsrc pattern; 'snow' (noise) makes the encoders use their whole bitrate")
     p.add_argument("--main-kbps", type=int, default=1024)
     p.add_argument("--sub-kbps", type=int, default=256)
     p.add_argument("--user", default="admin")
@@ -196,8 +198,8 @@ def main():
 
     factory = RealMonitor(
         {
-            "0": pipeline("h265", *args.main_size, args.fps, args.main_kbps),
-            "1": pipeline("h264", *args.sub_size, args.fps, args.sub_kbps),
+            "0": pipeline("h265", *args.main_size, args.fps, args.main_kbps, args.pattern),
+            "1": pipeline("h264", *args.sub_size, args.fps, args.sub_kbps, args.pattern),
         }
     )
     # Like a real camera, offer RTP over UDP and over TCP (interleaved) unless told not to.

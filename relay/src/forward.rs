@@ -8,7 +8,7 @@ use std::{
     pin::Pin,
     sync::{atomic::Ordering, Arc},
     task::{ready, Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -23,7 +23,7 @@ use tokio::{
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::{config::Limits, registry::AgentSession, rtsp, Registry};
+use crate::{config::Limits, registry::AgentSession, rtsp, MediaStats, Registry};
 
 /// Pause after an accept error (e.g. out of file descriptors) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -74,6 +74,7 @@ async fn watcher(
     session: &AgentSession,
     limits: &Limits,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     // Camera traffic is paced small writes; Nagle would hold them back (~45 ms at p99).
     tcp.set_nodelay(true)?;
     let active = ActiveStream::enter(session);
@@ -104,16 +105,38 @@ async fn watcher(
     // Watcher bytes go out right behind the header, before the agent's answer: the
     // first request reaches the camera one round trip after connect, not two. The
     // proxy understands RTSP; any other protocol passes through byte for byte.
-    let transfer = tokio::select! {
-        result = rtsp::proxy(tcp, StatusGate::new(recv, limits.stream_answer_timeout), send, &session.counters) => result?,
+    let gate = StatusGate::new(recv, limits.stream_answer_timeout);
+    let outcome = tokio::select! {
+        outcome = rtsp::proxy(tcp, gate, send, &session.counters, started) => outcome,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
+    log_media(&outcome.media);
+    session.record_media(outcome.media);
+    let transfer = outcome.result?;
     tracing::debug!(
         from_watcher = transfer.from_tcp,
         to_watcher = transfer.to_tcp,
         "Watcher connection done"
     );
     Ok(())
+}
+
+fn log_media(media: &MediaStats) {
+    if media.packets == 0 {
+        return;
+    }
+    let kbps = media.bitrate.map_or(0.0, |b| b / 1000.0);
+    tracing::info!(
+        packets = media.packets,
+        lost = media.lost,
+        fps = media.fps.map(|f| (f * 10.0).round() / 10.0),
+        kbit_s = kbps.round(),
+        jitter_ms = (media.jitter_ms * 100.0).round() / 100.0,
+        keyframes = media.keyframes,
+        keyframe_interval_ms = media.keyframe_interval.map(|d| d.as_millis() as u64),
+        first_keyframe_ms = media.first_keyframe_after.map(|d| d.as_millis() as u64),
+        "media of the Watcher session"
+    );
 }
 
 fn log_watcher_error(e: &anyhow::Error) {

@@ -30,6 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::RelayConfig;
 pub use registry::Registry;
+pub use rtsp::MediaStats;
 
 /// Time given to open sessions to say goodbye at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

@@ -25,7 +25,7 @@ use rand::RngCore;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::AgentAuth, ports::PortPolicy};
+use crate::{config::AgentAuth, ports::PortPolicy, MediaStats};
 
 /// How long a takeover waits for the old session to release its camera port.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
@@ -77,6 +77,9 @@ pub struct AgentSession {
     heartbeat: Mutex<Option<(Instant, AgentStats)>>,
     /// The camera listener's task; a takeover awaits it so the port is free to bind.
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// Media health of the camera's last finished Watcher session; a watch so that the
+    /// API (and tests) can follow it.
+    media: watch::Sender<Option<MediaStats>>,
 }
 
 impl Registry {
@@ -150,6 +153,7 @@ impl Registry {
             tunnel: watch::Sender::new(None),
             heartbeat: Mutex::new(None),
             listener: Mutex::new(None),
+            media: watch::Sender::new(None),
         });
         self.lock_sessions()
             .insert(session.id.clone(), session.clone());
@@ -286,6 +290,16 @@ impl AgentSession {
     /// The last heartbeat's time and stats.
     pub fn last_heartbeat(&self) -> Option<(Instant, AgentStats)> {
         *lock(&self.heartbeat)
+    }
+
+    /// Records the media health of a finished Watcher session.
+    pub fn record_media(&self, media: MediaStats) {
+        self.media.send_replace(Some(media));
+    }
+
+    /// Follows the media health of the camera's finished Watcher sessions.
+    pub fn media(&self) -> watch::Receiver<Option<MediaStats>> {
+        self.media.subscribe()
     }
 
     /// Keeps the camera listener's task, so a takeover can wait for the port.

@@ -15,6 +15,14 @@ pub(crate) enum Event<'a> {
     Pass(&'a [u8]),
     /// Bytes collected as a head that turned out not to be RTSP; pass them on untouched.
     NotRtsp(Vec<u8>),
+    /// An interleaved frame of `len` payload bytes on `channel` starts; its header bytes
+    /// were just passed and its payload follows.
+    Frame {
+        /// The interleaved channel.
+        channel: u8,
+        /// Payload length.
+        len: usize,
+    },
     /// A message (or interleaved frame) ended here: a place where the relay may insert
     /// a message of its own.
     End,
@@ -100,6 +108,10 @@ impl Scanner {
                     input = &input[take..];
                     if header.len() == 4 {
                         let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+                        events.push(Event::Frame {
+                            channel: header[1],
+                            len,
+                        });
                         self.state = if len == 0 {
                             events.push(Event::End);
                             State::Boundary
@@ -232,6 +244,7 @@ mod tests {
                     Event::Pass(p) => passed.extend_from_slice(p),
                     Event::NotRtsp(b) => passed.extend_from_slice(&b),
                     Event::End => ends += 1,
+                    Event::Frame { .. } => {}
                 }
             }
         }

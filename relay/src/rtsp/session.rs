@@ -13,6 +13,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         OnceLock,
     },
+    time::Instant,
 };
 
 use common::splice::{reset_tcp, ByteCounters, Transfer, RESET_CODE};
@@ -26,6 +27,7 @@ use tokio::{
 };
 
 use super::{
+    media::{MediaMeter, MediaStats, PEEK},
     message::{has_sdp_body, on_request, request_authority, rewrite_response, Decision},
     scanner::{Event, Scanner},
 };
@@ -37,13 +39,24 @@ const BUFFER: usize = 64 * 1024;
 /// waits for each answer before it asks again, so a handful is plenty.
 const PENDING_ANSWERS: usize = 8;
 
-/// Carries one Watcher connection through a QUIC stream until both directions end.
+/// How a Watcher connection went: its bytes (or why it failed) and its media.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    /// Bytes each way, or the error that ended the connection.
+    pub(crate) result: io::Result<Transfer>,
+    /// What the camera's media looked like, read from the RTP headers.
+    pub(crate) media: MediaStats,
+}
+
+/// Carries one Watcher connection, which connected at `started`, through a QUIC stream
+/// until both directions end.
 pub(crate) async fn proxy<R>(
     tcp: TcpStream,
     mut quic_recv: R,
     mut quic_send: quinn::SendStream,
     counters: &ByteCounters,
-) -> io::Result<Transfer>
+    started: Instant,
+) -> Outcome
 where
     R: AsyncRead + Unpin,
 {
@@ -52,6 +65,7 @@ where
     // The host:port the Watcher dialled, learnt from its first absolute request URI
     // (before the camera can answer anything) and used to rename the camera's URLs.
     let authority = OnceLock::new();
+    let mut meter = MediaMeter::new(started);
     let up = upstream(
         &mut watcher_rd,
         &mut quic_send,
@@ -64,9 +78,10 @@ where
         &mut watcher_wr,
         answers_rx,
         &authority,
+        &mut meter,
         &counters.to_tcp,
     );
-    match tokio::try_join!(up, down) {
+    let result = match tokio::try_join!(up, down) {
         Ok((from_tcp, to_tcp)) => Ok(Transfer { from_tcp, to_tcp }),
         Err(e) => {
             // Already finished or reset streams refuse a reset; either way the peer knows.
@@ -74,6 +89,10 @@ where
             reset_tcp(watcher_wr.as_ref());
             Err(e)
         }
+    };
+    Outcome {
+        result,
+        media: meter.summary(),
     }
 }
 
@@ -105,7 +124,7 @@ async fn upstream(
             match event {
                 Event::Pass(bytes) => out.extend_from_slice(bytes),
                 Event::NotRtsp(bytes) => out.extend_from_slice(&bytes),
-                Event::End => {}
+                Event::End | Event::Frame { .. } => {}
                 Event::Head(head) => {
                     if authority.get().is_none() {
                         if let Some(found) = request_authority(&head) {
@@ -141,6 +160,7 @@ async fn downstream<R>(
     watcher: &mut OwnedWriteHalf,
     mut answers: mpsc::Receiver<Vec<u8>>,
     authority: &OnceLock<String>,
+    meter: &mut MediaMeter,
     counter: &AtomicU64,
 ) -> io::Result<u64>
 where
@@ -149,6 +169,9 @@ where
     let mut buf = vec![0; BUFFER];
     let mut out = Vec::with_capacity(BUFFER);
     let mut scanner = Scanner::new();
+    // The interleaved packet being passed: its channel, length and first bytes, which
+    // are all the media meter reads.
+    let mut packet: Option<(u8, usize, Vec<u8>)> = None;
     // An SDP response held back until its body is complete, to rename URLs in both.
     let mut held: Option<(Vec<u8>, Vec<u8>)> = None;
     let mut answers_open = true;
@@ -180,16 +203,30 @@ where
                 for event in scanner.feed(&buf[..n]) {
                     match (event, &mut held) {
                         (Event::Pass(bytes), Some((_, body))) => body.extend_from_slice(bytes),
-                        (Event::Pass(bytes), None) => out.extend_from_slice(bytes),
+                        (Event::Pass(bytes), None) => {
+                            if let Some((_, _, peek)) = &mut packet {
+                                let room = PEEK.saturating_sub(peek.len());
+                                peek.extend_from_slice(&bytes[..room.min(bytes.len())]);
+                            }
+                            out.extend_from_slice(bytes);
+                        }
                         (Event::NotRtsp(bytes), _) => out.extend_from_slice(&bytes),
+                        (Event::Frame { channel, len }, _) => packet = Some((channel, len, Vec::with_capacity(PEEK))),
+                        (Event::Head(head), _) if has_sdp_body(&head) => held = Some((head, Vec::new())),
                         (Event::Head(head), _) => match authority.get() {
-                            Some(_) if has_sdp_body(&head) => held = Some((head, Vec::new())),
                             Some(authority) => out.extend_from_slice(&rewrite_response(&head, &[], authority).0),
                             None => out.extend_from_slice(&head),
                         },
                         (Event::End, _) => {
-                            if let (Some((head, body)), Some(authority)) = (held.take(), authority.get()) {
-                                let (head, body) = rewrite_response(&head, &body, authority);
+                            if let Some((channel, len, peek)) = packet.take() {
+                                meter.on_packet(channel, &peek, len, Instant::now());
+                            }
+                            if let Some((head, body)) = held.take() {
+                                meter.on_sdp(&body);
+                                let (head, body) = match authority.get() {
+                                    Some(authority) => rewrite_response(&head, &body, authority),
+                                    None => (head, body),
+                                };
                                 out.extend_from_slice(&head);
                                 out.extend_from_slice(&body);
                             }
