@@ -13,6 +13,22 @@ use tokio::{
 
 const FRAMES: usize = 400;
 
+/// What the fake camera sends: its answer to PLAY, then the frames; and the offset, in
+/// the middle of a frame's payload, where it stops until told to go on.
+fn camera_wire() -> (Vec<u8>, usize) {
+    let mut wire = b"RTSP/1.0 200 OK\r\nCSeq: 6\r\nSession: 1\r\n\r\n".to_vec();
+    let mut pause_at = 0;
+    for (i, payload) in frames().iter().enumerate() {
+        if i == FRAMES / 3 {
+            pause_at = wire.len() + 4 + payload.len() / 2;
+        }
+        wire.extend_from_slice(&[b'$', 0]);
+        wire.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        wire.extend_from_slice(payload);
+    }
+    (wire, pause_at)
+}
+
 /// The frames the fake camera sends: `$`, channel 0, length, seeded payload.
 fn frames() -> Vec<Vec<u8>> {
     let mut rng = StdRng::seed_from_u64(11);
@@ -41,18 +57,7 @@ async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
             rd.read_to_end(&mut got).await.unwrap();
             got
         });
-        let mut wire = Vec::new();
-        let mut pause_at = 0;
-        for (i, payload) in frames().iter().enumerate() {
-            if i == FRAMES / 3 {
-                // Stop in the middle of this frame's payload: the relay's answer must
-                // wait for the frame to end.
-                pause_at = wire.len() + 4 + payload.len() / 2;
-            }
-            wire.extend_from_slice(&[b'$', 0]);
-            wire.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            wire.extend_from_slice(payload);
-        }
+        let (wire, pause_at) = camera_wire();
         let (first, rest) = wire.split_at(pause_at);
         wr.write_all(first).await.unwrap();
         // The rest only after the Watcher has sent its SETUP, so it meets media in flight.
@@ -78,8 +83,9 @@ async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
     let mut watcher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let play = format!("PLAY rtsp://127.0.0.1:{port}/cam/realmonitor/ RTSP/1.0\r\nCSeq: 6\r\n\r\n");
     watcher.write_all(play.as_bytes()).await.unwrap();
-    // Wait until media flows, then ask for UDP in the middle of it.
-    let mut first = [0u8; 1];
+    // Take everything up to the cut frame, then ask for UDP: the relay is in the middle
+    // of that frame and its answer has to wait for the frame's end.
+    let mut first = vec![0u8; camera_wire().1];
     watcher.read_exact(&mut first).await.unwrap();
     let setup = format!(
         "SETUP rtsp://127.0.0.1:{port}/cam/realmonitor/stream=1 RTSP/1.0\r\nCSeq: 7\r\n\
@@ -87,11 +93,12 @@ async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
     );
     watcher.write_all(setup.as_bytes()).await.unwrap();
     go_tx.send(()).unwrap();
-    let mut stream = first.to_vec();
+    let mut stream = first;
     watcher.read_to_end(&mut stream).await.unwrap();
     watcher.shutdown().await.unwrap();
 
-    // Parse what the Watcher got: frames, and exactly one response of the relay's own.
+    // Parse what the Watcher got: the camera's answer to PLAY, frames, and exactly one
+    // response of the relay's own, each response with the number of frames before it.
     let expected = frames();
     let (mut at, mut frame, mut answers) = (0, 0, Vec::new());
     while at < stream.len() {
@@ -110,16 +117,23 @@ async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
                     .position(|w| w == b"\r\n\r\n")
                     .expect("a whole head")
                 + 4;
-            answers.push(String::from_utf8(stream[at..end].to_vec()).unwrap());
+            answers.push((frame, String::from_utf8(stream[at..end].to_vec()).unwrap()));
             at = end;
         }
     }
     assert_eq!(frame, FRAMES, "every frame arrived");
-    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers.len(), 2, "{answers:?}");
     assert!(
-        answers[0].starts_with("RTSP/1.0 461 Unsupported Transport\r\nCSeq: 7\r\n"),
+        answers[0].1.starts_with("RTSP/1.0 200 OK\r\nCSeq: 6"),
         "{answers:?}"
     );
+    let (after_frames, answer) = &answers[1];
+    assert!(
+        answer.starts_with("RTSP/1.0 461 Unsupported Transport\r\nCSeq: 7\r\n"),
+        "{answers:?}"
+    );
+    // In the middle of the media: right after the frame that was cut in two, not at the end.
+    assert_eq!(*after_frames, FRAMES / 3 + 1, "{answers:?}");
 
     // The camera got the PLAY but never the UDP SETUP.
     let received = String::from_utf8(received_rx.await.unwrap()).unwrap();
@@ -185,5 +199,86 @@ async fn media_health_matches_what_the_camera_sends() {
     assert!(
         stats.jitter_ms.is_finite() && stats.jitter_ms >= 0.0,
         "{stats:?}"
+    );
+}
+
+/// A camera that sends 10 RTP packets, goes silent for `silence`, sends 10 more and
+/// closes; the Watcher sends `request` (if any) once the first packets have arrived.
+/// Returns the stalls the relay counted.
+async fn stalls_seen(silence: std::time::Duration, request: Option<&str>) -> u64 {
+    let camera = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let camera_port = camera.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut tcp, _) = camera.accept().await.unwrap();
+        let packets = |from: u16| -> Vec<u8> {
+            let mut wire = Vec::new();
+            for seq in from..from + 10 {
+                let mut rtp = vec![0x80, 96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0x41, 0, 0];
+                rtp[2..4].copy_from_slice(&seq.to_be_bytes());
+                rtp[4..8].copy_from_slice(&(u32::from(seq) * 3600).to_be_bytes());
+                wire.extend_from_slice(&[b'$', 0]);
+                wire.extend_from_slice(&(rtp.len() as u16).to_be_bytes());
+                wire.extend_from_slice(&rtp);
+            }
+            wire
+        };
+        tcp.write_all(b"RTSP/1.0 200 OK\r\nCSeq: 1\r\nSession: 1\r\n\r\n")
+            .await
+            .unwrap();
+        tcp.write_all(&packets(0)).await.unwrap();
+        // The stimulus of this test, not a wait for readiness: the camera goes silent.
+        tokio::time::sleep(silence).await;
+        tcp.write_all(&packets(10)).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let _ = tcp.read_to_end(&mut Vec::new()).await;
+    });
+
+    let ports = free_ports(1);
+    let mut config = relay_config("t", &ports);
+    config.limits.stall_after = std::time::Duration::from_millis(400);
+    let relay = RelayHandle::start(config).await.unwrap();
+    let mut agent = AgentHandle::start(agent_config(
+        "stally",
+        &relay.url(),
+        "t",
+        ports[0],
+        camera_port,
+    ));
+    let port = agent.online().await.unwrap();
+
+    let mut watcher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let play = format!("PLAY rtsp://127.0.0.1:{port}/x RTSP/1.0\r\nCSeq: 1\r\n\r\n");
+    watcher.write_all(play.as_bytes()).await.unwrap();
+    let mut first = [0u8; 40 + 19 * 10];
+    watcher.read_exact(&mut first).await.unwrap();
+    if let Some(request) = request {
+        let request = format!("{request} rtsp://127.0.0.1:{port}/x RTSP/1.0\r\nCSeq: 2\r\n\r\n");
+        watcher.write_all(request.as_bytes()).await.unwrap();
+    }
+    watcher.read_to_end(&mut Vec::new()).await.unwrap();
+    drop(watcher);
+
+    let session = relay.registry.get("stally").unwrap();
+    let mut media = session.media();
+    let stats = tokio::time::timeout(e2e::READY_TIMEOUT, media.wait_for(|m| m.is_some()))
+        .await
+        .unwrap()
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(stats.packets, 20, "{stats:?}");
+    agent.stop().await;
+    relay.stop().await.unwrap();
+    stats.stalls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_that_goes_silent_while_playing_is_a_stall_but_not_after_pause() {
+    let silence = std::time::Duration::from_millis(1500);
+    assert_eq!(stalls_seen(silence, None).await, 1, "silent while playing");
+    assert_eq!(
+        stalls_seen(silence, Some("PAUSE")).await,
+        0,
+        "silent after PAUSE"
     );
 }

@@ -78,6 +78,8 @@ pub struct Limits {
     pub max_heartbeat_interval: Duration,
     /// Watcher connections one camera may have open at once.
     pub max_streams_per_camera: u32,
+    /// A playing stream with no media packet for this long is logged and counted as a stall.
+    pub stall_after: Duration,
 }
 
 impl Default for Limits {
@@ -90,6 +92,7 @@ impl Default for Limits {
             missed_heartbeats: 3,
             max_heartbeat_interval: Duration::from_secs(300),
             max_streams_per_camera: 64,
+            stall_after: Duration::from_secs(5),
         }
     }
 }
@@ -169,6 +172,7 @@ struct FileLimits {
     missed_heartbeats: Option<u32>,
     max_heartbeat_interval_secs: Option<f64>,
     max_streams_per_camera: Option<u32>,
+    stall_secs: Option<f64>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -335,6 +339,7 @@ impl RelayConfig {
                 Some(n) => n,
                 None => defaults.max_streams_per_camera,
             },
+            stall_after: secs(l.stall_secs, "stall_secs", defaults.stall_after)?,
         };
 
         Ok(RelayConfig {

@@ -107,7 +107,7 @@ async fn watcher(
     // proxy understands RTSP; any other protocol passes through byte for byte.
     let gate = StatusGate::new(recv, limits.stream_answer_timeout);
     let outcome = tokio::select! {
-        outcome = rtsp::proxy(tcp, gate, send, &session.counters, started) => outcome,
+        outcome = rtsp::proxy(tcp, gate, send, &session.counters, started, limits.stall_after) => outcome,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
     log_media(&outcome.media);
@@ -135,6 +135,7 @@ fn log_media(media: &MediaStats) {
         keyframes = media.keyframes,
         keyframe_interval_ms = media.keyframe_interval.map(|d| d.as_millis() as u64),
         first_keyframe_ms = media.first_keyframe_after.map(|d| d.as_millis() as u64),
+        stalls = media.stalls,
         "media of the Watcher session"
     );
 }

@@ -39,6 +39,8 @@ pub struct MediaStats {
     pub keyframe_interval: Option<Duration>,
     /// From the Watcher's connect to the first keyframe.
     pub first_keyframe_after: Option<Duration>,
+    /// Times the media stopped for longer than the stall limit while playing.
+    pub stalls: u64,
 }
 
 /// Per-RTP-stream state.
@@ -73,6 +75,7 @@ pub(crate) struct MediaMeter {
     /// Codec and clock rate by RTP payload type, from the SDP.
     payload_types: Vec<(u8, Codec, u32)>,
     streams: Vec<Stream>,
+    stalls: u64,
 }
 
 impl MediaMeter {
@@ -82,7 +85,13 @@ impl MediaMeter {
             started,
             payload_types: Vec::new(),
             streams: Vec::new(),
+            stalls: 0,
         }
+    }
+
+    /// Counts a stall (the session decides when media has stopped too long).
+    pub(crate) fn on_stall(&mut self) {
+        self.stalls += 1;
     }
 
     /// Learns payload types from an SDP body (`a=rtpmap:96 H264/90000`).
@@ -144,7 +153,9 @@ impl MediaMeter {
             .filter(|s| s.codec.is_some())
             .max_by_key(|s| s.packets)
             .or_else(|| self.streams.iter().max_by_key(|s| s.packets));
-        video.map(|s| s.stats(self.started)).unwrap_or_default()
+        let mut stats = video.map(|s| s.stats(self.started)).unwrap_or_default();
+        stats.stalls = self.stalls;
+        stats
     }
 }
 
@@ -239,6 +250,7 @@ impl Stream {
             keyframes: self.keyframes,
             keyframe_interval,
             first_keyframe_after: self.first_keyframe_at.map(|at| at.duration_since(started)),
+            stalls: 0,
         }
     }
 }

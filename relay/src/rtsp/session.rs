@@ -9,11 +9,12 @@
 
 use std::{
     io,
+    pin::pin,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         OnceLock,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use common::splice::{reset_tcp, ByteCounters, Transfer, RESET_CODE};
@@ -49,13 +50,14 @@ pub(crate) struct Outcome {
 }
 
 /// Carries one Watcher connection, which connected at `started`, through a QUIC stream
-/// until both directions end.
+/// until both directions end. Media that stops for `stall_after` while playing is a stall.
 pub(crate) async fn proxy<R>(
     tcp: TcpStream,
     mut quic_recv: R,
     mut quic_send: quinn::SendStream,
     counters: &ByteCounters,
     started: Instant,
+    stall_after: Duration,
 ) -> Outcome
 where
     R: AsyncRead + Unpin,
@@ -65,20 +67,28 @@ where
     // The host:port the Watcher dialled, learnt from its first absolute request URI
     // (before the camera can answer anything) and used to rename the camera's URLs.
     let authority = OnceLock::new();
+    // False after the Watcher asked to PAUSE or TEARDOWN: silence is then expected.
+    let playing = AtomicBool::new(true);
     let mut meter = MediaMeter::new(started);
     let up = upstream(
         &mut watcher_rd,
         &mut quic_send,
         answers_tx,
         &authority,
+        &playing,
         &counters.from_tcp,
     );
+    let watch = Stalls {
+        after: stall_after,
+        playing: &playing,
+    };
     let down = downstream(
         &mut quic_recv,
         &mut watcher_wr,
         answers_rx,
         &authority,
         &mut meter,
+        watch,
         &counters.to_tcp,
     );
     let result = match tokio::try_join!(up, down) {
@@ -102,6 +112,7 @@ async fn upstream(
     camera: &mut quinn::SendStream,
     answers: mpsc::Sender<Vec<u8>>,
     authority: &OnceLock<String>,
+    playing: &AtomicBool,
     counter: &AtomicU64,
 ) -> io::Result<u64> {
     let mut buf = vec![0; BUFFER];
@@ -126,6 +137,11 @@ async fn upstream(
                 Event::NotRtsp(bytes) => out.extend_from_slice(&bytes),
                 Event::End | Event::Frame { .. } => {}
                 Event::Head(head) => {
+                    if head.starts_with(b"PLAY ") {
+                        playing.store(true, Ordering::Relaxed);
+                    } else if head.starts_with(b"PAUSE ") || head.starts_with(b"TEARDOWN ") {
+                        playing.store(false, Ordering::Relaxed);
+                    }
                     if authority.get().is_none() {
                         if let Some(found) = request_authority(&head) {
                             let _ = authority.set(found);
@@ -153,6 +169,14 @@ async fn upstream(
     }
 }
 
+/// When media counts as stalled.
+struct Stalls<'a> {
+    /// Silence longer than this, while playing, is a stall.
+    after: Duration,
+    /// Set by the upstream half from the Watcher's requests.
+    playing: &'a AtomicBool,
+}
+
 /// Camera → Watcher: renames the camera's URLs, passes everything else, and puts the
 /// relay's answers in between the camera's messages, never inside one.
 async fn downstream<R>(
@@ -161,11 +185,16 @@ async fn downstream<R>(
     mut answers: mpsc::Receiver<Vec<u8>>,
     authority: &OnceLock<String>,
     meter: &mut MediaMeter,
+    stalls: Stalls<'_>,
     counter: &AtomicU64,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
 {
+    // Re-armed at every media packet; fires when the camera goes silent.
+    let mut stall_timer = pin!(tokio::time::sleep(stalls.after));
+    let mut last_packet: Option<Instant> = None;
+    let mut stalled = false;
     let mut buf = vec![0; BUFFER];
     let mut out = Vec::with_capacity(BUFFER);
     let mut scanner = Scanner::new();
@@ -180,6 +209,15 @@ where
         out.clear();
         let mut ended = false;
         tokio::select! {
+            _ = &mut stall_timer, if last_packet.is_some() && !stalled => {
+                // Disarmed until the next packet either way; counted only while playing
+                // (the Watcher may have paused since this wait began).
+                stalled = true;
+                if stalls.playing.load(Ordering::Relaxed) {
+                    meter.on_stall();
+                    tracing::warn!("media stalled: no packet from the camera for {:?} while playing", stalls.after);
+                }
+            }
             // Idle between messages: an answer can go out at once.
             answer = answers.recv(), if answers_open && scanner.at_boundary() => match answer {
                 Some(answer) => out.extend_from_slice(&answer),
@@ -219,7 +257,19 @@ where
                         },
                         (Event::End, _) => {
                             if let Some((channel, len, peek)) = packet.take() {
-                                meter.on_packet(channel, &peek, len, Instant::now());
+                                let now = Instant::now();
+                                meter.on_packet(channel, &peek, len, now);
+                                if stalled && stalls.playing.load(Ordering::Relaxed) {
+                                    let gap = last_packet.map(|at| now.duration_since(at)).unwrap_or_default();
+                                    tracing::info!("media resumed after {:.1} s", gap.as_secs_f64());
+                                }
+                                stalled = false;
+                                last_packet = Some(now);
+                                // Re-arming costs a timer update; 100 ms of slack is plenty.
+                                let deadline = tokio::time::Instant::from(now + stalls.after);
+                                if deadline > stall_timer.deadline() + Duration::from_millis(100) {
+                                    stall_timer.as_mut().reset(deadline);
+                                }
                             }
                             if let Some((head, body)) = held.take() {
                                 meter.on_sdp(&body);
