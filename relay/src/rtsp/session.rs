@@ -210,12 +210,18 @@ where
         let mut ended = false;
         tokio::select! {
             _ = &mut stall_timer, if last_packet.is_some() && !stalled => {
-                // Disarmed until the next packet either way; counted only while playing
-                // (the Watcher may have paused since this wait began).
-                stalled = true;
-                if stalls.playing.load(Ordering::Relaxed) {
-                    meter.on_stall();
-                    tracing::warn!("media stalled: no packet from the camera for {:?} while playing", stalls.after);
+                // The timer is re-armed lazily and may fire a little early: measure.
+                let silent_since = last_packet.unwrap_or_else(Instant::now);
+                if silent_since.elapsed() < stalls.after {
+                    stall_timer.as_mut().reset((silent_since + stalls.after).into());
+                } else {
+                    // Disarmed until the next packet either way; counted only while
+                    // playing (the Watcher may have paused since this wait began).
+                    stalled = true;
+                    if stalls.playing.load(Ordering::Relaxed) {
+                        meter.on_stall();
+                        tracing::warn!("media stalled: no packet from the camera for {:?} while playing", stalls.after);
+                    }
                 }
             }
             // Idle between messages: an answer can go out at once.
