@@ -242,6 +242,56 @@ impl AgentHandle {
     }
 }
 
+/// An in-process relay (quick start on loopback, one camera port) with one agent in
+/// front of a target, online.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// The relay.
+    pub relay: RelayHandle,
+    /// The agent.
+    pub agent: AgentHandle,
+    /// The relay port the agent asked for.
+    pub requested: u16,
+    /// The camera's port on the relay, as granted.
+    pub port: u16,
+}
+
+impl Tunnel {
+    /// Starts a relay (its config first passed to `tune`) and an agent with id
+    /// `agent_id` in front of `127.0.0.1:target_port`; waits until the agent is online.
+    pub async fn start(
+        agent_id: &str,
+        target_port: u16,
+        tune: impl FnOnce(&mut RelayConfig),
+    ) -> anyhow::Result<Self> {
+        const TOKEN: &str = "tunnel-token";
+        let requested = free_ports(1)[0];
+        let mut config = relay_config(TOKEN, &[requested]);
+        tune(&mut config);
+        let relay = RelayHandle::start(config).await?;
+        let mut agent = AgentHandle::start(agent_config(
+            agent_id,
+            &relay.url(),
+            TOKEN,
+            requested,
+            target_port,
+        ));
+        let port = agent.online().await?;
+        Ok(Tunnel {
+            relay,
+            agent,
+            requested,
+            port,
+        })
+    }
+
+    /// Stops agent and relay.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.agent.stop().await;
+        self.relay.stop().await
+    }
+}
+
 /// Path of a binary of this workspace, built next to the running test or demo
 /// (`cargo build --bins` first; `make test` and `make demo` do).
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use e2e::{agent_config, free_ports, relay_config, AgentHandle, RelayHandle};
+use e2e::Tunnel;
 use rand::{rngs::StdRng, RngCore, SeedableRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -47,19 +47,11 @@ async fn round_trip(port: u16, payload: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_cross_byte_exact_in_both_directions_with_half_close() {
     let target = echo_server().await;
-    let ports = free_ports(1);
-    let relay = RelayHandle::start(relay_config("echo-token", &ports))
+    let tunnel = Tunnel::start("echo-cam", target.port(), |_| {})
         .await
         .unwrap();
-    let mut agent = AgentHandle::start(agent_config(
-        "echo-cam",
-        &relay.url(),
-        "echo-token",
-        ports[0],
-        target.port(),
-    ));
-    let port = agent.online().await.unwrap();
-    assert_eq!(port, ports[0]);
+    let port = tunnel.port;
+    assert_eq!(port, tunnel.requested);
 
     const MIB: usize = 1 << 20;
     let sizes = [1, 2, 1000, 65_537, MIB + 3, 4 * MIB, 16 * MIB, 64 * MIB];
@@ -90,7 +82,7 @@ async fn payloads_cross_byte_exact_in_both_directions_with_half_close() {
     }
 
     let total: u64 = sizes.iter().map(|&n| n as u64).sum();
-    let session = relay.registry.get("echo-cam").unwrap();
+    let session = tunnel.relay.registry.get("echo-cam").unwrap();
     let through = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
         through(&session.counters.from_tcp),
@@ -103,13 +95,12 @@ async fn payloads_cross_byte_exact_in_both_directions_with_half_close() {
         "relay counted camera bytes"
     );
     assert_eq!(
-        through(&agent.stats.bytes.from_tcp),
+        through(&tunnel.agent.stats.bytes.from_tcp),
         total,
         "agent counted camera bytes"
     );
 
-    agent.stop().await;
-    relay.stop().await.unwrap();
+    tunnel.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,16 +121,10 @@ async fn a_server_that_speaks_first_and_closes_reaches_the_watcher_whole() {
         assert_eq!(rest, b"bye");
     });
 
-    let ports = free_ports(1);
-    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
-    let mut agent = AgentHandle::start(agent_config(
-        "speaker",
-        &relay.url(),
-        "t",
-        ports[0],
-        target.port(),
-    ));
-    let port = agent.online().await.unwrap();
+    let tunnel = Tunnel::start("speaker", target.port(), |_| {})
+        .await
+        .unwrap();
+    let port = tunnel.port;
 
     let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let mut got = Vec::new();
@@ -154,8 +139,7 @@ async fn a_server_that_speaks_first_and_closes_reaches_the_watcher_whole() {
     tcp.write_all(b"bye").await.unwrap();
     tcp.shutdown().await.unwrap();
 
-    agent.stop().await;
-    relay.stop().await.unwrap();
+    tunnel.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,16 +147,10 @@ async fn rtsp_shaped_and_line_protocol_streams_pass_byte_exact() {
     // The relay reads RTSP on Watcher connections; whatever it does not need to change
     // must come through exactly, split however TCP likes.
     let target = echo_server().await;
-    let ports = free_ports(1);
-    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
-    let mut agent = AgentHandle::start(agent_config(
-        "shapes",
-        &relay.url(),
-        "t",
-        ports[0],
-        target.port(),
-    ));
-    let port = agent.online().await.unwrap();
+    let tunnel = Tunnel::start("shapes", target.port(), |_| {})
+        .await
+        .unwrap();
+    let port = tunnel.port;
 
     let mut frames = vec![0u8; 3 * 65_535];
     StdRng::seed_from_u64(3).fill_bytes(&mut frames);
@@ -203,6 +181,5 @@ async fn rtsp_shaped_and_line_protocol_streams_pass_byte_exact() {
             echoed.len()
         );
     }
-    agent.stop().await;
-    relay.stop().await.unwrap();
+    tunnel.stop().await.unwrap();
 }

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
-use e2e::{agent_config, free_ports, relay_config, AgentHandle, RelayHandle};
+use e2e::Tunnel;
 use rand::{rngs::StdRng, RngCore, SeedableRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -48,37 +48,31 @@ async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
     let camera = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let camera_port = camera.local_addr().unwrap().port();
     let (received_tx, received_rx) = oneshot::channel();
-    let (go_tx, go_rx) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        let (tcp, _) = camera.accept().await.unwrap();
-        let (mut rd, mut wr) = tcp.into_split();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            rd.read_to_end(&mut got).await.unwrap();
-            got
-        });
+        let (mut tcp, _) = camera.accept().await.unwrap();
         let (wire, pause_at) = camera_wire();
         let (first, rest) = wire.split_at(pause_at);
-        wr.write_all(first).await.unwrap();
-        // The rest only after the Watcher has sent its SETUP, so it meets media in flight.
-        go_rx.await.unwrap();
-        for chunk in rest.chunks(4093) {
-            wr.write_all(chunk).await.unwrap();
+        tcp.write_all(first).await.unwrap();
+        // Go on only once the Watcher's GET_PARAMETER, sent right after its UDP SETUP,
+        // has arrived: the relay handles requests in order, so by then its answer to the
+        // SETUP is waiting for the end of the frame in flight.
+        let mut received = Vec::new();
+        while !received.ends_with(b"CSeq: 8\r\n\r\n") {
+            let mut buf = [0u8; 1024];
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the Watcher's requests never came");
+            received.extend_from_slice(&buf[..n]);
         }
-        wr.shutdown().await.unwrap();
-        received_tx.send(reader.await.unwrap()).unwrap();
+        for chunk in rest.chunks(4093) {
+            tcp.write_all(chunk).await.unwrap();
+        }
+        tcp.shutdown().await.unwrap();
+        tcp.read_to_end(&mut received).await.unwrap();
+        received_tx.send(received).unwrap();
     });
 
-    let ports = free_ports(1);
-    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
-    let mut agent = AgentHandle::start(agent_config(
-        "busy",
-        &relay.url(),
-        "t",
-        ports[0],
-        camera_port,
-    ));
-    let port = agent.online().await.unwrap();
+    let tunnel = Tunnel::start("busy", camera_port, |_| {}).await.unwrap();
+    let port = tunnel.port;
 
     let mut watcher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let play = format!("PLAY rtsp://127.0.0.1:{port}/cam/realmonitor/ RTSP/1.0\r\nCSeq: 6\r\n\r\n");
@@ -91,8 +85,11 @@ async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
         "SETUP rtsp://127.0.0.1:{port}/cam/realmonitor/stream=1 RTSP/1.0\r\nCSeq: 7\r\n\
          Transport: RTP/AVP;unicast;client_port=6000-6001\r\n\r\n"
     );
+    let keepalive = format!(
+        "GET_PARAMETER rtsp://127.0.0.1:{port}/cam/realmonitor/ RTSP/1.0\r\nCSeq: 8\r\n\r\n"
+    );
     watcher.write_all(setup.as_bytes()).await.unwrap();
-    go_tx.send(()).unwrap();
+    watcher.write_all(keepalive.as_bytes()).await.unwrap();
     let mut stream = first;
     watcher.read_to_end(&mut stream).await.unwrap();
     watcher.shutdown().await.unwrap();
@@ -135,33 +132,24 @@ async fn an_answer_of_the_relay_goes_between_frames_while_media_flows() {
     // In the middle of the media: right after the frame that was cut in two, not at the end.
     assert_eq!(*after_frames, FRAMES / 3 + 1, "{answers:?}");
 
-    // The camera got the PLAY but never the UDP SETUP.
+    // The camera got the PLAY and the GET_PARAMETER, never the UDP SETUP.
     let received = String::from_utf8(received_rx.await.unwrap()).unwrap();
-    assert_eq!(received, play);
+    assert_eq!(received, format!("{play}{keepalive}"));
 
-    agent.stop().await;
-    relay.stop().await.unwrap();
+    tunnel.stop().await.unwrap();
 }
 
 /// Pulls `frames` frames of `path` from a simulator started with `args` through an
 /// in-process relay and agent; returns the media health the relay measured.
 async fn measured(args: &[&str], path: &str, frames: u32) -> relay::MediaStats {
     let camera = e2e::CameraSim::start(args).await.unwrap();
-    let ports = free_ports(1);
-    let relay = RelayHandle::start(relay_config("t", &ports)).await.unwrap();
-    let mut agent = AgentHandle::start(agent_config(
-        "health",
-        &relay.url(),
-        "t",
-        ports[0],
-        camera.port,
-    ));
-    let port = agent.online().await.unwrap();
+    let tunnel = Tunnel::start("health", camera.port, |_| {}).await.unwrap();
+    let port = tunnel.port;
     e2e::ffprobe(e2e::rtsp_url(port, path), frames)
         .await
         .unwrap();
 
-    let session = relay.registry.get("health").unwrap();
+    let session = tunnel.relay.registry.get("health").unwrap();
     let mut media = session.media();
     let stats = tokio::time::timeout(e2e::READY_TIMEOUT, media.wait_for(|m| m.is_some()))
         .await
@@ -169,8 +157,7 @@ async fn measured(args: &[&str], path: &str, frames: u32) -> relay::MediaStats {
         .unwrap()
         .clone()
         .unwrap();
-    agent.stop().await;
-    relay.stop().await.unwrap();
+    tunnel.stop().await.unwrap();
     stats
 }
 
@@ -233,18 +220,12 @@ async fn stalls_seen(silence: std::time::Duration, request: Option<&str>) -> u64
         let _ = tcp.read_to_end(&mut Vec::new()).await;
     });
 
-    let ports = free_ports(1);
-    let mut config = relay_config("t", &ports);
-    config.limits.stall_after = std::time::Duration::from_millis(400);
-    let relay = RelayHandle::start(config).await.unwrap();
-    let mut agent = AgentHandle::start(agent_config(
-        "stally",
-        &relay.url(),
-        "t",
-        ports[0],
-        camera_port,
-    ));
-    let port = agent.online().await.unwrap();
+    let tunnel = Tunnel::start("stally", camera_port, |c| {
+        c.limits.stall_after = std::time::Duration::from_millis(400)
+    })
+    .await
+    .unwrap();
+    let port = tunnel.port;
 
     let mut watcher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let play = format!("PLAY rtsp://127.0.0.1:{port}/x RTSP/1.0\r\nCSeq: 1\r\n\r\n");
@@ -258,7 +239,7 @@ async fn stalls_seen(silence: std::time::Duration, request: Option<&str>) -> u64
     watcher.read_to_end(&mut Vec::new()).await.unwrap();
     drop(watcher);
 
-    let session = relay.registry.get("stally").unwrap();
+    let session = tunnel.relay.registry.get("stally").unwrap();
     let mut media = session.media();
     let stats = tokio::time::timeout(e2e::READY_TIMEOUT, media.wait_for(|m| m.is_some()))
         .await
@@ -267,8 +248,7 @@ async fn stalls_seen(silence: std::time::Duration, request: Option<&str>) -> u64
         .clone()
         .unwrap();
     assert_eq!(stats.packets, 20, "{stats:?}");
-    agent.stop().await;
-    relay.stop().await.unwrap();
+    tunnel.stop().await.unwrap();
     stats.stalls
 }
 
