@@ -3,10 +3,7 @@
 use std::{
     io,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     task::{Context, Poll},
     time::Duration,
 };
@@ -129,6 +126,3 @@ impl AsyncWrite for Metered<'_> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
-
-/// Shared handle to counters, for the many splices of one owner.
-pub type SharedCounters = Arc<ByteCounters>;

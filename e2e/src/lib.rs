@@ -506,12 +506,8 @@ pub async fn ffprobe_with(
             "-of",
             "json",
         ])
-        .arg(url)
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(READY_TIMEOUT, cmd.output())
-        .await
-        .with_context(|| format!("ffprobe {url} did not finish within {READY_TIMEOUT:?}"))?
-        .context("cannot run ffprobe")?;
+        .arg(url);
+    let output = run_watcher(cmd, "ffprobe", url).await?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         bail!("ffprobe {url} failed ({}): {stderr}", output.status);
@@ -539,6 +535,19 @@ pub async fn ffprobe_with(
     })
 }
 
+/// Runs an RTSP client to completion, killed if it takes longer than [`READY_TIMEOUT`].
+async fn run_watcher(
+    mut cmd: Command,
+    name: &str,
+    url: &str,
+) -> anyhow::Result<std::process::Output> {
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(READY_TIMEOUT, cmd.output())
+        .await
+        .with_context(|| format!("{name} {url} did not finish within {READY_TIMEOUT:?}"))?
+        .with_context(|| format!("cannot run {name}"))
+}
+
 /// Decodes `buffers` video frames from `url` with GStreamer's `rtspsrc` at its default
 /// settings (RTP over UDP first, then TCP), as `gst-launch-1.0` runs it.
 pub async fn gst_decode(url: &str, buffers: u32) -> anyhow::Result<()> {
@@ -546,12 +555,8 @@ pub async fn gst_decode(url: &str, buffers: u32) -> anyhow::Result<()> {
     cmd.arg("rtspsrc")
         .arg(format!("location={url}"))
         .args(["!", "decodebin", "!", "video/x-raw", "!", "fakesink"])
-        .arg(format!("num-buffers={buffers}"))
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(READY_TIMEOUT, cmd.output())
-        .await
-        .with_context(|| format!("gst-launch {url} did not finish within {READY_TIMEOUT:?}"))?
-        .context("cannot run gst-launch-1.0")?;
+        .arg(format!("num-buffers={buffers}"));
+    let output = run_watcher(cmd, "gst-launch-1.0", url).await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     // EOS reaches the pipeline only after the sink has taken `buffers` decoded frames.
     if !output.status.success() || !stdout.contains("Got EOS from element") {
@@ -594,6 +599,42 @@ impl RelayProcess {
     /// The URL agents dial.
     pub fn url(&self) -> String {
         format!("ws://127.0.0.1:{}/tunnel", self.port)
+    }
+}
+
+/// A camera simulator and a relay process on loopback, and the config of an agent for
+/// both: the setup of every end-to-end test with the real binaries.
+#[derive(Debug)]
+pub struct ProcessRig {
+    /// The camera simulator.
+    pub camera: CameraSim,
+    /// The relay (quick start, token [`ProcessRig::TOKEN`]).
+    pub relay: RelayProcess,
+    /// An agent config for `agent_id`, pointing at the relay and the camera.
+    pub config: serde_json::Value,
+    /// The relay's control port.
+    pub relay_port: u16,
+    /// The camera's port on the relay.
+    pub camera_port: u16,
+}
+
+impl ProcessRig {
+    /// The relay's shared token.
+    pub const TOKEN: &'static str = "rig-token";
+
+    /// Starts the simulator with `camera_args` and a relay, ready for an agent `agent_id`.
+    pub async fn start(camera_args: &[&str], agent_id: &str) -> anyhow::Result<Self> {
+        let camera = CameraSim::start(camera_args).await?;
+        let ports = free_ports(2);
+        let relay = RelayProcess::start(ports[0], ports[1], Self::TOKEN).await?;
+        let config = agent_config_json(agent_id, &relay.url(), Self::TOKEN, ports[1], camera.port);
+        Ok(ProcessRig {
+            camera,
+            relay,
+            config,
+            relay_port: ports[0],
+            camera_port: ports[1],
+        })
     }
 }
 

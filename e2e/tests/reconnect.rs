@@ -5,10 +5,7 @@
 
 use std::time::Duration;
 
-use e2e::{
-    agent_config_json, ffprobe, free_ports, rtsp_url, AgentProcess, CameraSim, RelayProcess,
-    MAIN_STREAM, READY_TIMEOUT,
-};
+use e2e::{ffprobe, rtsp_url, AgentProcess, ProcessRig, RelayProcess, MAIN_STREAM, READY_TIMEOUT};
 use tokio::net::TcpStream;
 
 /// Waits until nothing accepts connections on `port` any more.
@@ -35,29 +32,8 @@ async fn signal(process: &e2e::Child, name: &str) {
     assert!(status.success());
 }
 
-/// A camera simulator, a relay process, and the config of an agent for both.
-struct Rig {
-    _camera: CameraSim,
-    relay: RelayProcess,
-    config: serde_json::Value,
-    relay_port: u16,
-    camera_port: u16,
-}
-
-async fn rig() -> Rig {
-    let camera = CameraSim::start(&[]).await.unwrap();
-    let ports = free_ports(2);
-    let relay = RelayProcess::start(ports[0], ports[1], "tok")
-        .await
-        .unwrap();
-    let config = agent_config_json("cam", &relay.url(), "tok", ports[1], camera.port);
-    Rig {
-        _camera: camera,
-        relay,
-        config,
-        relay_port: ports[0],
-        camera_port: ports[1],
-    }
+async fn rig() -> ProcessRig {
+    ProcessRig::start(&[], "cam").await.unwrap()
 }
 
 /// ffprobe decodes the camera's main stream through the relay's `port`.
@@ -76,7 +52,7 @@ async fn the_agent_comes_back_on_the_same_port_when_the_relay_returns() {
     agent.process.wait_for_line("retrying in").await.unwrap();
     wait_port_closed(rig.camera_port).await;
 
-    let _relay = RelayProcess::start(rig.relay_port, rig.camera_port, "tok")
+    let _relay = RelayProcess::start(rig.relay_port, rig.camera_port, ProcessRig::TOKEN)
         .await
         .unwrap();
     agent.online(2).await.unwrap();

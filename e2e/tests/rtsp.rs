@@ -6,24 +6,19 @@
 
 use e2e::{
     agent_config_json, ffprobe, ffprobe_with, free_port_run, free_ports, gst_decode, rtsp_url,
-    AgentProcess, CameraSim, RelayProcess, MAIN_STREAM, SUB_STREAM,
+    AgentProcess, CameraSim, ProcessRig, RelayProcess, MAIN_STREAM, SUB_STREAM,
 };
 
 const FRAMES: u32 = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_streams_of_a_camera_decode_at_once_with_digest_auth() {
-    let camera = CameraSim::start(&[]).await.unwrap();
-    let ports = free_ports(2);
-    let relay = RelayProcess::start(ports[0], ports[1], "rtsp-token")
-        .await
-        .unwrap();
-    let config = agent_config_json("cam-a", &relay.url(), "rtsp-token", ports[1], camera.port);
-    let _agent = AgentProcess::start("agent", &config).await.unwrap();
+    let rig = ProcessRig::start(&[], "cam-a").await.unwrap();
+    let _agent = AgentProcess::start("agent", &rig.config).await.unwrap();
 
     let (main, sub) = tokio::join!(
-        ffprobe(rtsp_url(ports[1], MAIN_STREAM), FRAMES),
-        ffprobe(rtsp_url(ports[1], SUB_STREAM), FRAMES),
+        ffprobe(rtsp_url(rig.camera_port, MAIN_STREAM), FRAMES),
+        ffprobe(rtsp_url(rig.camera_port, SUB_STREAM), FRAMES),
     );
     let (main, sub) = (main.unwrap(), sub.unwrap());
     assert_eq!(
@@ -40,7 +35,10 @@ async fn both_streams_of_a_camera_decode_at_once_with_digest_auth() {
     );
 
     // Digest auth is the camera's, end to end: a wrong password is refused by it.
-    let wrong = format!("rtsp://admin:wrong@127.0.0.1:{}{MAIN_STREAM}", ports[1]);
+    let wrong = format!(
+        "rtsp://admin:wrong@127.0.0.1:{}{MAIN_STREAM}",
+        rig.camera_port
+    );
     let e = ffprobe(wrong, 1).await.unwrap_err().to_string();
     assert!(e.contains("401"), "{e}");
 }
@@ -89,13 +87,10 @@ async fn two_cameras_through_one_relay_decode_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes() {
     // The simulator accepts UDP like a real camera, and logs every SETUP's transport.
-    let camera = CameraSim::start(&[]).await.unwrap();
-    let ports = free_ports(2);
-    let mut relay = RelayProcess::start(ports[0], ports[1], "t").await.unwrap();
-    let config = agent_config_json("cam-udp", &relay.url(), "t", ports[1], camera.port);
-    let _agent = AgentProcess::start("agent", &config).await.unwrap();
+    let mut rig = ProcessRig::start(&[], "cam-udp").await.unwrap();
+    let _agent = AgentProcess::start("agent", &rig.config).await.unwrap();
 
-    let probe = ffprobe_with(rtsp_url(ports[1], SUB_STREAM), FRAMES, &[])
+    let probe = ffprobe_with(rtsp_url(rig.camera_port, SUB_STREAM), FRAMES, &[])
         .await
         .unwrap();
     assert_eq!(
@@ -104,8 +99,13 @@ async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes()
     );
     assert!(probe.frames >= FRAMES, "{probe:?}");
 
-    relay.process.wait_for_line("answered 461").await.unwrap();
-    let setups: Vec<String> = camera
+    rig.relay
+        .process
+        .wait_for_line("answered 461")
+        .await
+        .unwrap();
+    let setups: Vec<String> = rig
+        .camera
         .process
         .output()
         .into_iter()
@@ -120,17 +120,19 @@ async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gstreamer_rtspsrc_with_default_settings_decodes_through_the_tunnel() {
-    let camera = CameraSim::start(&[]).await.unwrap();
-    let ports = free_ports(2);
-    let mut relay = RelayProcess::start(ports[0], ports[1], "t").await.unwrap();
-    let config = agent_config_json("cam-gst", &relay.url(), "t", ports[1], camera.port);
-    let _agent = AgentProcess::start("agent", &config).await.unwrap();
+    let mut rig = ProcessRig::start(&[], "cam-gst").await.unwrap();
+    let _agent = AgentProcess::start("agent", &rig.config).await.unwrap();
 
-    gst_decode(&rtsp_url(ports[1], MAIN_STREAM), FRAMES)
+    gst_decode(&rtsp_url(rig.camera_port, MAIN_STREAM), FRAMES)
         .await
         .unwrap();
-    relay.process.wait_for_line("answered 461").await.unwrap();
-    let udp_setups = camera
+    rig.relay
+        .process
+        .wait_for_line("answered 461")
+        .await
+        .unwrap();
+    let udp_setups = rig
+        .camera
         .process
         .output()
         .into_iter()

@@ -201,13 +201,6 @@ impl Registry {
         self.lock_sessions().values().cloned().collect()
     }
 
-    /// Ends every session, telling each agent why.
-    pub fn close_all(&self, reason: CloseReason) {
-        for session in self.lock_sessions().drain().map(|(_, s)| s) {
-            session.close(reason.clone());
-        }
-    }
-
     /// A relay-wide id for a new Watcher connection.
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
@@ -235,11 +228,6 @@ impl AgentSession {
     /// Resolves when the session ends.
     pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.cancel.cancelled()
-    }
-
-    /// A token cancelled when the session ends, for tasks that outlive a borrow.
-    pub fn token(&self) -> CancellationToken {
-        self.cancel.clone()
     }
 
     /// True if `key` is this session's key.
