@@ -6,7 +6,9 @@
 #   (python3-gi, run by /usr/bin/python3) and the encoders x265enc (plugins-bad) and
 #   x264enc (plugins-ugly);
 # - the Watchers: ffprobe/ffmpeg, and GStreamer's rtspsrc (gst-launch-1.0, with the
-#   libav decoders).
+#   libav decoders);
+# - the test network: iproute2 (network namespaces, veth) and iptables (the NAT router
+#   in front of the cameras' LANs).
 # It runs apt only when something is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -41,6 +43,9 @@ have_watchers() {
 }
 if ! have_camera_sim || ! have_watchers; then
   missing+=("${APT_PACKAGES[@]}")
+fi
+if ! command -v ip >/dev/null || ! command -v iptables >/dev/null; then
+  missing+=(iproute2 iptables)
 fi
 if ! command -v cargo >/dev/null; then
   missing+=("rustc-web=$RUST_VERSION" "cargo-web=$RUST_VERSION"

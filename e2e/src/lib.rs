@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod netns;
+
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
@@ -27,6 +29,8 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
+
+pub use netns::{Lab, Place};
 
 /// Longest wait for anything to become ready. Generous: tests must not be flaky on a
 /// loaded 2-core machine, and a ready thing is seen at once anyway.
@@ -453,8 +457,13 @@ pub struct CameraSim {
 impl CameraSim {
     /// Starts the simulator on a free port with `extra` arguments.
     pub async fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_in(&Place::host(), extra).await
+    }
+
+    /// Starts the simulator at `place`, on a free port of its loopback.
+    pub async fn start_in(place: &Place, extra: &[&str]) -> anyhow::Result<Self> {
         // Debian's python3-gi belongs to the system interpreter, not to any other python3.
-        let mut cmd = Command::new("/usr/bin/python3");
+        let mut cmd = place.command("/usr/bin/python3");
         cmd.arg(camera_sim_script())
             .args(["--port", "0"])
             .args(extra);
@@ -484,18 +493,19 @@ pub struct Probe {
 
 /// Decodes `frames` video frames from `url` with ffprobe over RTSP/TCP.
 pub async fn ffprobe(url: impl AsRef<str>, frames: u32) -> anyhow::Result<Probe> {
-    ffprobe_with(url, frames, &["-rtsp_transport", "tcp"]).await
+    ffprobe_with(&Place::host(), url, frames, &["-rtsp_transport", "tcp"]).await
 }
 
-/// Decodes `frames` video frames from `url` with ffprobe and extra `options` (none: the
-/// defaults a user gets, RTP over UDP first).
+/// Decodes `frames` video frames from `url` with ffprobe at `place` and extra `options`
+/// (none: the defaults a user gets, RTP over UDP first).
 pub async fn ffprobe_with(
+    place: &Place,
     url: impl AsRef<str>,
     frames: u32,
     options: &[&str],
 ) -> anyhow::Result<Probe> {
     let url = url.as_ref();
-    let mut cmd = Command::new("ffprobe");
+    let mut cmd = place.command("ffprobe");
     cmd.args(["-v", "error"])
         .args(options)
         .args(["-count_frames", "-select_streams", "v:0"])
@@ -548,12 +558,19 @@ async fn run_watcher(
         .with_context(|| format!("cannot run {name}"))
 }
 
-/// Decodes `buffers` video frames from `url` with GStreamer's `rtspsrc` at its default
-/// settings (RTP over UDP first, then TCP), as `gst-launch-1.0` runs it.
-pub async fn gst_decode(url: &str, buffers: u32) -> anyhow::Result<()> {
-    let mut cmd = Command::new("gst-launch-1.0");
+/// Decodes `buffers` video frames from `url` with GStreamer's `rtspsrc` at `place`, with
+/// `options` for rtspsrc (none: its defaults, RTP over UDP first, then TCP), as
+/// `gst-launch-1.0` runs it.
+pub async fn gst_decode(
+    place: &Place,
+    url: &str,
+    options: &[&str],
+    buffers: u32,
+) -> anyhow::Result<()> {
+    let mut cmd = place.command("gst-launch-1.0");
     cmd.arg("rtspsrc")
         .arg(format!("location={url}"))
+        .args(options)
         .args(["!", "decodebin", "!", "video/x-raw", "!", "fakesink"])
         .arg(format!("num-buffers={buffers}"));
     let output = run_watcher(cmd, "gst-launch-1.0", url).await?;
@@ -579,26 +596,54 @@ pub fn rtsp_url(port: u16, path: &str) -> String {
 pub struct RelayProcess {
     /// The process.
     pub process: Child,
+    /// The address agents dial.
+    pub host: String,
     /// Its control port (TCP) and QUIC port (UDP).
     pub port: u16,
 }
 
 impl RelayProcess {
-    /// Starts `relay --port PORT --tunnel-port FIRST --token TOKEN` and waits until ready.
+    /// Starts `relay --bind 127.0.0.1 --port PORT --tunnel-port FIRST` with `token` and
+    /// waits until ready.
     pub async fn start(port: u16, first_camera_port: u16, token: &str) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(bin("relay")?);
-        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        Self::start_in(
+            &Place::host(),
+            "127.0.0.1",
+            port,
+            first_camera_port,
+            token,
+            &[],
+        )
+        .await
+    }
+
+    /// Starts the relay at `place`, agents dialling `bind:port`, with `extra` flags.
+    pub async fn start_in(
+        place: &Place,
+        bind: &str,
+        port: u16,
+        first_camera_port: u16,
+        token: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut cmd = place.command(bin("relay")?);
+        cmd.args(["--bind", bind, "--port", &port.to_string()])
             .args(["--tunnel-port", &first_camera_port.to_string()])
+            .args(extra)
             .env("RELAY_TOKEN", token)
             .env("RELAY_LOG", "relay=debug,info");
         let mut process = Child::spawn("relay", cmd)?;
         process.wait_for_line("relay ready").await?;
-        Ok(RelayProcess { process, port })
+        Ok(RelayProcess {
+            process,
+            host: bind.to_string(),
+            port,
+        })
     }
 
     /// The URL agents dial.
     pub fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}/tunnel", self.port)
+        format!("ws://{}:{}/tunnel", self.host, self.port)
     }
 }
 
@@ -638,6 +683,109 @@ impl ProcessRig {
     }
 }
 
+/// Cameras (simulator and agent) each on a private LAN behind NAT, and the relay (quick
+/// start plus the shared port) with its Watchers on the public side: see [`netns`]. The
+/// setup of the tests that must see what a real deployment sees.
+#[derive(Debug)]
+pub struct NatRig {
+    /// The relay.
+    pub relay: RelayProcess,
+    /// The camera simulators; camera `i` is on LAN `i`.
+    pub cameras: Vec<CameraSim>,
+    /// Camera `i`'s agent, with id [`NatRig::agent_id`]`(i)`.
+    pub agents: Vec<AgentProcess>,
+    /// The namespaces. Declared last, so the processes in them go first.
+    pub lab: Lab,
+}
+
+impl NatRig {
+    /// The relay's shared token.
+    pub const TOKEN: &'static str = "nat-token";
+    /// The relay's control (TCP) and QUIC (UDP) port on its public address.
+    pub const RELAY_PORT: u16 = 8080;
+    /// Camera `i`'s port on the relay is this plus `i`.
+    pub const FIRST_CAMERA_PORT: u16 = 8554;
+    /// The relay's shared RTSP port.
+    pub const SHARED_PORT: u16 = 8553;
+
+    /// Starts one camera per entry of `cameras` (simulator arguments), a relay, and every
+    /// camera's agent; returns once all agents are online.
+    pub async fn start(cameras: &[&[&str]]) -> anyhow::Result<Self> {
+        let lab = Lab::new(cameras.len())?;
+        let shared = Self::SHARED_PORT.to_string();
+        let relay_side = lab.relay();
+        let extra = ["--shared-port", shared.as_str()];
+        let (relay, sims) = tokio::join!(
+            RelayProcess::start_in(
+                &relay_side,
+                netns::RELAY_IP,
+                Self::RELAY_PORT,
+                Self::FIRST_CAMERA_PORT,
+                Self::TOKEN,
+                &extra,
+            ),
+            futures_util::future::join_all(cameras.iter().enumerate().map(|(i, args)| {
+                let lan = lab.camera(i);
+                async move { CameraSim::start_in(&lan, args).await }
+            }))
+        );
+        let relay = relay?;
+        let cameras = sims.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+        let configs: Vec<_> = cameras
+            .iter()
+            .enumerate()
+            .map(|(i, sim)| {
+                agent_config_json(
+                    &Self::agent_id(i),
+                    &relay.url(),
+                    Self::TOKEN,
+                    Self::camera_port(i),
+                    sim.port,
+                )
+            })
+            .collect();
+        let agents =
+            futures_util::future::join_all(configs.iter().enumerate().map(|(i, config)| {
+                let lan = lab.camera(i);
+                async move { AgentProcess::start_in(&lan, &format!("agent-{i}"), config).await }
+            }))
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(NatRig {
+            relay,
+            cameras,
+            agents,
+            lab,
+        })
+    }
+
+    /// Camera `i`'s agent id.
+    pub fn agent_id(i: usize) -> String {
+        format!("cam-{}", i + 1)
+    }
+
+    /// Camera `i`'s port on the relay.
+    pub fn camera_port(i: usize) -> u16 {
+        Self::FIRST_CAMERA_PORT + u16::try_from(i).unwrap_or(u16::MAX)
+    }
+
+    /// Where Watchers run: the relay's side, where the camera ports are on 127.0.0.1.
+    pub fn watchers(&self) -> Place {
+        self.lab.relay()
+    }
+
+    /// `path` of camera `i` on its own relay port, with the simulator's credentials.
+    pub fn camera_url(&self, i: usize, path: &str) -> String {
+        rtsp_url(Self::camera_port(i), path)
+    }
+
+    /// `path` of the camera of `agent_id` on the relay's shared port.
+    pub fn shared_url(&self, agent_id: &str, path: &str) -> String {
+        rtsp_url(Self::SHARED_PORT, &format!("/{agent_id}{path}"))
+    }
+}
+
 /// The real `camera-agent` binary with a config file of its own.
 #[derive(Debug)]
 pub struct AgentProcess {
@@ -650,10 +798,15 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes `config` to a fresh directory and starts the agent on it (not waiting).
     pub fn spawn(name: &str, config: &serde_json::Value) -> anyhow::Result<Self> {
+        Self::spawn_in(&Place::host(), name, config)
+    }
+
+    /// [`AgentProcess::spawn`] at `place`.
+    pub fn spawn_in(place: &Place, name: &str, config: &serde_json::Value) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("config.json");
         std::fs::write(&path, serde_json::to_vec_pretty(config)?)?;
-        let mut cmd = Command::new(bin("camera-agent")?);
+        let mut cmd = place.command(bin("camera-agent")?);
         cmd.arg("--config").arg(&path);
         Ok(AgentProcess {
             process: Child::spawn(name, cmd)?,
@@ -663,7 +816,16 @@ impl AgentProcess {
 
     /// Starts the agent and waits until it is online.
     pub async fn start(name: &str, config: &serde_json::Value) -> anyhow::Result<Self> {
-        let mut agent = Self::spawn(name, config)?;
+        Self::start_in(&Place::host(), name, config).await
+    }
+
+    /// [`AgentProcess::start`] at `place`.
+    pub async fn start_in(
+        place: &Place,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> anyhow::Result<Self> {
+        let mut agent = Self::spawn_in(place, name, config)?;
         agent.online(1).await?;
         Ok(agent)
     }

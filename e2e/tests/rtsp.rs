@@ -1,24 +1,41 @@
-//! Real RTSP software end to end: the camera simulator (gst-rtsp-server, Digest auth,
-//! H.265 main and H.264 sub stream) behind the real `camera-agent`, the real `relay`,
-//! and ffprobe as the Watcher. A stream counts as delivered when frames decode.
+//! Real RTSP software end to end, deployed as in the field: each camera simulator
+//! (gst-rtsp-server, Digest auth, H.265 main and H.264 sub stream) and its real
+//! `camera-agent` on a private LAN behind NAT, the real `relay` and the Watchers (ffprobe,
+//! GStreamer) on the public side, in network namespaces (`e2e::netns`). Nothing reaches a
+//! camera around the tunnel, so RTP over UDP cannot sneak through. A stream counts as
+//! delivered when frames decode.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
-use e2e::{
-    agent_config_json, ffprobe, ffprobe_with, free_port_run, free_ports, gst_decode, rtsp_url,
-    AgentProcess, CameraSim, ProcessRig, RelayProcess, MAIN_STREAM, SUB_STREAM,
-};
+use e2e::{ffprobe_with, gst_decode, netns::camera_ip, NatRig, MAIN_STREAM, SUB_STREAM};
 
 const FRAMES: u32 = 10;
+const TCP: &[&str] = &["-rtsp_transport", "tcp"];
+
+/// The simulator's log lines that start with `start`, once there are at least `at_least`
+/// (its output arrives through a pipe, a little after the client saw the effect). It
+/// logs `SETUP transport=…` for every SETUP and, with `--advertise`, `REQUEST <line>`
+/// for every request.
+async fn lines(rig: &mut NatRig, camera: usize, start: &str, at_least: usize) -> Vec<String> {
+    let process = &mut rig.cameras[camera].process;
+    if at_least > 0 {
+        process.wait_for_nth_line(start, at_least).await.unwrap();
+    }
+    process
+        .output()
+        .into_iter()
+        .filter(|l| l.starts_with(start))
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_streams_of_a_camera_decode_at_once_with_digest_auth() {
-    let rig = ProcessRig::start(&[], "cam-a").await.unwrap();
-    let _agent = AgentProcess::start("agent", &rig.config).await.unwrap();
+    let rig = NatRig::start(&[&[]]).await.unwrap();
+    let watchers = rig.watchers();
 
     let (main, sub) = tokio::join!(
-        ffprobe(rtsp_url(rig.camera_port, MAIN_STREAM), FRAMES),
-        ffprobe(rtsp_url(rig.camera_port, SUB_STREAM), FRAMES),
+        ffprobe_with(&watchers, rig.camera_url(0, MAIN_STREAM), FRAMES, TCP),
+        ffprobe_with(&watchers, rig.camera_url(0, SUB_STREAM), FRAMES, TCP),
     );
     let (main, sub) = (main.unwrap(), sub.unwrap());
     assert_eq!(
@@ -37,60 +54,21 @@ async fn both_streams_of_a_camera_decode_at_once_with_digest_auth() {
     // Digest auth is the camera's, end to end: a wrong password is refused by it.
     let wrong = format!(
         "rtsp://admin:wrong@127.0.0.1:{}{MAIN_STREAM}",
-        rig.camera_port
+        NatRig::camera_port(0)
     );
-    let e = ffprobe(wrong, 1).await.unwrap_err().to_string();
+    let e = ffprobe_with(&watchers, wrong, 1, TCP)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("401"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_cameras_through_one_relay_decode_at_once() {
-    let (cam1, cam2) = tokio::join!(
-        CameraSim::start(&[]),
-        CameraSim::start(&["--main-size", "480x272"])
-    );
-    let (cam1, cam2) = (cam1.unwrap(), cam2.unwrap());
-    let first = free_port_run(2);
-    let ports = [free_ports(1)[0], first, first + 1];
-    let relay = RelayProcess::start(ports[0], first, "fleet").await.unwrap();
-    let _a1 = AgentProcess::start(
-        "agent-1",
-        &agent_config_json("cam-1", &relay.url(), "fleet", ports[1], cam1.port),
-    )
-    .await
-    .unwrap();
-    let _a2 = AgentProcess::start(
-        "agent-2",
-        &agent_config_json("cam-2", &relay.url(), "fleet", ports[2], cam2.port),
-    )
-    .await
-    .unwrap();
-
-    let (p1, p2) = tokio::join!(
-        ffprobe(rtsp_url(ports[1], MAIN_STREAM), FRAMES),
-        ffprobe(rtsp_url(ports[2], MAIN_STREAM), FRAMES),
-    );
-    let (p1, p2) = (p1.unwrap(), p2.unwrap());
-    assert_eq!(
-        (p1.codec.as_str(), p1.width, p1.height),
-        ("hevc", 640, 360),
-        "camera 1 on its own port"
-    );
-    assert_eq!(
-        (p2.codec.as_str(), p2.width, p2.height),
-        ("hevc", 480, 272),
-        "camera 2 on its own port"
-    );
-    assert!(p1.frames >= FRAMES && p2.frames >= FRAMES);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes() {
-    // The simulator accepts UDP like a real camera, and logs every SETUP's transport.
-    let mut rig = ProcessRig::start(&[], "cam-udp").await.unwrap();
-    let _agent = AgentProcess::start("agent", &rig.config).await.unwrap();
+    let mut rig = NatRig::start(&[&[]]).await.unwrap();
 
-    let probe = ffprobe_with(rtsp_url(rig.camera_port, SUB_STREAM), FRAMES, &[])
+    // No options: ffprobe asks for RTP over UDP first, as every user's does.
+    let probe = ffprobe_with(&rig.watchers(), rig.camera_url(0, SUB_STREAM), FRAMES, &[])
         .await
         .unwrap();
     assert_eq!(
@@ -104,14 +82,7 @@ async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes()
         .wait_for_line("answered 461")
         .await
         .unwrap();
-    let setups: Vec<String> = rig
-        .camera
-        .process
-        .output()
-        .into_iter()
-        .filter(|l| l.starts_with("SETUP transport="))
-        .collect();
-    assert!(!setups.is_empty(), "the camera saw no SETUP");
+    let setups = lines(&mut rig, 0, "SETUP transport=", 1).await;
     assert!(
         setups.iter().all(|l| l.contains("RTP/AVP/TCP")),
         "a UDP SETUP reached the camera: {setups:?}"
@@ -120,74 +91,161 @@ async fn ffprobe_with_default_settings_is_switched_from_udp_to_tcp_and_decodes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gstreamer_rtspsrc_with_default_settings_decodes_through_the_tunnel() {
-    let mut rig = ProcessRig::start(&[], "cam-gst").await.unwrap();
-    let _agent = AgentProcess::start("agent", &rig.config).await.unwrap();
+    let mut rig = NatRig::start(&[&[]]).await.unwrap();
 
-    gst_decode(&rtsp_url(rig.camera_port, MAIN_STREAM), FRAMES)
-        .await
-        .unwrap();
+    gst_decode(
+        &rig.watchers(),
+        &rig.camera_url(0, MAIN_STREAM),
+        &[],
+        FRAMES,
+    )
+    .await
+    .unwrap();
     rig.relay
         .process
         .wait_for_line("answered 461")
         .await
         .unwrap();
-    let udp_setups = rig
-        .camera
-        .process
-        .output()
+    let udp = lines(&mut rig, 0, "SETUP transport=", 1)
+        .await
         .into_iter()
-        .filter(|l| l.starts_with("SETUP transport=") && !l.contains("/TCP"))
+        .filter(|l| !l.contains("/TCP"))
         .count();
-    assert_eq!(udp_setups, 0, "a UDP SETUP reached the camera");
+    assert_eq!(udp, 0, "a UDP SETUP reached the camera");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_insist_on_udp_get_a_clear_refusal_not_a_hang() {
+    let mut rig = NatRig::start(&[&[]]).await.unwrap();
+    let watchers = rig.watchers();
+    let url = rig.camera_url(0, SUB_STREAM);
+
+    // Each client is killed if it has not finished within the harness's timeout, and
+    // that would fail here: they must finish, unsuccessfully, and say why.
+    let (ffprobe, gst) = tokio::join!(
+        ffprobe_with(&watchers, &url, 1, &["-rtsp_transport", "udp"]),
+        gst_decode(&watchers, &url, &["protocols=udp"], 1),
+    );
+    let ffprobe = ffprobe.unwrap_err().to_string();
+    assert!(
+        ffprobe.contains("461") || ffprobe.contains("Unsupported Transport"),
+        "{ffprobe}"
+    );
+    assert!(!ffprobe.contains("did not finish"), "{ffprobe}");
+    let gst = gst.unwrap_err().to_string();
+    assert!(gst.contains("decoded no video"), "{gst}");
+    assert!(
+        lines(&mut rig, 0, "SETUP transport=", 0).await.is_empty(),
+        "no SETUP reaches the camera: the relay answered them"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_camera_that_names_its_lan_address_is_followed_back_into_the_tunnel() {
     // Like a real Dahua, the camera answers with Content-Base and SDP a=control URLs
     // naming its LAN address, which a client outside that LAN cannot reach.
-    let camera = CameraSim::start(&["--advertise", "192.168.1.108:554"])
-        .await
-        .unwrap();
-    let requests = |camera: &CameraSim, verb: &str| -> Vec<String> {
-        let prefix = format!("REQUEST {verb} ");
-        camera
-            .process
-            .output()
-            .into_iter()
-            .filter(|l| l.starts_with(&prefix))
-            .collect()
-    };
+    let lan = format!("{}:554", camera_ip(0));
+    let mut rig = NatRig::start(&[&["--advertise", &lan]]).await.unwrap();
 
-    // Control: a client that reaches the camera directly follows the LAN address.
-    ffprobe(rtsp_url(camera.port, SUB_STREAM), 2).await.unwrap();
-    let direct = requests(&camera, "SETUP");
+    // Control: a client on the camera's LAN is sent to the LAN address.
+    let sim = format!(
+        "rtsp://admin:admin@127.0.0.1:{}{SUB_STREAM}",
+        rig.cameras[0].port
+    );
+    ffprobe_with(&rig.lab.camera(0), sim, 2, TCP).await.unwrap();
+    let direct = lines(&mut rig, 0, "REQUEST SETUP ", 1).await;
     assert!(
-        direct
-            .iter()
-            .all(|l| l.contains("rtsp://192.168.1.108:554/")),
+        direct.iter().all(|l| l.contains(&format!("rtsp://{lan}/"))),
         "{direct:?}"
     );
 
-    let ports = free_ports(2);
-    let relay = RelayProcess::start(ports[0], ports[1], "t").await.unwrap();
-    let config = agent_config_json("cam-lan", &relay.url(), "t", ports[1], camera.port);
-    let _agent = AgentProcess::start("agent", &config).await.unwrap();
-
     // Through the relay the client is sent back to the relay's own address, and Digest
     // authentication (on in the simulator) still passes.
-    let probe = ffprobe(rtsp_url(ports[1], MAIN_STREAM), FRAMES)
+    let probe = ffprobe_with(&rig.watchers(), rig.camera_url(0, MAIN_STREAM), FRAMES, TCP)
         .await
         .unwrap();
     assert_eq!(probe.codec, "hevc");
-    let relay_address = format!("rtsp://127.0.0.1:{}/", ports[1]);
-    let tunnelled: Vec<String> = requests(&camera, "SETUP")
+    let relay_address = format!("rtsp://127.0.0.1:{}/", NatRig::camera_port(0));
+    let tunnelled: Vec<String> = lines(&mut rig, 0, "REQUEST SETUP ", direct.len() + 1)
+        .await
         .into_iter()
         .skip(direct.len())
         .collect();
-    assert!(!tunnelled.is_empty());
     assert!(
         tunnelled.iter().all(|l| l.contains(&relay_address)),
         "{tunnelled:?}"
     );
-    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_shared_port_reaches_each_camera_by_its_agent_id() {
+    // Two cameras on two LANs; the second names its LAN address in its URLs, so the
+    // relay must put the agent id back into every URL it returns.
+    let lan = format!("{}:554", camera_ip(1));
+    let mut rig = NatRig::start(&[&[], &["--main-size", "480x272", "--advertise", &lan]])
+        .await
+        .unwrap();
+    let watchers = rig.watchers();
+    let (one, two) = (NatRig::agent_id(0), NatRig::agent_id(1));
+
+    // Digest auth on, default client settings (UDP first) for one of them.
+    let (p1, p2, own) = tokio::join!(
+        ffprobe_with(&watchers, rig.shared_url(&one, MAIN_STREAM), FRAMES, TCP),
+        ffprobe_with(&watchers, rig.shared_url(&two, MAIN_STREAM), FRAMES, &[]),
+        ffprobe_with(&watchers, rig.camera_url(1, SUB_STREAM), FRAMES, TCP),
+    );
+    let (p1, p2, own) = (p1.unwrap(), p2.unwrap(), own.unwrap());
+    assert_eq!(
+        (p1.codec.as_str(), p1.width, p1.height),
+        ("hevc", 640, 360),
+        "{one}"
+    );
+    assert_eq!(
+        (p2.codec.as_str(), p2.width, p2.height),
+        ("hevc", 480, 272),
+        "{two}"
+    );
+    assert_eq!(
+        (own.width, own.height),
+        (320, 240),
+        "its own port still works"
+    );
+    assert!(p1.frames >= FRAMES && p2.frames >= FRAMES);
+    // The camera saw its own paths; the relay refuses any request outside the prefix,
+    // so the client's SETUPs were made from URLs that had the agent id put back.
+    let shared = format!("REQUEST SETUP rtsp://127.0.0.1:{}/", NatRig::SHARED_PORT);
+    let shared_setups = lines(&mut rig, 1, &shared, 1).await;
+    assert!(
+        shared_setups.iter().all(|l| l.contains(&format!(
+            "127.0.0.1:{}/cam/realmonitor",
+            NatRig::SHARED_PORT
+        ))),
+        "{shared_setups:?}"
+    );
+
+    // An id the relay never heard of: 404 with a reason naming it.
+    let e = ffprobe_with(&watchers, rig.shared_url("cam-9", MAIN_STREAM), 1, TCP)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("404") && e.contains("Unknown Camera cam-9"),
+        "{e}"
+    );
+
+    // A known camera whose agent is gone: 503.
+    rig.agents[1].process.kill().await.unwrap();
+    rig.relay
+        .process
+        .wait_for_line("camera port closed")
+        .await
+        .unwrap();
+    let e = ffprobe_with(&watchers, rig.shared_url(&two, MAIN_STREAM), 1, TCP)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("503") && e.contains(&format!("Camera {two} Offline")),
+        "{e}"
+    );
 }

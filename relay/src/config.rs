@@ -32,6 +32,8 @@ pub struct RelayConfig {
     pub camera_bind: IpAddr,
     /// Camera ports the relay may hand out.
     pub camera_ports: RangeInclusive<u16>,
+    /// The shared RTSP port, if any: `rtsp://<it>/<agent-id>/…` reaches that camera.
+    pub shared_listen: Option<SocketAddr>,
     /// Where port assignments are remembered across restarts; `None` keeps them in memory.
     pub state_dir: Option<PathBuf>,
     /// Which agents may register.
@@ -80,6 +82,9 @@ pub struct Limits {
     pub max_streams_per_camera: u32,
     /// A playing stream with no media packet for this long is logged and counted as a stall.
     pub stall_after: Duration,
+    /// Time a Watcher on the shared port has to send its first request, which names
+    /// the camera.
+    pub first_request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -93,6 +98,7 @@ impl Default for Limits {
             max_heartbeat_interval: Duration::from_secs(300),
             max_streams_per_camera: 64,
             stall_after: Duration::from_secs(5),
+            first_request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -138,6 +144,7 @@ struct FileConfig {
     camera_bind: IpAddr,
     #[serde(default = "default_camera_ports")]
     camera_ports: String,
+    shared_listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     shared_token: Option<Secret>,
     #[serde(default)]
@@ -173,6 +180,7 @@ struct FileLimits {
     max_heartbeat_interval_secs: Option<f64>,
     max_streams_per_camera: Option<u32>,
     stall_secs: Option<f64>,
+    first_request_secs: Option<f64>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -204,6 +212,7 @@ impl RelayConfig {
             quic_listen: listen,
             camera_bind: default_camera_bind(),
             camera_ports: tunnel_port..=last,
+            shared_listen: None,
             state_dir: None,
             auth: AgentAuth {
                 agents: HashMap::new(),
@@ -212,6 +221,14 @@ impl RelayConfig {
             quic_tls: None,
             limits: Limits::default(),
         })
+    }
+
+    /// Adds the shared RTSP port (`--shared-port`) on the camera address.
+    pub fn with_shared_port(mut self, port: u16) -> Result<Self, ConfigError> {
+        let addr = SocketAddr::new(self.camera_bind, port);
+        check_shared_listen(addr, &self.camera_ports, "command line", "--shared-port")?;
+        self.shared_listen = Some(addr);
+        Ok(self)
     }
 
     /// Reads and checks a TOML config file.
@@ -236,6 +253,9 @@ impl RelayConfig {
                 "expected FIRST-LAST, e.g. 8554-8653, with FIRST <= LAST and FIRST > 0",
             )
         })?;
+        if let Some(addr) = file.shared_listen {
+            check_shared_listen(addr, &camera_ports, origin, "shared_listen")?;
+        }
 
         let mut agents = HashMap::new();
         for (i, agent) in file.agents.into_iter().enumerate() {
@@ -340,6 +360,11 @@ impl RelayConfig {
                 None => defaults.max_streams_per_camera,
             },
             stall_after: secs(l.stall_secs, "stall_secs", defaults.stall_after)?,
+            first_request_timeout: secs(
+                l.first_request_secs,
+                "first_request_secs",
+                defaults.first_request_timeout,
+            )?,
         };
 
         Ok(RelayConfig {
@@ -347,6 +372,7 @@ impl RelayConfig {
             quic_listen: file.quic_listen.unwrap_or(file.listen),
             camera_bind: file.camera_bind,
             camera_ports,
+            shared_listen: file.shared_listen,
             state_dir: file.state_dir,
             auth: AgentAuth {
                 agents,
@@ -362,12 +388,16 @@ impl fmt::Display for RelayConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "control {} (TCP), QUIC {} (UDP), cameras on {}:{}-{}, {} listed agent(s){}",
+            "control {} (TCP), QUIC {} (UDP), cameras on {}:{}-{}{}, {} listed agent(s){}",
             self.listen,
             self.quic_listen,
             self.camera_bind,
             self.camera_ports.start(),
             self.camera_ports.end(),
+            match self.shared_listen {
+                Some(addr) => format!(" and {addr}/<agent-id>/…"),
+                None => String::new(),
+            },
             self.auth.agents.len(),
             if self.auth.shared_token.is_some() {
                 ", shared token"
@@ -383,6 +413,27 @@ fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
     let first: u16 = first.trim().parse().ok()?;
     let last: u16 = last.trim().parse().ok()?;
     (first > 0 && first <= last).then_some(first..=last)
+}
+
+fn check_shared_listen(
+    addr: SocketAddr,
+    camera_ports: &RangeInclusive<u16>,
+    origin: &str,
+    field: &str,
+) -> Result<(), ConfigError> {
+    if camera_ports.contains(&addr.port()) {
+        return Err(invalid(
+            origin,
+            field,
+            &format!(
+                "port {} is one of the camera ports {}-{}; pick one outside them",
+                addr.port(),
+                camera_ports.start(),
+                camera_ports.end()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn invalid(path: &str, field: &str, reason: &str) -> ConfigError {
@@ -428,6 +479,7 @@ mod tests {
                 .unwrap();
         assert_eq!(c.auth.agents.len(), 2);
         assert_eq!(c.camera_ports, 8554..=8653);
+        assert_eq!(c.shared_listen, Some(([127, 0, 0, 1], 8553).into()));
         assert_eq!(c.limits.missed_heartbeats, 3);
     }
 
@@ -451,6 +503,11 @@ mod tests {
         assert!(e.contains("agents[0].port") && e.contains("outside"), "{e}");
         let e = err("");
         assert!(e.contains("no agent could register"), "{e}");
+        let e = err("shared_token = \"x\"\nshared_listen = \"127.0.0.1:8600\"");
+        assert!(
+            e.contains("shared_listen") && e.contains("camera ports"),
+            "{e}"
+        );
         let e = err("shared_token = \"x\"\n[limits]\ntunnel_wait_secs = -1");
         assert!(e.contains("limits.tunnel_wait_secs"), "{e}");
     }

@@ -1,10 +1,10 @@
-//! The per-camera listeners: every TCP connection a Watcher makes to a camera's port
-//! rides a fresh bidirectional stream on that camera's QUIC tunnel.
+//! The Watcher listeners: every TCP connection a Watcher makes to a camera's own port,
+//! or to the shared port naming the camera as `/<agent-id>/…`, rides a fresh
+//! bidirectional stream on that camera's QUIC tunnel.
 
 use std::{
     future::Future,
     io,
-    net::SocketAddr,
     pin::Pin,
     sync::{atomic::Ordering, Arc},
     task::{ready, Context, Poll},
@@ -13,22 +13,33 @@ use std::{
 
 use anyhow::Context as _;
 use common::{
-    protocol::{decode_frame_prefix, write_frame, StreamOpen, StreamStatus, SERVICE_RTSP},
+    protocol::{
+        check_agent_id, decode_frame_prefix, write_frame, StreamOpen, StreamStatus, SERVICE_RTSP,
+    },
     splice::reset_tcp,
 };
 use tokio::{
-    io::{AsyncRead, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
 };
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::{config::Limits, registry::AgentSession, rtsp, MediaStats, Registry};
+use crate::{
+    config::Limits,
+    registry::AgentSession,
+    rtsp::{self, Watcher},
+    MediaStats, Registry,
+};
 
 /// Pause after an accept error (e.g. out of file descriptors) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Accepts Watchers on `listener` until the session ends.
+/// How long a refused Watcher on the shared port gets to read the relay's answer and
+/// hang up before the relay closes the connection itself.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// Accepts Watchers on a camera's own port until the session ends.
 pub(crate) async fn serve_camera(
     listener: TcpListener,
     session: Arc<AgentSession>,
@@ -37,55 +48,192 @@ pub(crate) async fn serve_camera(
     tracker: TaskTracker,
 ) {
     tracing::info!(port = session.port, "camera port open");
-    loop {
-        let accepted = tokio::select! {
-            _ = session.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!("accepting a Watcher failed: {e}; retrying");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
+    accept_watchers(
+        &listener,
+        session.cancelled(),
+        &registry,
+        &tracker,
+        |tcp, id| {
+            let (session, limits) = (session.clone(), limits.clone());
+            let watcher = Watcher {
+                tcp,
+                preread: Vec::new(),
+                prefix: String::new(),
+                started: Instant::now(),
+            };
+            async move { carry(watcher, id, &session, &limits).await }
+        },
+    )
+    .await;
+    tracing::info!(port = session.port, "camera port closed");
+}
+
+/// Accepts Watchers on the shared port until `shutdown`; the first request of each
+/// names the camera.
+pub(crate) async fn serve_shared(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    limits: Limits,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    accept_watchers(
+        &listener,
+        shutdown.cancelled(),
+        &registry,
+        &tracker,
+        |tcp, id| {
+            let (registry, limits, shutdown) = (registry.clone(), limits.clone(), shutdown.clone());
+            async move {
+                let routed = tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    routed = route(tcp, &registry, &limits) => routed?,
+                };
+                match routed {
+                    Some((watcher, session)) => carry(watcher, id, &session, &limits).await,
+                    None => Ok(()),
+                }
             }
+        },
+    )
+    .await;
+}
+
+/// Accepts connections on `listener` until `stop`, each served by `serve` (given the
+/// connection and its relay-wide id) in a task of its own, in a `watcher` span. Accept
+/// errors (out of file descriptors, say) are logged and retried after a pause.
+async fn accept_watchers<F, Fut>(
+    listener: &TcpListener,
+    stop: impl Future<Output = ()>,
+    registry: &Registry,
+    tracker: &TaskTracker,
+    mut serve: F,
+) where
+    F: FnMut(TcpStream, u64) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accepting a Watcher failed: {e}; retrying");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
         };
         let connection_id = registry.next_connection_id();
-        let span = tracing::info_span!("watcher", %peer, conn = connection_id);
-        let session = session.clone();
-        let limits = limits.clone();
+        let span = tracing::info_span!(
+            "watcher",
+            %peer,
+            conn = connection_id,
+            camera = tracing::field::Empty
+        );
+        let work = serve(tcp, connection_id);
         tracker.spawn(
             async move {
-                if let Err(e) = watcher(tcp, peer, connection_id, &session, &limits).await {
+                if let Err(e) = work.await {
                     log_watcher_error(&e);
                 }
             }
             .instrument(span),
         );
     }
-    tracing::info!(port = session.port, "camera port closed");
 }
 
-/// Carries one Watcher connection through the tunnel.
-async fn watcher(
-    tcp: TcpStream,
-    peer: SocketAddr,
+/// Reads a shared-port Watcher's first request and finds the camera it names. A camera
+/// that is unknown or offline is answered here (`Ok(None)`), with a reason phrase
+/// naming it.
+async fn route(
+    mut tcp: TcpStream,
+    registry: &Registry,
+    limits: &Limits,
+) -> anyhow::Result<Option<(Watcher, Arc<AgentSession>)>> {
+    let started = Instant::now();
+    let (preread, head) =
+        tokio::time::timeout(limits.first_request_timeout, rtsp::first_request(&mut tcp))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no RTSP request within {:?} on the shared port (limits.first_request_secs)",
+                    limits.first_request_timeout
+                )
+            })??;
+    let Some(camera) = rtsp::camera_of(&head).map(str::to_string) else {
+        refuse(
+            tcp,
+            &head,
+            404,
+            "No Camera In URL; use rtsp://relay:port/agent-id/...",
+        )
+        .await;
+        tracing::warn!(
+            "shared port: the request names no camera (expected /<agent-id>/… in its URL)"
+        );
+        return Ok(None);
+    };
+    let Some(session) = registry.get(&camera) else {
+        let (code, reason) = match check_agent_id(&camera) {
+            Err(_) => (404, "Unknown Camera".to_string()),
+            Ok(()) if registry.knows(&camera) => (503, format!("Camera {camera} Offline")),
+            Ok(()) => (404, format!("Unknown Camera {camera}")),
+        };
+        refuse(tcp, &head, code, &reason).await;
+        tracing::warn!(camera = %camera.escape_debug(), "shared port: answered {code} {reason}");
+        return Ok(None);
+    };
+    tracing::Span::current().record("camera", camera.as_str());
+    let watcher = Watcher {
+        tcp,
+        preread,
+        prefix: format!("/{camera}"),
+        started,
+    };
+    Ok(Some((watcher, session)))
+}
+
+/// Answers a request with the relay's own error and hangs up once the Watcher has read
+/// it (or after [`REFUSAL_LINGER`]).
+async fn refuse(mut tcp: TcpStream, request: &[u8], code: u16, reason: &str) {
+    if tcp
+        .write_all(&rtsp::response(request, code, reason))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = tcp.shutdown().await;
+    // Closing with unread input would reset the connection and could destroy the
+    // answer before the Watcher read it; read until it hangs up.
+    let mut sink = [0; 1024];
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Carries one Watcher connection through the camera's tunnel.
+async fn carry(
+    watcher: Watcher,
     connection_id: u64,
     session: &AgentSession,
     limits: &Limits,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
+    let tcp = &watcher.tcp;
     // Camera traffic is paced small writes; Nagle would hold them back (~45 ms at p99).
     tcp.set_nodelay(true)?;
     let active = ActiveStream::enter(session);
     if active.count > limits.max_streams_per_camera {
-        reset_tcp(&tcp);
+        reset_tcp(tcp);
         anyhow::bail!(
             "refused: camera already has {} Watcher connections (limits.max_streams_per_camera)",
             limits.max_streams_per_camera
         );
     }
-    tracing::debug!(%peer, "Watcher connected");
+    tracing::debug!(camera = %session.id, "Watcher connected");
 
     let conn = session.tunnel(limits.tunnel_wait).await.with_context(|| {
         format!(
@@ -107,7 +255,7 @@ async fn watcher(
     // proxy understands RTSP; any other protocol passes through byte for byte.
     let gate = StatusGate::new(recv, limits.stream_answer_timeout);
     let outcome = tokio::select! {
-        outcome = rtsp::proxy(tcp, gate, send, &session.counters, started, limits.stall_after) => outcome,
+        outcome = rtsp::proxy(watcher, gate, send, &session.counters, limits.stall_after) => outcome,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
     log_media(&outcome.media);

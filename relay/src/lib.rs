@@ -1,5 +1,6 @@
 //! The relay: serves camera agents (WebSocket control link and QUIC tunnels) and makes
-//! each camera reachable as a plain local RTSP server, one TCP port per camera.
+//! each camera reachable as a plain local RTSP server, one TCP port per camera (and,
+//! optionally, all of them on one shared port as `/<agent-id>/…`).
 //!
 //! # Glossary
 //! - **Agent**: `camera-agent` inside a camera; dials out to this relay.
@@ -53,6 +54,8 @@ pub(crate) struct Shared {
 pub struct Relay {
     listener: TcpListener,
     endpoint: quinn::Endpoint,
+    /// The shared RTSP port (`/<agent-id>/…`), if configured.
+    shared_listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -72,10 +75,17 @@ impl Relay {
             quinn::Endpoint::server(tls::quic_server_config(&identity)?, config.quic_listen)
                 .with_context(|| format!("cannot listen on {} (UDP, QUIC)", config.quic_listen))?;
         let quic_port = endpoint.local_addr()?.port();
+        let shared_listener = match config.shared_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} (TCP, shared RTSP port, shared_listen)")
+            })?),
+            None => None,
+        };
         tracing::info!(cert_sha256 = %hex(&cert_sha256), "relay ready: {config}");
         Ok(Relay {
             listener,
             endpoint,
+            shared_listener,
             shared: Arc::new(Shared {
                 registry: Arc::new(Registry::new(config.auth, ports)),
                 limits: config.limits,
@@ -102,6 +112,13 @@ impl Relay {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// Address of the shared RTSP port, if there is one.
+    pub fn shared_addr(&self) -> Option<SocketAddr> {
+        self.shared_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
     /// The live agents.
     pub fn registry(&self) -> Arc<Registry> {
         self.shared.registry.clone()
@@ -113,6 +130,7 @@ impl Relay {
         let Relay {
             listener,
             endpoint,
+            shared_listener,
             shared,
         } = self;
         let root = shared.shutdown.clone();
@@ -123,6 +141,15 @@ impl Relay {
             root.clone(),
             shared.tracker.clone(),
         ));
+        if let Some(listener) = shared_listener {
+            shared.tracker.spawn(forward::serve_shared(
+                listener,
+                shared.registry.clone(),
+                shared.limits.clone(),
+                shared.tracker.clone(),
+                root.clone(),
+            ));
+        }
         let app = control::router(shared.clone());
         let server = axum::serve(
             listener,

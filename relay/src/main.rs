@@ -26,6 +26,9 @@ struct Cli {
     /// First camera port on 127.0.0.1; cameras get ports from here up (100 of them).
     #[arg(long, default_value_t = config::DEFAULT_CAMERA_PORT, conflicts_with = "config")]
     tunnel_port: u16,
+    /// Also serve every camera on this one port, as rtsp://127.0.0.1:PORT/<agent-id>/…
+    #[arg(long, conflicts_with = "config")]
+    shared_port: Option<u16>,
     /// Token every agent must present (quick start).
     #[arg(
         long,
@@ -71,11 +74,15 @@ fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
         "quick-start mode: one shared token for every agent id, plain ws:// control link; \
          use --config with per-agent tokens for anything beyond a trial"
     );
-    Ok(RelayConfig::quick(
+    let config = RelayConfig::quick(
         SocketAddr::new(cli.bind, cli.port),
         cli.tunnel_port,
         Secret::new(token.clone()),
-    )?)
+    )?;
+    Ok(match cli.shared_port {
+        Some(port) => config.with_shared_port(port)?,
+        None => config,
+    })
 }
 
 async fn run(config: RelayConfig) -> anyhow::Result<()> {

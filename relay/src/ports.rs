@@ -101,6 +101,14 @@ impl PortPolicy {
             .map(|(id, _)| id.as_str())
     }
 
+    /// Every agent that has a port assigned, pinned or remembered.
+    pub fn assigned_ids(&self) -> impl Iterator<Item = &str> {
+        self.pinned
+            .keys()
+            .chain(self.remembered.keys())
+            .map(String::as_str)
+    }
+
     /// Records that `agent_id` has `port`, on disk if there is a state directory.
     pub fn remember(&mut self, agent_id: &str, port: u16) -> io::Result<()> {
         if self.pinned.contains_key(agent_id) || self.remembered.get(agent_id) == Some(&port) {

@@ -4,7 +4,7 @@
 //! one source of truth.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -35,6 +35,9 @@ const RELEASE_WAIT: Duration = Duration::from_secs(5);
 pub struct Registry {
     auth: AgentAuth,
     sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+    /// Agents the relay knows, online or not: listed in the config, or registered at
+    /// some time (and so holding a port).
+    known: Mutex<HashSet<String>>,
     /// Held for the whole of a registration: port choice, takeover and bind must not
     /// interleave between two agents, or two could be promised one port.
     ports: tokio::sync::Mutex<PortPolicy>,
@@ -85,9 +88,17 @@ pub struct AgentSession {
 impl Registry {
     /// An empty registry admitting agents per `auth` and `ports`.
     pub fn new(auth: AgentAuth, ports: PortPolicy) -> Self {
+        let known = auth
+            .agents
+            .keys()
+            .map(String::as_str)
+            .chain(ports.assigned_ids())
+            .map(str::to_string)
+            .collect();
         Registry {
             auth,
             sessions: Mutex::new(HashMap::new()),
+            known: Mutex::new(known),
             ports: tokio::sync::Mutex::new(ports),
             next_connection_id: AtomicU64::new(1),
         }
@@ -157,6 +168,7 @@ impl Registry {
         });
         self.lock_sessions()
             .insert(session.id.clone(), session.clone());
+        lock(&self.known).insert(session.id.clone());
         Ok((session, listener))
     }
 
@@ -196,6 +208,12 @@ impl Registry {
         self.lock_sessions().get(agent_id).cloned()
     }
 
+    /// True if `agent_id` is listed in the config or has registered before, even if it
+    /// is offline now.
+    pub fn knows(&self, agent_id: &str) -> bool {
+        lock(&self.known).contains(agent_id)
+    }
+
     /// Every live session, for listings.
     pub fn sessions(&self) -> Vec<Arc<AgentSession>> {
         self.lock_sessions().values().cloned().collect()
@@ -207,9 +225,7 @@ impl Registry {
     }
 
     fn lock_sessions(&self) -> MutexGuard<'_, HashMap<String, Arc<AgentSession>>> {
-        // A panic while holding this lock leaves a consistent map (every mutation is a
-        // single insert or remove), so poisoning carries no meaning here.
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.sessions)
     }
 }
 
@@ -306,6 +322,7 @@ impl AgentSession {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Values behind these locks are replaced whole; a poisoned one is still consistent.
+    // Every mutation behind these locks is one insert, remove or replacement, so a
+    // panic while holding one leaves a consistent value: poisoning carries no meaning.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -10,14 +10,18 @@
 //! Responses, on their way to the Watcher: cameras name themselves by their LAN
 //! address (`Content-Base: rtsp://192.168.1.108:554/…`, SDP `a=control:rtsp://…`,
 //! `Location` on a redirect). A client that follows such a URL leaves the tunnel, so
-//! those URLs are rewritten to name the address the Watcher used. Request URIs are never
-//! rewritten: Digest authentication hashes the URI the client sent, and the camera
-//! checks it against the one it receives.
+//! those URLs are rewritten to name the address the Watcher used.
+//!
+//! On a camera's own port request URIs are never rewritten: Digest authentication
+//! hashes the URI the client sent. On the shared port (`/<agent-id>/…` picks the
+//! camera) the prefix has to go before the camera sees the path, and comes back on
+//! every URL the camera returns; the `Authorization` header is left alone, so a camera
+//! that hashes the header's `uri` (gst-rtsp-server, live555) still accepts it.
 
 /// Largest SDP body the relay holds back to rewrite; a larger one passes unchanged.
 pub(crate) const MAX_SDP: usize = 64 * 1024;
 
-/// Response headers whose URLs name the camera.
+/// Response headers that are a URL naming the camera.
 const URL_HEADERS: [&str; 3] = ["content-base", "content-location", "location"];
 
 /// The relay's decision about one request head.
@@ -25,15 +29,32 @@ const URL_HEADERS: [&str; 3] = ["content-base", "content-location", "location"];
 pub(crate) enum Decision {
     /// Send it to the camera as it is.
     Forward,
-    /// Send this head instead (the Transport header narrowed to TCP).
+    /// Send this head instead (the Transport header narrowed to TCP, the shared port's
+    /// prefix taken off the URI).
     Rewrite(Vec<u8>),
     /// Do not send it; answer the Watcher with this response.
     Answer(Vec<u8>),
 }
 
 /// Decides what to do with a request head (the scanner guarantees start line, headers
-/// and blank line; anything it cannot read is forwarded untouched).
-pub(crate) fn on_request(head: &[u8]) -> Decision {
+/// and blank line; anything it cannot read is forwarded untouched). On the shared port
+/// (`prefix` is `/<agent-id>`) every request must be under the prefix, so a URL the
+/// relay failed to rename can never reach the camera by accident.
+pub(crate) fn on_request(head: &[u8], prefix: &str) -> Decision {
+    if prefix.is_empty() || request_uri(head) == Some("*") {
+        return check_transport(head);
+    }
+    match strip_prefix(head, prefix) {
+        None => Decision::Answer(response(head, 404, &format!("Not Under {prefix}"))),
+        Some(stripped) => match check_transport(&stripped) {
+            Decision::Forward => Decision::Rewrite(stripped),
+            decided => decided,
+        },
+    }
+}
+
+/// A SETUP asking for UDP only is answered 461; one offering TCP too is narrowed to it.
+fn check_transport(head: &[u8]) -> Decision {
     let Ok(text) = std::str::from_utf8(head) else {
         return Decision::Forward;
     };
@@ -58,18 +79,7 @@ pub(crate) fn on_request(head: &[u8]) -> Decision {
         return Decision::Forward;
     }
     if tcp.is_empty() {
-        let cseq = lines
-            .iter()
-            .find(|l| header_name(l).eq_ignore_ascii_case("cseq"))
-            .map(|l| header_value(l))
-            .unwrap_or("0");
-        return Decision::Answer(
-            format!(
-                "RTSP/1.0 461 Unsupported Transport\r\nCSeq: {cseq}\r\nServer: camera-relay\r\n\
-                 Content-Length: 0\r\n\r\n"
-            )
-            .into_bytes(),
-        );
+        return Decision::Answer(response(head, 461, "Unsupported Transport"));
     }
     let narrowed = format!("Transport: {}", tcp.join(","));
     lines[at] = &narrowed;
@@ -78,14 +88,72 @@ pub(crate) fn on_request(head: &[u8]) -> Decision {
     Decision::Rewrite(rewritten.into_bytes())
 }
 
+/// The relay's own response to the request `head`: status line, its `CSeq`, no body.
+pub(crate) fn response(head: &[u8], code: u16, reason: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let cseq = text
+        .split("\r\n")
+        .skip(1)
+        .find(|l| header_name(l).eq_ignore_ascii_case("cseq"))
+        .map(header_value)
+        .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or("0");
+    format!(
+        "RTSP/1.0 {code} {reason}\r\nCSeq: {cseq}\r\nServer: camera-relay\r\nContent-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The request URI of a request head.
+fn request_uri(head: &[u8]) -> Option<&str> {
+    let line = head.split(|&b| b == b'\r').next()?;
+    std::str::from_utf8(line).ok()?.split(' ').nth(1)
+}
+
+/// The path of an absolute `rtsp://` URI, with its query: where the authority ends.
+fn path_start(uri: &str) -> Option<usize> {
+    let rest = uri.strip_prefix("rtsp://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    Some("rtsp://".len() + end)
+}
+
+/// The first path segment of a request's absolute URI: on the shared port, the id of
+/// the camera the Watcher wants. `None` for `*` or a URI without a path.
+pub(crate) fn camera_of(head: &[u8]) -> Option<&str> {
+    let uri = request_uri(head)?;
+    let path = uri[path_start(uri)?..].strip_prefix('/')?;
+    let segment = path.split(['/', '?', '#']).next()?;
+    (!segment.is_empty()).then_some(segment)
+}
+
+/// The request head with `prefix` (`/<agent-id>`) taken off the front of its URI's
+/// path, as the camera knows it; `None` if the URI does not start with it.
+pub(crate) fn strip_prefix(head: &[u8], prefix: &str) -> Option<Vec<u8>> {
+    let uri = request_uri(head)?;
+    let at = path_start(uri)?;
+    let rest = uri[at..].strip_prefix(prefix)?;
+    if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        return None;
+    }
+    let path = if rest.starts_with('/') {
+        rest.to_string()
+    } else {
+        format!("/{rest}")
+    };
+    let uri_at = head.iter().position(|&b| b == b' ')? + 1;
+    let mut out = Vec::with_capacity(head.len());
+    out.extend_from_slice(&head[..uri_at]);
+    out.extend_from_slice(&uri.as_bytes()[..at]);
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(&head[uri_at + uri.len()..]);
+    Some(out)
+}
+
 /// The authority (`host:port`) a request's absolute `rtsp://` URI names, without any
 /// user info: the address the Watcher used to reach the camera.
 pub(crate) fn request_authority(head: &[u8]) -> Option<String> {
-    let line = head.split(|&b| b == b'\r').next()?;
-    let line = std::str::from_utf8(line).ok()?;
-    let uri = line.split(' ').nth(1)?;
-    let rest = uri.strip_prefix("rtsp://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
+    let uri = request_uri(head)?;
+    let authority = &uri["rtsp://".len()..path_start(uri)?];
     let authority = authority.rsplit('@').next()?;
     (!authority.is_empty()).then(|| authority.to_string())
 }
@@ -107,9 +175,22 @@ pub(crate) fn has_sdp_body(head: &[u8]) -> bool {
     sdp && (1..=MAX_SDP).contains(&length)
 }
 
-/// A response head (and, for an SDP response, its body) with every camera URL made to
-/// name `authority`, and `Content-Length` fixed to the new body.
-pub(crate) fn rewrite_response(head: &[u8], body: &[u8], authority: &str) -> (Vec<u8>, Vec<u8>) {
+/// Where the Watcher reached the camera: every URL the camera returns is renamed to it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WatcherView<'a> {
+    /// The `host:port` the Watcher dialled.
+    pub(crate) authority: &'a str,
+    /// `/<agent-id>` on the shared port, empty on the camera's own port.
+    pub(crate) prefix: &'a str,
+}
+
+/// A response head (and, for an SDP response, its body) with every camera URL renamed
+/// to the Watcher's `view`, and `Content-Length` fixed to the new body.
+pub(crate) fn rewrite_response(
+    head: &[u8],
+    body: &[u8],
+    view: WatcherView<'_>,
+) -> (Vec<u8>, Vec<u8>) {
     let (Ok(head_text), Ok(body_text)) = (std::str::from_utf8(head), std::str::from_utf8(body))
     else {
         return (head.to_vec(), body.to_vec());
@@ -117,7 +198,7 @@ pub(crate) fn rewrite_response(head: &[u8], body: &[u8], authority: &str) -> (Ve
     let body: String = body_text
         .split_inclusive('\n')
         .map(|line| match line.strip_prefix("a=control:") {
-            Some(url) => format!("a=control:{}", rename_authority(url, authority)),
+            Some(url) => format!("a=control:{}", rename(url, view)),
             None => line.to_string(),
         })
         .collect();
@@ -130,8 +211,24 @@ pub(crate) fn rewrite_response(head: &[u8], body: &[u8], authority: &str) -> (Ve
                 format!(
                     "{}: {}",
                     header_name(line),
-                    rename_authority(header_value(line), authority)
+                    rename(header_value(line), view)
                 )
+            } else if name == "rtp-info" {
+                // `url=rtsp://…;seq=…;rtptime=…` per stream, comma separated.
+                let renamed: Vec<String> = header_value(line)
+                    .split(',')
+                    .map(|stream| {
+                        stream
+                            .split(';')
+                            .map(|param| match param.trim_start().strip_prefix("url=") {
+                                Some(url) => format!("url={}", rename(url, view)),
+                                None => param.to_string(),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(";")
+                    })
+                    .collect();
+                format!("{}: {}", header_name(line), renamed.join(","))
             } else if name == "content-length" && !body.is_empty() {
                 format!("{}: {}", header_name(line), body.len())
             } else {
@@ -144,12 +241,14 @@ pub(crate) fn rewrite_response(head: &[u8], body: &[u8], authority: &str) -> (Ve
     (lines.join("\r\n").into_bytes(), body.into_bytes())
 }
 
-/// `url` with the authority of its `rtsp://` scheme replaced by `authority`.
-fn rename_authority(url: &str, authority: &str) -> String {
+/// An absolute `rtsp://` URL as the Watcher must see it: its authority replaced and
+/// the view's prefix put in front of its path. Relative URLs resolve against a renamed
+/// base, so they stay as they are.
+fn rename(url: &str, view: WatcherView<'_>) -> String {
     match url.strip_prefix("rtsp://") {
         Some(rest) => {
             let end = rest.find(['/', '?', '#', '\r', '\n']).unwrap_or(rest.len());
-            format!("rtsp://{authority}{}", &rest[end..])
+            format!("rtsp://{}{}{}", view.authority, view.prefix, &rest[end..])
         }
         None => url.to_string(),
     }
@@ -179,6 +278,10 @@ mod tests {
             .into_bytes()
     }
 
+    fn view<'a>(authority: &'a str, prefix: &'a str) -> WatcherView<'a> {
+        WatcherView { authority, prefix }
+    }
+
     #[test]
     fn udp_only_setups_are_answered_461_with_their_cseq() {
         for transport in [
@@ -187,7 +290,7 @@ mod tests {
             "RTP/AVP;multicast;port=5000-5001",
             "RTP/AVP;unicast;client_port=5000-5001,RTP/AVP;multicast",
         ] {
-            let Decision::Answer(response) = on_request(&setup(transport)) else {
+            let Decision::Answer(response) = on_request(&setup(transport), "") else {
                 panic!("{transport}: not answered");
             };
             let response = String::from_utf8(response).unwrap();
@@ -229,7 +332,7 @@ mod tests {
         );
         assert!(has_sdp_body(head.as_bytes()));
         let (new_head, new_body) =
-            rewrite_response(head.as_bytes(), sdp.as_bytes(), "127.0.0.1:8554");
+            rewrite_response(head.as_bytes(), sdp.as_bytes(), view("127.0.0.1:8554", ""));
         let (new_head, new_body) = (
             String::from_utf8(new_head).unwrap(),
             String::from_utf8(new_body).unwrap(),
@@ -254,7 +357,7 @@ mod tests {
 
         let redirect = b"RTSP/1.0 302 Moved\r\nCSeq: 4\r\nLocation: rtsp://10.0.0.7/other\r\n\r\n";
         assert!(!has_sdp_body(redirect));
-        let (new_head, _) = rewrite_response(redirect, b"", "relay:8554");
+        let (new_head, _) = rewrite_response(redirect, b"", view("relay:8554", ""));
         assert_eq!(
             new_head,
             b"RTSP/1.0 302 Moved\r\nCSeq: 4\r\nLocation: rtsp://relay:8554/other\r\n\r\n"
@@ -265,7 +368,7 @@ mod tests {
     fn mixed_offers_are_narrowed_to_tcp_and_tcp_passes_untouched() {
         let head =
             setup("RTP/AVP;unicast;client_port=5000-5001, RTP/AVP/TCP;unicast;interleaved=0-1");
-        let Decision::Rewrite(new) = on_request(&head) else {
+        let Decision::Rewrite(new) = on_request(&head, "") else {
             panic!("not narrowed")
         };
         let new = String::from_utf8(new).unwrap();
@@ -277,16 +380,172 @@ mod tests {
         assert!(new.ends_with("User-Agent: t\r\n\r\n"));
 
         assert_eq!(
-            on_request(&setup("RTP/AVP/TCP;unicast;interleaved=0-1")),
+            on_request(&setup("RTP/AVP/TCP;unicast;interleaved=0-1"), ""),
             Decision::Forward
         );
         assert_eq!(
-            on_request(b"DESCRIBE rtsp://h/x RTSP/1.0\r\nCSeq: 2\r\n\r\n"),
+            on_request(b"DESCRIBE rtsp://h/x RTSP/1.0\r\nCSeq: 2\r\n\r\n", ""),
             Decision::Forward
         );
         assert_eq!(
-            on_request(b"SETUP rtsp://h/x RTSP/1.0\r\nCSeq: 2\r\n\r\n"),
+            on_request(b"SETUP rtsp://h/x RTSP/1.0\r\nCSeq: 2\r\n\r\n", ""),
             Decision::Forward
         );
+    }
+
+    #[test]
+    fn the_shared_port_reads_the_camera_from_the_first_path_segment() {
+        let head = |uri: &str| format!("DESCRIBE {uri} RTSP/1.0\r\nCSeq: 2\r\n\r\n").into_bytes();
+        let cases = [
+            (
+                "rtsp://127.0.0.1:8553/cam-1/cam/realmonitor?channel=1&subtype=0",
+                Some("cam-1"),
+            ),
+            ("rtsp://u:p@relay:8553/cam-2", Some("cam-2")),
+            ("rtsp://relay:8553/cam-3?x=1", Some("cam-3")),
+            ("rtsp://relay:8553/", None),
+            ("rtsp://relay:8553", None),
+            ("*", None),
+        ];
+        for (uri, camera) in cases {
+            assert_eq!(camera_of(&head(uri)), camera, "{uri}");
+        }
+    }
+
+    #[test]
+    fn the_prefix_goes_before_the_camera_and_comes_back_on_its_urls() {
+        let head = b"DESCRIBE rtsp://127.0.0.1:8553/cam-1/cam/realmonitor?channel=1&subtype=0 RTSP/1.0\r\n\
+                     CSeq: 2\r\nAuthorization: Digest uri=\"rtsp://127.0.0.1:8553/cam-1/cam/realmonitor?channel=1&subtype=0\"\r\n\r\n";
+        let stripped = String::from_utf8(strip_prefix(head, "/cam-1").unwrap()).unwrap();
+        assert!(
+            stripped.starts_with(
+                "DESCRIBE rtsp://127.0.0.1:8553/cam/realmonitor?channel=1&subtype=0 RTSP/1.0\r\nCSeq: 2\r\n"
+            ),
+            "{stripped}"
+        );
+        assert!(
+            stripped.contains("uri=\"rtsp://127.0.0.1:8553/cam-1/cam/"),
+            "Authorization is left for the camera to check: {stripped}"
+        );
+        let bare = b"OPTIONS rtsp://relay:8553/cam-1 RTSP/1.0\r\nCSeq: 1\r\n\r\n";
+        assert_eq!(
+            strip_prefix(bare, "/cam-1").unwrap(),
+            b"OPTIONS rtsp://relay:8553/ RTSP/1.0\r\nCSeq: 1\r\n\r\n"
+        );
+        let other = b"OPTIONS rtsp://relay:8553/cam-10/x RTSP/1.0\r\nCSeq: 1\r\n\r\n";
+        assert_eq!(
+            strip_prefix(other, "/cam-1"),
+            None,
+            "a longer id is another camera"
+        );
+        assert_eq!(
+            strip_prefix(b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\n\r\n", "/cam-1"),
+            None
+        );
+
+        let sdp = "v=0\r\na=control:rtsp://192.168.1.108:554/cam/realmonitor/trackID=0\r\na=control:trackID=1\r\n";
+        let response = format!(
+            "RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Base: rtsp://192.168.1.108:554/cam/realmonitor/\r\n\
+             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n",
+            sdp.len()
+        );
+        let (head, body) = rewrite_response(
+            response.as_bytes(),
+            sdp.as_bytes(),
+            view("127.0.0.1:8553", "/cam-1"),
+        );
+        let (head, body) = (
+            String::from_utf8(head).unwrap(),
+            String::from_utf8(body).unwrap(),
+        );
+        assert!(
+            head.contains("Content-Base: rtsp://127.0.0.1:8553/cam-1/cam/realmonitor/\r\n"),
+            "{head}"
+        );
+        assert!(
+            body.contains("a=control:rtsp://127.0.0.1:8553/cam-1/cam/realmonitor/trackID=0\r\n")
+                && body.contains("a=control:trackID=1\r\n"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn on_the_shared_port_every_request_must_be_under_the_cameras_prefix() {
+        let request = |uri: &str, transport: &str| {
+            format!("SETUP {uri} RTSP/1.0\r\nCSeq: 4\r\nTransport: {transport}\r\n\r\n")
+                .into_bytes()
+        };
+        let tcp = "RTP/AVP/TCP;unicast;interleaved=0-1";
+        let Decision::Rewrite(head) = on_request(
+            &request("rtsp://r:8553/cam-1/cam/x/trackID=0", tcp),
+            "/cam-1",
+        ) else {
+            panic!("not stripped");
+        };
+        assert!(head.starts_with(b"SETUP rtsp://r:8553/cam/x/trackID=0 RTSP/1.0\r\n"));
+        // Narrowing and 461 work on the stripped head as on a camera's own port.
+        let mixed = format!("RTP/AVP;unicast;client_port=1-2,{tcp}");
+        let Decision::Rewrite(head) =
+            on_request(&request("rtsp://r:8553/cam-1/cam/x", &mixed), "/cam-1")
+        else {
+            panic!("not narrowed");
+        };
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.starts_with("SETUP rtsp://r:8553/cam/x RTSP/1.0")
+                && head.contains(&format!("Transport: {tcp}\r\n")),
+            "{head}"
+        );
+        assert!(matches!(
+            on_request(&request("rtsp://r:8553/cam-1/cam/x", "RTP/AVP;unicast;client_port=1-2"), "/cam-1"),
+            Decision::Answer(a) if a.starts_with(b"RTSP/1.0 461 ")
+        ));
+        // A URL the relay did not rename (or another camera's) never reaches the camera.
+        let Decision::Answer(answer) = on_request(&request("rtsp://r:8553/cam/x", tcp), "/cam-1")
+        else {
+            panic!("forwarded a request outside the prefix");
+        };
+        assert!(answer.starts_with(b"RTSP/1.0 404 Not Under /cam-1\r\nCSeq: 4\r\n"));
+        assert_eq!(
+            on_request(b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\n\r\n", "/cam-1"),
+            Decision::Forward
+        );
+    }
+
+    #[test]
+    fn rtp_info_urls_are_renamed_too() {
+        let play = b"RTSP/1.0 200 OK\r\nCSeq: 5\r\nRTP-Info: url=rtsp://192.168.1.108:554/cam/trackID=0;seq=1;rtptime=2,url=rtsp://192.168.1.108:554/cam/trackID=1;seq=3\r\n\r\n";
+        let (head, _) = rewrite_response(play, b"", view("127.0.0.1:8553", "/cam-1"));
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "RTSP/1.0 200 OK\r\nCSeq: 5\r\nRTP-Info: url=rtsp://127.0.0.1:8553/cam-1/cam/trackID=0;seq=1;rtptime=2,url=rtsp://127.0.0.1:8553/cam-1/cam/trackID=1;seq=3\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn relay_answers_carry_the_cseq_and_nothing_else_of_the_request() {
+        let answer = response(
+            b"DESCRIBE rtsp://r/x RTSP/1.0\r\nCSeq: 7\r\n\r\n",
+            404,
+            "Unknown Camera x",
+        );
+        assert_eq!(
+            answer,
+            b"RTSP/1.0 404 Unknown Camera x\r\nCSeq: 7\r\nServer: camera-relay\r\nContent-Length: 0\r\n\r\n"
+        );
+        let odd = response(
+            b"DESCRIBE rtsp://r/x RTSP/1.0\r\nCSeq: 7\r\nX: 1\r\n\r\n",
+            503,
+            "Camera Offline",
+        );
+        assert!(String::from_utf8(odd).unwrap().contains("\r\nCSeq: 7\r\n"));
+        let forged = response(
+            b"DESCRIBE rtsp://r/x RTSP/1.0\r\nCSeq: 7\rX-Injected: 1\r\n\r\n",
+            404,
+            "Unknown Camera",
+        );
+        assert!(String::from_utf8(forged)
+            .unwrap()
+            .contains("\r\nCSeq: 0\r\n"));
     }
 }

@@ -11,4 +11,5 @@ mod scanner;
 mod session;
 
 pub use media::MediaStats;
-pub(crate) use session::proxy;
+pub(crate) use message::{camera_of, response};
+pub(crate) use session::{first_request, proxy, Watcher};

@@ -20,16 +20,15 @@ use std::{
 use common::splice::{reset_tcp, ByteCounters, Transfer, RESET_CODE};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream,
-    },
+    net::{tcp::OwnedWriteHalf, TcpStream},
     sync::mpsc,
 };
 
 use super::{
     media::{MediaMeter, MediaStats, PEEK},
-    message::{has_sdp_body, on_request, request_authority, rewrite_response, Decision},
+    message::{
+        has_sdp_body, on_request, request_authority, rewrite_response, Decision, WatcherView,
+    },
     scanner::{Event, Scanner},
 };
 
@@ -49,24 +48,45 @@ pub(crate) struct Outcome {
     pub(crate) media: MediaStats,
 }
 
-/// Carries one Watcher connection, which connected at `started`, through a QUIC stream
-/// until both directions end. Media that stops for `stall_after` while playing is a stall.
+/// A Watcher connection as the proxy takes it.
+#[derive(Debug)]
+pub(crate) struct Watcher {
+    pub(crate) tcp: TcpStream,
+    /// Bytes already read from `tcp` (the shared port reads the first request to learn
+    /// which camera is wanted); they go first.
+    pub(crate) preread: Vec<u8>,
+    /// `/<agent-id>` on the shared port, empty on a camera's own port.
+    pub(crate) prefix: String,
+    /// When the Watcher connected.
+    pub(crate) started: Instant,
+}
+
+/// Carries one Watcher connection through a QUIC stream until both directions end.
+/// Media that stops for `stall_after` while playing is a stall.
 pub(crate) async fn proxy<R>(
-    tcp: TcpStream,
+    watcher: Watcher,
     mut quic_recv: R,
     mut quic_send: quinn::SendStream,
     counters: &ByteCounters,
-    started: Instant,
     stall_after: Duration,
 ) -> Outcome
 where
     R: AsyncRead + Unpin,
 {
-    let (mut watcher_rd, mut watcher_wr) = tcp.into_split();
+    let Watcher {
+        tcp,
+        preread,
+        prefix,
+        started,
+    } = watcher;
+    let (watcher_rd, mut watcher_wr) = tcp.into_split();
+    let mut watcher_rd = io::Cursor::new(preread).chain(watcher_rd);
     let (answers_tx, answers_rx) = mpsc::channel(PENDING_ANSWERS);
-    // The host:port the Watcher dialled, learnt from its first absolute request URI
-    // (before the camera can answer anything) and used to rename the camera's URLs.
     let authority = OnceLock::new();
+    let naming = Naming {
+        authority: &authority,
+        prefix: &prefix,
+    };
     // False after the Watcher asked to PAUSE or TEARDOWN: silence is then expected.
     let playing = AtomicBool::new(true);
     let mut meter = MediaMeter::new(started);
@@ -74,7 +94,7 @@ where
         &mut watcher_rd,
         &mut quic_send,
         answers_tx,
-        &authority,
+        naming,
         &playing,
         &counters.from_tcp,
     );
@@ -86,7 +106,7 @@ where
         &mut quic_recv,
         &mut watcher_wr,
         answers_rx,
-        &authority,
+        naming,
         &mut meter,
         watch,
         &counters.to_tcp,
@@ -106,15 +126,54 @@ where
     }
 }
 
-/// Watcher → camera: requests are checked, everything else passes.
-async fn upstream(
-    watcher: &mut OwnedReadHalf,
+/// Reads until the first complete request head: everything read so far (to be passed
+/// on as [`Watcher::preread`]) and that head. An error if the stream ends first or is
+/// not RTSP.
+pub(crate) async fn first_request<R>(watcher: &mut R) -> io::Result<(Vec<u8>, Vec<u8>)>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut preread = Vec::new();
+    let mut buf = vec![0; 4096];
+    let mut scanner = Scanner::new();
+    loop {
+        let n = watcher.read(&mut buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the Watcher hung up before sending a whole request",
+            ));
+        }
+        preread.extend_from_slice(&buf[..n]);
+        for event in scanner.feed(&buf[..n]) {
+            match event {
+                Event::Head(head) => return Ok((preread, head)),
+                Event::NotRtsp(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "not RTSP: the shared port carries RTSP only (other protocols \
+                         reach a camera on its own port)",
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Watcher → camera: requests are checked (and on the shared port lose the camera's
+/// `prefix`), everything else passes.
+async fn upstream<R>(
+    watcher: &mut R,
     camera: &mut quinn::SendStream,
     answers: mpsc::Sender<Vec<u8>>,
-    authority: &OnceLock<String>,
+    naming: Naming<'_>,
     playing: &AtomicBool,
     counter: &AtomicU64,
-) -> io::Result<u64> {
+) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+{
     let mut buf = vec![0; BUFFER];
     let mut out = Vec::with_capacity(BUFFER);
     let mut scanner = Scanner::new();
@@ -142,22 +201,16 @@ async fn upstream(
                     } else if head.starts_with(b"PAUSE ") || head.starts_with(b"TEARDOWN ") {
                         playing.store(false, Ordering::Relaxed);
                     }
-                    if authority.get().is_none() {
+                    if naming.authority.get().is_none() {
                         if let Some(found) = request_authority(&head) {
-                            let _ = authority.set(found);
+                            let _ = naming.authority.set(found);
                         }
                     }
-                    match on_request(&head) {
+                    match on_request(&head, naming.prefix) {
                         Decision::Forward => out.extend_from_slice(&head),
-                        Decision::Rewrite(narrowed) => {
-                            tracing::debug!("SETUP offered UDP and TCP; passing on only TCP");
-                            out.extend_from_slice(&narrowed);
-                        }
+                        Decision::Rewrite(rewritten) => out.extend_from_slice(&rewritten),
                         Decision::Answer(response) => {
-                            tracing::info!(
-                                "SETUP asked for RTP over UDP, which the tunnel cannot carry; \
-                                 answered 461 so the client retries over TCP"
-                            );
+                            log_answer(&response);
                             // The downstream half only goes away with the connection.
                             let _ = answers.send(response).await;
                         }
@@ -166,6 +219,39 @@ async fn upstream(
             }
         }
         camera.write_all(&out).await?;
+    }
+}
+
+fn log_answer(response: &[u8]) {
+    let status = response.split(|&b| b == b'\r').next().unwrap_or_default();
+    let status = String::from_utf8_lossy(status);
+    if status.contains(" 461 ") {
+        tracing::info!(
+            "SETUP asked for RTP over UDP, which the tunnel cannot carry; \
+             answered 461 so the client retries over TCP"
+        );
+    } else {
+        tracing::warn!("answered {status:?} in the camera's place");
+    }
+}
+
+/// How the Watcher names the camera, shared by both directions.
+#[derive(Clone, Copy)]
+struct Naming<'a> {
+    /// The host:port the Watcher dialled, learnt from its first absolute request URI
+    /// (before the camera can answer anything).
+    authority: &'a OnceLock<String>,
+    /// `/<agent-id>` on the shared port, empty on the camera's own port.
+    prefix: &'a str,
+}
+
+impl<'a> Naming<'a> {
+    /// What the camera's URLs are renamed to, once known.
+    fn view(&self) -> Option<WatcherView<'a>> {
+        Some(WatcherView {
+            authority: self.authority.get()?,
+            prefix: self.prefix,
+        })
     }
 }
 
@@ -183,7 +269,7 @@ async fn downstream<R>(
     camera: &mut R,
     watcher: &mut OwnedWriteHalf,
     mut answers: mpsc::Receiver<Vec<u8>>,
-    authority: &OnceLock<String>,
+    naming: Naming<'_>,
     meter: &mut MediaMeter,
     stalls: Stalls<'_>,
     counter: &AtomicU64,
@@ -257,8 +343,8 @@ where
                         (Event::NotRtsp(bytes), _) => out.extend_from_slice(&bytes),
                         (Event::Frame { channel, len }, _) => packet = Some((channel, len, Vec::with_capacity(PEEK))),
                         (Event::Head(head), _) if has_sdp_body(&head) => held = Some((head, Vec::new())),
-                        (Event::Head(head), _) => match authority.get() {
-                            Some(authority) => out.extend_from_slice(&rewrite_response(&head, &[], authority).0),
+                        (Event::Head(head), _) => match naming.view() {
+                            Some(view) => out.extend_from_slice(&rewrite_response(&head, &[], view).0),
                             None => out.extend_from_slice(&head),
                         },
                         (Event::End, _) => {
@@ -279,8 +365,8 @@ where
                             }
                             if let Some((head, body)) = held.take() {
                                 meter.on_sdp(&body);
-                                let (head, body) = match authority.get() {
-                                    Some(authority) => rewrite_response(&head, &body, authority),
+                                let (head, body) = match naming.view() {
+                                    Some(view) => rewrite_response(&head, &body, view),
                                     None => (head, body),
                                 };
                                 out.extend_from_slice(&head);
