@@ -7,8 +7,8 @@
 #   x264enc (plugins-ugly);
 # - the Watchers: ffprobe/ffmpeg, and GStreamer's rtspsrc (gst-launch-1.0, with the
 #   libav decoders);
-# - the test network: iproute2 (network namespaces, veth) and iptables (the NAT router
-#   in front of the cameras' LANs).
+# - the test network: iproute2 (network namespaces, veth), iptables (the NAT router
+#   in front of the cameras' LANs) and curl (a client of the relay's HTTP side).
 # It runs apt only when something is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -44,8 +44,8 @@ have_watchers() {
 if ! have_camera_sim || ! have_watchers; then
   missing+=("${APT_PACKAGES[@]}")
 fi
-if ! command -v ip >/dev/null || ! command -v iptables >/dev/null; then
-  missing+=(iproute2 iptables)
+if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v curl >/dev/null; then
+  missing+=(iproute2 iptables curl)
 fi
 if ! command -v cargo >/dev/null; then
   missing+=("rustc-web=$RUST_VERSION" "cargo-web=$RUST_VERSION"

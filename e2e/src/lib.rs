@@ -586,6 +586,45 @@ pub async fn gst_decode(
     Ok(())
 }
 
+/// The value of the sample `series` (name and labels, exactly as exposed, e.g.
+/// `camera_relay_rtp_packets_total{camera="cam-1"}`) in a Prometheus text exposition.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// The `key=value` fields of a log line after `message` (tracing's format), with
+/// any ANSI colouring removed.
+pub fn log_fields(line: &str, message: &str) -> std::collections::HashMap<String, String> {
+    let plain: String = {
+        let mut out = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // ESC [ … letter
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    };
+    plain
+        .split_once(message)
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|field| field.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// `rtsp://admin:admin@127.0.0.1:{port}{path}`.
 pub fn rtsp_url(port: u16, path: &str) -> String {
     format!("rtsp://admin:admin@127.0.0.1:{port}{path}")
@@ -778,6 +817,23 @@ impl NatRig {
     /// `path` of camera `i` on its own relay port, with the simulator's credentials.
     pub fn camera_url(&self, i: usize, path: &str) -> String {
         rtsp_url(Self::camera_port(i), path)
+    }
+
+    /// GETs `path` from the relay's control listener (its API), as a client on the
+    /// relay's side does.
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<String> {
+        let url = format!("http://{}:{}{path}", netns::RELAY_IP, Self::RELAY_PORT);
+        let mut cmd = self.watchers().command("curl");
+        cmd.args(["--silent", "--show-error", "--fail", "--max-time", "20"])
+            .arg(&url);
+        let output = run_watcher(cmd, "curl", &url).await?;
+        if !output.status.success() {
+            bail!(
+                "GET {url} failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8(output.stdout)?)
     }
 
     /// `path` of the camera of `agent_id` on the relay's shared port.

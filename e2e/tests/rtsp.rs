@@ -7,7 +7,9 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
-use e2e::{ffprobe_with, gst_decode, netns::camera_ip, NatRig, MAIN_STREAM, SUB_STREAM};
+use e2e::{
+    ffprobe_with, gst_decode, log_fields, metric, netns::camera_ip, NatRig, MAIN_STREAM, SUB_STREAM,
+};
 
 const FRAMES: u32 = 10;
 const TCP: &[&str] = &["-rtsp_transport", "tcp"];
@@ -248,4 +250,60 @@ async fn one_shared_port_reaches_each_camera_by_its_agent_id() {
         e.contains("503") && e.contains(&format!("Camera {two} Offline")),
         "{e}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_health_matches_what_the_camera_sends() {
+    // Noise, so the encoder spends its whole bitrate; a keyframe every 2 s (50 frames).
+    let args = ["--fps", "25", "--sub-kbps", "512", "--pattern", "snow"];
+    let mut rig = NatRig::start(&[&args]).await.unwrap();
+    ffprobe_with(&rig.watchers(), rig.camera_url(0, SUB_STREAM), 150, TCP)
+        .await
+        .unwrap();
+
+    // The session's numbers, as the relay logs them when it ends.
+    let line = rig
+        .relay
+        .process
+        .wait_for_line("media of the Watcher session")
+        .await
+        .unwrap();
+    let session = log_fields(&line, "media of the Watcher session");
+    let number = |key: &str| -> f64 {
+        session
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    let within = |value: f64, target: f64| (value / target - 1.0).abs() <= 0.10;
+    assert!(number("frames") >= 140.0 && number("lost") == 0.0, "{line}");
+    assert!(within(number("fps"), 25.0), "frame rate: {line}");
+    assert!(within(number("kbit_s"), 512.0), "bitrate: {line}");
+    assert!(number("keyframes") >= 2.0, "{line}");
+    assert!(
+        within(number("keyframe_interval_ms"), 2000.0),
+        "keyframe interval: {line}"
+    );
+    // The stream is made for the first Watcher and starts with a keyframe.
+    assert!(number("first_keyframe_ms") < 5000.0, "{line}");
+    assert!(
+        number("jitter_ms") >= 0.0 && number("stalls") == 0.0,
+        "{line}"
+    );
+
+    // The camera's metrics hold the same session.
+    let text = rig.http_get("/metrics").await.unwrap();
+    let series = |name: &str| {
+        let series = format!("camera_relay_{name}{{camera=\"{}\"}}", NatRig::agent_id(0));
+        metric(&text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(series("rtp_packets_total"), number("packets"));
+    assert_eq!(series("video_frames_total"), number("frames"));
+    assert_eq!(series("video_keyframes_total"), number("keyframes"));
+    assert_eq!(series("rtp_lost_total"), 0.0);
+    assert_eq!(series("media_stalls_total"), 0.0);
+    assert_eq!(series("watcher_sessions_total"), 1.0);
+    assert_eq!(series("watcher_sessions"), 0.0, "the session is over");
+    assert_eq!(series("first_keyframe_seconds_count"), 1.0);
+    assert_eq!(metric(&text, "camera_relay_agents_online"), Some(1.0));
 }

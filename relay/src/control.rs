@@ -31,7 +31,19 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/tunnel", get(upgrade))
         .route("/agent/{id}", get(upgrade_as))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .with_state(shared)
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let online = shared.registry.sessions().len();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.registry.metrics().render(online),
+    )
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {

@@ -255,7 +255,7 @@ async fn carry(
     // proxy understands RTSP; any other protocol passes through byte for byte.
     let gate = StatusGate::new(recv, limits.stream_answer_timeout);
     let outcome = tokio::select! {
-        outcome = rtsp::proxy(watcher, gate, send, &session.counters, limits.stall_after) => outcome,
+        outcome = rtsp::proxy(watcher, gate, send, (&session.counters, &session.metrics), limits.stall_after) => outcome,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
     log_media(&outcome.media);
@@ -276,6 +276,7 @@ fn log_media(media: &MediaStats) {
     let kbps = media.bitrate.map_or(0.0, |b| b / 1000.0);
     tracing::info!(
         packets = media.packets,
+        frames = media.frames,
         lost = media.lost,
         fps = media.fps.map(|f| (f * 10.0).round() / 10.0),
         kbit_s = kbps.round(),
@@ -321,6 +322,8 @@ struct ActiveStream<'a> {
 impl<'a> ActiveStream<'a> {
     fn enter(session: &'a AgentSession) -> Self {
         let count = session.active_streams.fetch_add(1, Ordering::Relaxed) + 1;
+        session.metrics.sessions.inc();
+        session.metrics.sessions_total.inc();
         ActiveStream { session, count }
     }
 }
@@ -328,6 +331,7 @@ impl<'a> ActiveStream<'a> {
 impl Drop for ActiveStream<'_> {
     fn drop(&mut self) {
         self.session.active_streams.fetch_sub(1, Ordering::Relaxed);
+        self.session.metrics.sessions.dec();
     }
 }
 

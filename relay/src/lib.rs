@@ -18,6 +18,7 @@ pub mod config;
 mod control;
 mod data;
 mod forward;
+pub mod metrics;
 pub mod ports;
 pub mod registry;
 mod rtsp;
@@ -87,7 +88,11 @@ impl Relay {
             endpoint,
             shared_listener,
             shared: Arc::new(Shared {
-                registry: Arc::new(Registry::new(config.auth, ports)),
+                registry: Arc::new(Registry::new(
+                    config.auth,
+                    ports,
+                    Arc::new(metrics::Metrics::new()?),
+                )),
                 limits: config.limits,
                 quic_port,
                 cert_sha256,

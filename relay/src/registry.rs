@@ -25,7 +25,12 @@ use rand::RngCore;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::AgentAuth, ports::PortPolicy, MediaStats};
+use crate::{
+    config::AgentAuth,
+    metrics::{CameraMetrics, Metrics},
+    ports::PortPolicy,
+    MediaStats,
+};
 
 /// How long a takeover waits for the old session to release its camera port.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
@@ -42,6 +47,7 @@ pub struct Registry {
     /// interleave between two agents, or two could be promised one port.
     ports: tokio::sync::Mutex<PortPolicy>,
     next_connection_id: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 /// One registered agent: its camera port, its tunnel, its last heartbeat.
@@ -68,6 +74,8 @@ pub struct AgentSession {
     pub counters: ByteCounters,
     /// Watcher connections open right now.
     pub active_streams: AtomicU32,
+    /// The camera's Prometheus series.
+    pub metrics: CameraMetrics,
     session_key: [u8; SESSION_KEY_LEN],
     /// Child of the relay's root token; see the type's docs.
     cancel: CancellationToken,
@@ -86,8 +94,8 @@ pub struct AgentSession {
 }
 
 impl Registry {
-    /// An empty registry admitting agents per `auth` and `ports`.
-    pub fn new(auth: AgentAuth, ports: PortPolicy) -> Self {
+    /// An empty registry admitting agents per `auth` and `ports`, counting in `metrics`.
+    pub fn new(auth: AgentAuth, ports: PortPolicy, metrics: Arc<Metrics>) -> Self {
         let known = auth
             .agents
             .keys()
@@ -101,6 +109,7 @@ impl Registry {
             known: Mutex::new(known),
             ports: tokio::sync::Mutex::new(ports),
             next_connection_id: AtomicU64::new(1),
+            metrics,
         }
     }
 
@@ -158,6 +167,7 @@ impl Registry {
             heartbeat_interval: interval,
             counters: ByteCounters::default(),
             active_streams: AtomicU32::new(0),
+            metrics: self.metrics.camera(&reg.agent_id),
             session_key,
             cancel: parent.child_token(),
             close_reason: Mutex::new(None),
@@ -212,6 +222,11 @@ impl Registry {
     /// is offline now.
     pub fn knows(&self, agent_id: &str) -> bool {
         lock(&self.known).contains(agent_id)
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Every live session, for listings.

@@ -18,11 +18,14 @@ use std::{
 };
 
 use common::splice::{reset_tcp, ByteCounters, Transfer, RESET_CODE};
+use prometheus::IntCounter;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
     net::{tcp::OwnedWriteHalf, TcpStream},
     sync::mpsc,
 };
+
+use crate::metrics::CameraMetrics;
 
 use super::{
     media::{MediaMeter, MediaStats, PEEK},
@@ -38,6 +41,9 @@ const BUFFER: usize = 64 * 1024;
 /// Responses of the relay's own waiting for a boundary in the camera's stream. A client
 /// waits for each answer before it asks again, so a handful is plenty.
 const PENDING_ANSWERS: usize = 8;
+
+/// How often a session's media is added to the camera's metrics while it flows.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// How a Watcher connection went: its bytes (or why it failed) and its media.
 #[derive(Debug)]
@@ -67,7 +73,7 @@ pub(crate) async fn proxy<R>(
     watcher: Watcher,
     mut quic_recv: R,
     mut quic_send: quinn::SendStream,
-    counters: &ByteCounters,
+    (counters, metrics): (&ByteCounters, &CameraMetrics),
     stall_after: Duration,
 ) -> Outcome
 where
@@ -89,14 +95,14 @@ where
     };
     // False after the Watcher asked to PAUSE or TEARDOWN: silence is then expected.
     let playing = AtomicBool::new(true);
-    let mut meter = MediaMeter::new(started);
+    let mut media = Media::new(started, metrics);
     let up = upstream(
         &mut watcher_rd,
         &mut quic_send,
         answers_tx,
         naming,
         &playing,
-        &counters.from_tcp,
+        Tally(&counters.from_tcp, &metrics.to_camera),
     );
     let watch = Stalls {
         after: stall_after,
@@ -107,9 +113,9 @@ where
         &mut watcher_wr,
         answers_rx,
         naming,
-        &mut meter,
+        &mut media,
         watch,
-        &counters.to_tcp,
+        Tally(&counters.to_tcp, &metrics.to_watcher),
     );
     let result = match tokio::try_join!(up, down) {
         Ok((from_tcp, to_tcp)) => Ok(Transfer { from_tcp, to_tcp }),
@@ -122,7 +128,7 @@ where
     };
     Outcome {
         result,
-        media: meter.summary(),
+        media: media.finish(),
     }
 }
 
@@ -169,7 +175,7 @@ async fn upstream<R>(
     answers: mpsc::Sender<Vec<u8>>,
     naming: Naming<'_>,
     playing: &AtomicBool,
-    counter: &AtomicU64,
+    tally: Tally<'_>,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -188,7 +194,7 @@ where
             return Ok(total);
         }
         total += n as u64;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        tally.add(n);
         out.clear();
         for event in scanner.feed(&buf[..n]) {
             match event {
@@ -235,6 +241,62 @@ fn log_answer(response: &[u8]) {
     }
 }
 
+/// Bytes of one direction, counted for the session and the camera's metrics.
+#[derive(Clone, Copy)]
+struct Tally<'a>(&'a AtomicU64, &'a IntCounter);
+
+impl Tally<'_> {
+    fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+        self.1.inc_by(n as u64);
+    }
+}
+
+/// The session's media meter, reported to the camera's metrics every
+/// [`REPORT_EVERY`] while packets flow, at every stall, and at the end.
+struct Media<'a> {
+    meter: MediaMeter,
+    metrics: &'a CameraMetrics,
+    reported: MediaStats,
+    next_report: Instant,
+}
+
+impl<'a> Media<'a> {
+    fn new(started: Instant, metrics: &'a CameraMetrics) -> Self {
+        Media {
+            meter: MediaMeter::new(started),
+            metrics,
+            reported: MediaStats::default(),
+            next_report: started + REPORT_EVERY,
+        }
+    }
+
+    fn on_packet(&mut self, channel: u8, peek: &[u8], len: usize, now: Instant) {
+        self.meter.on_packet(channel, peek, len, now);
+        if now >= self.next_report {
+            self.report();
+            self.next_report = now + REPORT_EVERY;
+        }
+    }
+
+    fn on_stall(&mut self) {
+        self.meter.on_stall();
+        self.report();
+    }
+
+    fn report(&mut self) {
+        let now = self.meter.summary();
+        self.metrics.report(&self.reported, &now);
+        self.reported = now;
+    }
+
+    /// Reports the rest; the session's media.
+    fn finish(mut self) -> MediaStats {
+        self.report();
+        self.reported
+    }
+}
+
 /// How the Watcher names the camera, shared by both directions.
 #[derive(Clone, Copy)]
 struct Naming<'a> {
@@ -270,9 +332,9 @@ async fn downstream<R>(
     watcher: &mut OwnedWriteHalf,
     mut answers: mpsc::Receiver<Vec<u8>>,
     naming: Naming<'_>,
-    meter: &mut MediaMeter,
+    media: &mut Media<'_>,
     stalls: Stalls<'_>,
-    counter: &AtomicU64,
+    tally: Tally<'_>,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -305,7 +367,7 @@ where
                     // playing (the Watcher may have paused since this wait began).
                     stalled = true;
                     if stalls.playing.load(Ordering::Relaxed) {
-                        meter.on_stall();
+                        media.on_stall();
                         tracing::warn!("media stalled: no packet from the camera for {:?} while playing", stalls.after);
                     }
                 }
@@ -350,7 +412,7 @@ where
                         (Event::End, _) => {
                             if let Some((channel, len, peek)) = packet.take() {
                                 let now = Instant::now();
-                                meter.on_packet(channel, &peek, len, now);
+                                media.on_packet(channel, &peek, len, now);
                                 if stalled && stalls.playing.load(Ordering::Relaxed) {
                                     let gap = last_packet.map(|at| now.duration_since(at)).unwrap_or_default();
                                     tracing::info!("media resumed after {:.1} s", gap.as_secs_f64());
@@ -364,7 +426,7 @@ where
                                 }
                             }
                             if let Some((head, body)) = held.take() {
-                                meter.on_sdp(&body);
+                                media.meter.on_sdp(&body);
                                 let (head, body) = match naming.view() {
                                     Some(view) => rewrite_response(&head, &body, view),
                                     None => (head, body),
@@ -383,7 +445,7 @@ where
         if !out.is_empty() {
             watcher.write_all(&out).await?;
             total += out.len() as u64;
-            counter.fetch_add(out.len() as u64, Ordering::Relaxed);
+            tally.add(out.len());
         }
         if ended {
             watcher.shutdown().await?;

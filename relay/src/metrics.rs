@@ -1,0 +1,256 @@
+//! The relay's Prometheus metrics, served in the text format at `GET /metrics` on the
+//! control listener. Everything per camera carries the label `camera` (the agent id) and
+//! survives the camera's reconnects, so `rate()` runs across them. docs/metrics.md lists
+//! each series and what to alert on.
+
+use prometheus::{
+    exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::MediaStats;
+
+/// Every series of the relay.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    agents_online: IntGauge,
+    watcher_sessions: IntGaugeVec,
+    watcher_sessions_total: IntCounterVec,
+    watcher_bytes_total: IntCounterVec,
+    rtp_packets_total: IntCounterVec,
+    rtp_bytes_total: IntCounterVec,
+    rtp_lost_total: IntCounterVec,
+    video_frames_total: IntCounterVec,
+    video_keyframes_total: IntCounterVec,
+    media_stalls_total: IntCounterVec,
+    rtp_jitter_seconds: GaugeVec,
+    first_keyframe_seconds: HistogramVec,
+}
+
+/// One camera's series, resolved once per agent session so the media path only touches
+/// atomics.
+#[derive(Debug, Clone)]
+pub struct CameraMetrics {
+    /// Watcher connections open now.
+    pub sessions: IntGauge,
+    /// Watcher connections ever accepted.
+    pub sessions_total: IntCounter,
+    /// Bytes from Watchers to the camera.
+    pub to_camera: IntCounter,
+    /// Bytes from the camera to Watchers.
+    pub to_watcher: IntCounter,
+    packets: IntCounter,
+    rtp_bytes: IntCounter,
+    lost: IntCounter,
+    frames: IntCounter,
+    keyframes: IntCounter,
+    stalls: IntCounter,
+    jitter: Gauge,
+    first_keyframe: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers every series.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("camera_relay".into()), None)?;
+        let camera = &["camera"];
+        let counter = |name: &str, help: &str| {
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), camera)?,
+            )
+        };
+        Ok(Metrics {
+            agents_online: registered(
+                &registry,
+                IntGauge::new("agents_online", "Agents registered right now.")?,
+            )?,
+            watcher_sessions: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("watcher_sessions", "Watcher connections open now, per camera."),
+                    camera,
+                )?,
+            )?,
+            watcher_sessions_total: counter(
+                "watcher_sessions_total",
+                "Watcher connections accepted, per camera.",
+            )?,
+            watcher_bytes_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "watcher_bytes_total",
+                        "Bytes between Watchers and the camera; direction is to_camera or to_watcher.",
+                    ),
+                    &["camera", "direction"],
+                )?,
+            )?,
+            rtp_packets_total: counter(
+                "rtp_packets_total",
+                "RTP packets of the video passed to Watchers.",
+            )?,
+            rtp_bytes_total: counter(
+                "rtp_bytes_total",
+                "Bytes of those packets, RTP headers included; 8 * rate() is the bitrate.",
+            )?,
+            rtp_lost_total: counter(
+                "rtp_lost_total",
+                "RTP packets missing by sequence number (lost before the relay).",
+            )?,
+            video_frames_total: counter(
+                "video_frames_total",
+                "Video frames (distinct RTP timestamps); rate() is the frame rate.",
+            )?,
+            video_keyframes_total: counter(
+                "video_keyframes_total",
+                "H.264 IDR / H.265 IRAP frames; frames over keyframes is the keyframe interval in frames.",
+            )?,
+            media_stalls_total: counter(
+                "media_stalls_total",
+                "Times a playing session got no media for limits.stall_secs.",
+            )?,
+            rtp_jitter_seconds: registered(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "rtp_jitter_seconds",
+                        "RFC 3550 interarrival jitter of the video, as last reported by any of the camera's sessions.",
+                    ),
+                    camera,
+                )?,
+            )?,
+            first_keyframe_seconds: registered(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "first_keyframe_seconds",
+                        "From a Watcher's connect to the first keyframe it was sent: how long until a picture.",
+                    )
+                    .buckets(exponential_buckets(0.05, 2.0, 10)?),
+                    camera,
+                )?,
+            )?,
+            registry,
+        })
+    }
+
+    /// The series of camera `id`.
+    pub fn camera(&self, id: &str) -> CameraMetrics {
+        let l = &[id];
+        CameraMetrics {
+            sessions: self.watcher_sessions.with_label_values(l),
+            sessions_total: self.watcher_sessions_total.with_label_values(l),
+            to_camera: self
+                .watcher_bytes_total
+                .with_label_values(&[id, "to_camera"]),
+            to_watcher: self
+                .watcher_bytes_total
+                .with_label_values(&[id, "to_watcher"]),
+            packets: self.rtp_packets_total.with_label_values(l),
+            rtp_bytes: self.rtp_bytes_total.with_label_values(l),
+            lost: self.rtp_lost_total.with_label_values(l),
+            frames: self.video_frames_total.with_label_values(l),
+            keyframes: self.video_keyframes_total.with_label_values(l),
+            stalls: self.media_stalls_total.with_label_values(l),
+            jitter: self.rtp_jitter_seconds.with_label_values(l),
+            first_keyframe: self.first_keyframe_seconds.with_label_values(l),
+        }
+    }
+
+    /// The text exposition, with `agents_online` as given.
+    pub fn render(&self, agents_online: usize) -> String {
+        self.agents_online
+            .set(i64::try_from(agents_online).unwrap_or(i64::MAX));
+        let mut out = Vec::new();
+        // Encoding into a Vec fails only on a malformed metric family, which the typed
+        // constructors above cannot make.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!("encoding metrics failed: {e}");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// `collector`, registered with `registry`.
+fn registered<C>(registry: &Registry, collector: C) -> Result<C, prometheus::Error>
+where
+    C: prometheus::core::Collector + Clone + 'static,
+{
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+impl CameraMetrics {
+    /// Adds what a session's media did between two reports of it (`before` is the
+    /// previous report, default at the session's start).
+    pub(crate) fn report(&self, before: &MediaStats, now: &MediaStats) {
+        let delta = |a: u64, b: u64| b.saturating_sub(a);
+        self.packets.inc_by(delta(before.packets, now.packets));
+        self.rtp_bytes.inc_by(delta(before.bytes, now.bytes));
+        self.lost.inc_by(delta(before.lost, now.lost));
+        self.frames.inc_by(delta(before.frames, now.frames));
+        self.keyframes
+            .inc_by(delta(before.keyframes, now.keyframes));
+        self.stalls.inc_by(delta(before.stalls, now.stalls));
+        if now.packets > before.packets {
+            self.jitter.set(now.jitter_ms / 1000.0);
+        }
+        if let (None, Some(after)) = (before.first_keyframe_after, now.first_keyframe_after) {
+            self.first_keyframe.observe(after.as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn reports_add_up_to_the_session_and_render_per_camera() {
+        let metrics = Metrics::new().unwrap();
+        let cam = metrics.camera("cam-1");
+        let first = MediaStats {
+            packets: 10,
+            bytes: 10_000,
+            frames: 4,
+            keyframes: 1,
+            jitter_ms: 2.0,
+            first_keyframe_after: Some(Duration::from_millis(300)),
+            ..MediaStats::default()
+        };
+        let second = MediaStats {
+            packets: 25,
+            bytes: 24_000,
+            lost: 2,
+            frames: 9,
+            stalls: 1,
+            ..first.clone()
+        };
+        cam.report(&MediaStats::default(), &first);
+        cam.report(&first, &second);
+        // A second session of the same camera adds to the same series.
+        metrics
+            .camera("cam-1")
+            .report(&MediaStats::default(), &first);
+        cam.to_watcher.inc_by(5);
+
+        let text = metrics.render(1);
+        for line in [
+            "camera_relay_agents_online 1",
+            "camera_relay_rtp_packets_total{camera=\"cam-1\"} 35",
+            "camera_relay_rtp_bytes_total{camera=\"cam-1\"} 34000",
+            "camera_relay_rtp_lost_total{camera=\"cam-1\"} 2",
+            "camera_relay_video_frames_total{camera=\"cam-1\"} 13",
+            "camera_relay_media_stalls_total{camera=\"cam-1\"} 1",
+            "camera_relay_rtp_jitter_seconds{camera=\"cam-1\"} 0.002",
+            "camera_relay_first_keyframe_seconds_count{camera=\"cam-1\"} 2",
+            "camera_relay_watcher_bytes_total{camera=\"cam-1\",direction=\"to_watcher\"} 5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+}
