@@ -9,11 +9,12 @@ use std::{io::IsTerminal, net::TcpListener, time::Instant};
 
 use anyhow::Context as _;
 use e2e::{
-    agent_config_json, ffprobe, free_ports, rtsp_url, AgentProcess, CameraSim, Child, RelayProcess,
-    MAIN_STREAM, SUB_STREAM,
+    agent_config_json, ffprobe, free_ports, rtsp_url, AgentProcess, CameraSim, Child, Place,
+    RelayProcess, MAIN_STREAM, SUB_STREAM,
 };
 
 const TOKEN: &str = "demo-token";
+const AGENT_ID: &str = "dahua-2449s-il-demo";
 
 /// `preferred` if it is free on 127.0.0.1, else any free port.
 fn port_or_free(preferred: u16) -> u16 {
@@ -56,19 +57,22 @@ async fn run(once: bool, started: &mut Vec<(&'static str, Child)>) -> anyhow::Re
 
     let relay_port = port_or_free(8080);
     let camera_port = port_or_free(8554);
-    println!("2/4 starting the relay: relay --port {relay_port} --tunnel-port {camera_port} --token ****");
-    let relay = RelayProcess::start(relay_port, camera_port, TOKEN).await?;
+    let shared_port = port_or_free(8553);
+    println!("2/4 starting the relay: relay --port {relay_port} --tunnel-port {camera_port} --shared-port {shared_port} --token ****");
+    let relay = RelayProcess::start_in(
+        &Place::host(),
+        "127.0.0.1",
+        relay_port,
+        camera_port,
+        TOKEN,
+        &["--shared-port", &shared_port.to_string()],
+    )
+    .await?;
     let relay_url = relay.url();
     started.push(("relay", relay.process));
 
     println!("3/4 starting camera-agent with the seed-style config.json");
-    let config = agent_config_json(
-        "dahua-2449s-il-demo",
-        &relay_url,
-        TOKEN,
-        camera_port,
-        camera.port,
-    );
+    let config = agent_config_json(AGENT_ID, &relay_url, TOKEN, camera_port, camera.port);
     let agent = AgentProcess::start("agent", &config).await?;
     println!(
         "    agent online after {:.1} s; config: {}",
@@ -82,9 +86,15 @@ async fn run(once: bool, started: &mut Vec<(&'static str, Child)>) -> anyhow::Re
     );
     let main_url = rtsp_url(camera_port, MAIN_STREAM);
     let sub_url = rtsp_url(camera_port, SUB_STREAM);
+    let shared_url = rtsp_url(shared_port, &format!("/{AGENT_ID}{MAIN_STREAM}"));
     let t = Instant::now();
-    let (main, sub) = tokio::join!(ffprobe(&main_url, 40), ffprobe(&sub_url, 40));
+    let (main, sub, shared) = tokio::join!(
+        ffprobe(&main_url, 40),
+        ffprobe(&sub_url, 40),
+        ffprobe(&shared_url, 10)
+    );
     let (main, sub) = (main.context("main stream")?, sub.context("sub stream")?);
+    let shared = shared.context("main stream on the shared port")?;
     let secs = t.elapsed().as_secs_f64();
     println!();
     println!("    stream       codec  size        frames decoded");
@@ -96,11 +106,18 @@ async fn run(once: bool, started: &mut Vec<(&'static str, Child)>) -> anyhow::Re
         "    sub  (1)     {:<6} {:>4}x{:<6} {}",
         sub.codec, sub.width, sub.height, sub.frames
     );
-    println!("    ({secs:.1} s for both, at the camera's 20 fps)");
+    println!(
+        "    main, shared {:<6} {:>4}x{:<6} {}",
+        shared.codec, shared.width, shared.height, shared.frames
+    );
+    println!("    ({secs:.1} s for all, at the camera's 20 fps)");
     println!();
     println!("A VMS (Flussonic Watcher, VLC, ffmpeg…) pulls the camera from the relay host at:");
     println!("    {main_url}");
     println!("    {sub_url}");
+    println!("or, on the port shared by all cameras:");
+    println!("    {shared_url}");
+    println!("Per-camera media health for Prometheus: http://127.0.0.1:{relay_port}/metrics");
 
     if once {
         return Ok(());
