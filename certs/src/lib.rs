@@ -1,14 +1,16 @@
-//! Certificates for the tunnel, made with rcgen.
+//! Certificates for the tunnel, made with rcgen: a private CA, the relay's certificate
+//! (WSS and QUIC), and one client certificate per agent whose subject common name is
+//! the agent id. All keys are ECDSA P-256; every certificate starts one hour in the past
+//! so a clock a little behind does not reject a fresh one.
 //!
-//! Today: the relay's QUIC certificate. The relay makes a throw-away one at every start
-//! unless its config names one (`[tls] quic_cert`, `quic_key`); a certificate written
-//! by [`relay_certificate`] keeps its SHA-256 fingerprint (the pin agents learn at
-//! registration) the same across restarts, which operators can check with
-//! [`fingerprint_pem`].
+//! Without a CA the relay's certificate is self-signed, as in the quick start: agents
+//! then pin its SHA-256 ([`fingerprint_pem`]), which stays the same across restarts as
+//! long as the relay keeps its files.
 
 #![forbid(unsafe_code)]
 
 use std::{
+    fmt,
     fs::OpenOptions,
     io::Write,
     net::IpAddr,
@@ -16,9 +18,24 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use common::{protocol::hex, tls::sha256};
-use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+use common::{
+    protocol::{check_agent_id, hex},
+    tls::sha256,
+};
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
 use rustls::pki_types::{pem::PemObject, CertificateDer};
+use time::{Duration, OffsetDateTime};
+
+/// Default validity of a CA, in days.
+pub const CA_DAYS: u32 = 3650;
+/// Default validity of the relay's certificate, in days.
+pub const RELAY_DAYS: u32 = 825;
+/// Default validity of an agent's certificate, in days: cameras are rarely touched, so
+/// longer than the relay's; rotate by issuing a new one (docs/security.md).
+pub const AGENT_DAYS: u32 = 1825;
 
 /// A certificate and its private key, PEM-encoded.
 #[derive(Clone)]
@@ -58,11 +75,114 @@ pub enum CertError {
     /// A file holds no certificate.
     #[error("{0}: no PEM certificate found")]
     NoCertificate(PathBuf),
+    /// A file holds no usable private key.
+    #[error("{path}: not a PEM private key ({why})")]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// A certificate could not be read.
+    #[error("{path}: not a certificate this tool can read ({why})")]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// An argument is out of place.
+    #[error("{0}")]
+    Invalid(String),
 }
 
-/// A self-signed ECDSA P-256 certificate for the relay's QUIC endpoint, valid for the
-/// given DNS names and IP addresses.
-pub fn relay_certificate(dns: &[String], ips: &[IpAddr]) -> Result<PemPair, CertError> {
+/// A CA loaded from its files, ready to sign.
+pub struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca")
+            .field("key", &"***")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Loads `ca.crt` and `ca.key` as written by [`ca_certificate`] and [`write_pair`].
+    pub fn load(cert: &Path, key: &Path) -> Result<Ca, CertError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CertError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let key = KeyPair::from_pem(&read(key)?).map_err(|e| CertError::BadKey {
+            path: key.to_path_buf(),
+            why: e.to_string(),
+        })?;
+        let params = CertificateParams::from_ca_cert_pem(&read(cert)?).map_err(|e| {
+            CertError::BadCertificate {
+                path: cert.to_path_buf(),
+                why: e.to_string(),
+            }
+        })?;
+        // Re-signing yields the same subject and key, which is all a signer needs.
+        let cert = params.self_signed(&key)?;
+        Ok(Ca { cert, key })
+    }
+}
+
+/// Validity from one hour ago for `days` days.
+fn validity(params: &mut CertificateParams, days: u32) -> Result<(), CertError> {
+    if days == 0 || days > 36_500 {
+        return Err(CertError::Invalid(format!(
+            "--days {days}: give 1 to 36500 days"
+        )));
+    }
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(i64::from(days));
+    Ok(())
+}
+
+fn finish(params: CertificateParams, ca: Option<&Ca>) -> Result<PemPair, CertError> {
+    let key = KeyPair::generate()?;
+    let cert = match ca {
+        Some(ca) => params.signed_by(&key, &ca.cert, &ca.key)?,
+        None => params.self_signed(&key)?,
+    };
+    Ok(PemPair {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
+/// A CA certificate named `name`, for signing the relay's and the agents' certificates.
+pub fn ca_certificate(name: &str, days: u32) -> Result<PemPair, CertError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, days)?;
+    finish(params, None)
+}
+
+/// The relay's server certificate (WSS and QUIC), valid for the given DNS names and IP
+/// addresses: signed by `ca`, or self-signed without one.
+pub fn relay_certificate(
+    dns: &[String],
+    ips: &[IpAddr],
+    days: u32,
+    ca: Option<&Ca>,
+) -> Result<PemPair, CertError> {
+    if dns.is_empty() && ips.is_empty() {
+        return Err(CertError::Invalid(
+            "name the relay: --dns NAME and/or --ip ADDRESS, as agents dial it".into(),
+        ));
+    }
     let mut params = CertificateParams::new(dns.to_vec())?;
     params
         .subject_alt_names
@@ -70,11 +190,106 @@ pub fn relay_certificate(dns: &[String], ips: &[IpAddr]) -> Result<PemPair, Cert
     params
         .distinguished_name
         .push(DnType::CommonName, "camera-relay");
-    let key = KeyPair::generate()?;
-    let cert = params.self_signed(&key)?;
-    Ok(PemPair {
-        cert: cert.pem(),
-        key: key.serialize_pem(),
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut params, days)?;
+    finish(params, ca)
+}
+
+/// An agent's client certificate, signed by `ca`, whose subject common name is `id`.
+pub fn agent_certificate(id: &str, days: u32, ca: &Ca) -> Result<PemPair, CertError> {
+    check_agent_id(id).map_err(|why| CertError::Invalid(format!("agent id {why}")))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, id);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    validity(&mut params, days)?;
+    finish(params, Some(ca))
+}
+
+/// What `certs inspect` prints about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// Subject distinguished name.
+    pub subject: String,
+    /// Issuer distinguished name.
+    pub issuer: String,
+    /// Subject alternative names (`DNS:…`, `IP:…`).
+    pub sans: Vec<String>,
+    /// Start of validity (RFC 3339).
+    pub not_before: String,
+    /// End of validity (RFC 3339).
+    pub not_after: String,
+    /// True if it may sign certificates.
+    pub is_ca: bool,
+    /// SHA-256 of the DER, lower-case hex.
+    pub sha256: String,
+}
+
+impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "subject     {}", self.subject)?;
+        writeln!(f, "issuer      {}", self.issuer)?;
+        let sans = if self.sans.is_empty() {
+            "(none)".to_string()
+        } else {
+            self.sans.join(", ")
+        };
+        writeln!(f, "SANs        {sans}")?;
+        writeln!(f, "not before  {}", self.not_before)?;
+        writeln!(f, "not after   {}", self.not_after)?;
+        writeln!(f, "CA          {}", if self.is_ca { "yes" } else { "no" })?;
+        write!(f, "sha256      {}", self.sha256)
+    }
+}
+
+/// Reads the first certificate of a PEM file.
+pub fn inspect(path: &Path) -> Result<Inspection, CertError> {
+    let der = first_certificate(path)?;
+    let bad = |why: String| CertError::BadCertificate {
+        path: path.to_path_buf(),
+        why,
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| bad(e.to_string()))?;
+    let sans = match cert
+        .subject_alternative_name()
+        .map_err(|e| bad(e.to_string()))?
+    {
+        Some(ext) => ext
+            .value
+            .general_names
+            .iter()
+            .map(|name| match name {
+                x509_parser::extensions::GeneralName::DNSName(d) => format!("DNS:{d}"),
+                x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => format!(
+                        "IP:{}",
+                        std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).unwrap_or_default())
+                    ),
+                    16 => format!(
+                        "IP:{}",
+                        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).unwrap_or_default())
+                    ),
+                    _ => "IP:?".to_string(),
+                },
+                other => other.to_string(),
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let time = |t: x509_parser::time::ASN1Time| {
+        t.to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| t.to_string())
+    };
+    Ok(Inspection {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        sans,
+        not_before: time(cert.validity().not_before),
+        not_after: time(cert.validity().not_after),
+        is_ca: cert.is_ca(),
+        sha256: hex(&sha256(&der)),
     })
 }
 
@@ -122,15 +337,18 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 /// SHA-256 of the first certificate in a PEM file, as lower-case hex: the pin agents
 /// compare the relay's QUIC certificate against.
 pub fn fingerprint_pem(path: &Path) -> Result<String, CertError> {
-    let cert = CertificateDer::pem_file_iter(path)
+    Ok(hex(&sha256(&first_certificate(path)?)))
+}
+
+fn first_certificate(path: &Path) -> Result<CertificateDer<'static>, CertError> {
+    CertificateDer::pem_file_iter(path)
         .map_err(|e| CertError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?
         .next()
         .ok_or_else(|| CertError::NoCertificate(path.to_path_buf()))?
-        .map_err(|_| CertError::NoCertificate(path.to_path_buf()))?;
-    Ok(hex(&sha256(&cert)))
+        .map_err(|_| CertError::NoCertificate(path.to_path_buf()))
 }
 
 #[cfg(test)]
@@ -144,6 +362,8 @@ mod tests {
         let pair = relay_certificate(
             &["relay.example.com".into()],
             &["203.0.113.5".parse().unwrap()],
+            RELAY_DAYS,
+            None,
         )
         .unwrap();
         let (cert, key) = write_pair(dir.path(), "relay", &pair, false).unwrap();
@@ -173,5 +393,65 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no PEM certificate"));
+    }
+
+    #[test]
+    fn a_ca_signs_relay_and_agent_certificates_that_inspect_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_certificate("test CA", CA_DAYS).unwrap();
+        let (ca_cert, ca_key) = write_pair(dir.path(), "ca", &ca, false).unwrap();
+        let ca = Ca::load(&ca_cert, &ca_key).unwrap();
+        assert!(!format!("{ca:?}").contains("PRIVATE"));
+
+        let relay = relay_certificate(
+            &["relay.example.com".into()],
+            &["203.0.113.5".parse().unwrap()],
+            RELAY_DAYS,
+            Some(&ca),
+        )
+        .unwrap();
+        let (relay_cert, _) = write_pair(dir.path(), "relay", &relay, false).unwrap();
+        let seen = inspect(&relay_cert).unwrap();
+        assert_eq!(seen.subject, "CN=camera-relay");
+        assert_eq!(seen.issuer, "CN=test CA");
+        assert_eq!(seen.sans, ["DNS:relay.example.com", "IP:203.0.113.5"]);
+        assert!(!seen.is_ca);
+        assert_eq!(seen.sha256, fingerprint_pem(&relay_cert).unwrap());
+        let at = |t: &str| {
+            OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).unwrap()
+        };
+        let span = at(&seen.not_after) - at(&seen.not_before);
+        assert_eq!(span.whole_days(), i64::from(RELAY_DAYS), "{seen}");
+        assert!(at(&seen.not_before) < OffsetDateTime::now_utc());
+
+        let agent = agent_certificate("dahua-2449s-il-001", AGENT_DAYS, &ca).unwrap();
+        let (agent_cert, agent_key) =
+            write_pair(dir.path(), "dahua-2449s-il-001", &agent, false).unwrap();
+        let seen = inspect(&agent_cert).unwrap();
+        assert_eq!(seen.subject, "CN=dahua-2449s-il-001");
+        assert_eq!(seen.issuer, "CN=test CA");
+        assert!(inspect(&ca_cert).unwrap().is_ca);
+        assert_eq!(
+            std::fs::metadata(&agent_key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let text = seen.to_string();
+        assert!(
+            text.contains("not after") && text.contains(&seen.sha256),
+            "{text}"
+        );
+
+        assert!(agent_certificate("bad id", AGENT_DAYS, &ca)
+            .unwrap_err()
+            .to_string()
+            .contains("agent id"));
+        assert!(relay_certificate(&[], &[], RELAY_DAYS, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--dns"));
+        assert!(ca_certificate("x", 0)
+            .unwrap_err()
+            .to_string()
+            .contains("--days"));
     }
 }

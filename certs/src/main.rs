@@ -1,10 +1,17 @@
-//! `certs`: create the relay's QUIC certificate and print fingerprints.
+//! `certs`: make the tunnel's certificates (a private CA, the relay's, one per agent),
+//! inspect them, print fingerprints.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
+use certs::{Ca, PemPair};
 use clap::{Parser, Subcommand};
 
-/// Certificates for the camera tunnel.
+/// Certificates for the camera tunnel. Keys are ECDSA P-256, written with mode 0600;
+/// nothing is overwritten without --force.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Cli {
@@ -14,27 +21,71 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Write relay.crt and relay.key for the relay's `[tls] quic_cert` / `quic_key`, so
-    /// its certificate (and the pin agents learn) stays the same across restarts.
+    /// Write ca.crt and ca.key: the private CA that signs the relay's and the agents'
+    /// certificates. Keep ca.key off the relay host if you can.
+    Ca {
+        /// The CA's common name.
+        #[arg(long, default_value = "camera-tunnel CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::CA_DAYS)]
+        days: u32,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Write relay.crt and relay.key for the relay's [tls] section (WSS and QUIC).
     Relay {
-        /// DNS name of the relay (repeatable).
+        /// DNS name agents dial (repeatable).
         #[arg(long)]
         dns: Vec<String>,
-        /// IP address of the relay (repeatable).
+        /// IP address agents dial (repeatable).
         #[arg(long)]
         ip: Vec<IpAddr>,
-        /// Directory to write into.
-        #[arg(long, default_value = ".")]
-        out: PathBuf,
-        /// Replace existing files.
+        /// Directory holding ca.crt and ca.key; without it the certificate is
+        /// self-signed and agents must pin its fingerprint.
         #[arg(long)]
-        force: bool,
+        ca: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::RELAY_DAYS)]
+        days: u32,
+        #[command(flatten)]
+        out: Out,
     },
-    /// Print the SHA-256 fingerprint of a PEM certificate.
-    Fingerprint {
-        /// The certificate file.
+    /// Write <ID>.crt and <ID>.key: an agent's client certificate, its subject naming
+    /// the agent id, signed by the CA.
+    Agent {
+        /// The agent id (as in the agent's config.json, agent.agent_id).
+        #[arg(long)]
+        id: String,
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::AGENT_DAYS)]
+        days: u32,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Print a certificate's subject, issuer, SANs, validity and SHA-256 fingerprint.
+    Inspect {
+        /// The PEM certificate file.
         file: PathBuf,
     },
+    /// Print the SHA-256 fingerprint of a PEM certificate (what agents pin).
+    Fingerprint {
+        /// The PEM certificate file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct Out {
+    /// Directory to write into.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() -> ExitCode {
@@ -49,23 +100,40 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Cmd::Ca { name, days, out } => {
+            write(&out, "ca", &certs::ca_certificate(&name, days)?)?;
+        }
         Cmd::Relay {
             dns,
             ip,
+            ca,
+            days,
             out,
-            force,
         } => {
-            let dns = if dns.is_empty() && ip.is_empty() {
-                vec!["camera-relay".to_string()]
-            } else {
-                dns
-            };
-            let pair = certs::relay_certificate(&dns, &ip)?;
-            let (cert, key) = certs::write_pair(&out, "relay", &pair, force)?;
-            println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
-            println!("sha256 {}", certs::fingerprint_pem(&cert)?);
+            let ca = ca.map(|dir| load_ca(&dir)).transpose()?;
+            write(
+                &out,
+                "relay",
+                &certs::relay_certificate(&dns, &ip, days, ca.as_ref())?,
+            )?;
         }
+        Cmd::Agent { id, ca, days, out } => {
+            let ca = load_ca(&ca)?;
+            write(&out, &id, &certs::agent_certificate(&id, days, &ca)?)?;
+        }
+        Cmd::Inspect { file } => println!("{}", certs::inspect(&file)?),
         Cmd::Fingerprint { file } => println!("{}", certs::fingerprint_pem(&file)?),
     }
+    Ok(())
+}
+
+fn load_ca(dir: &Path) -> anyhow::Result<Ca> {
+    Ok(Ca::load(&dir.join("ca.crt"), &dir.join("ca.key"))?)
+}
+
+fn write(out: &Out, stem: &str, pair: &PemPair) -> anyhow::Result<()> {
+    let (cert, key) = certs::write_pair(&out.out, stem, pair, out.force)?;
+    println!("wrote {} and {} (mode 0600)", cert.display(), key.display());
+    println!("{}", certs::inspect(&cert)?);
     Ok(())
 }
