@@ -7,12 +7,18 @@
 //! this agent reads is an error naming the field.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
-use common::{protocol::check_agent_id, Secret};
+use common::{
+    protocol::check_agent_id,
+    tls::{self, Identity, RelayTrust},
+    Secret,
+};
 use serde::{de::IgnoredAny, Deserialize};
 use tokio_tungstenite::tungstenite::http::Uri;
 
@@ -52,8 +58,27 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Watcher connections the relay may have open through this agent at once.
     pub max_streams: u32,
+    /// How the relay is verified, and the agent's own certificate.
+    pub security: Security,
     /// Sections and fields of the older agent that were present and are ignored.
     pub ignored: Vec<String>,
+}
+
+/// The `security` section, with its files loaded.
+#[derive(Debug, Clone)]
+pub struct Security {
+    /// How a `wss://` control link's certificate is checked: `security.relay_fingerprint`,
+    /// else `security.ca_file` (default `ca.crt` next to the config file, if present),
+    /// else the public web PKI.
+    pub relay_trust: RelayTrust,
+    /// Where the trust came from, for the log.
+    pub trust_source: String,
+    /// The agent's client certificate and key (`security.client_cert`, `client_key`;
+    /// default `agent.crt` and `agent.key` next to the config file, if both exist).
+    pub identity: Option<Arc<Identity>>,
+    /// `security.ssl_verify` (default true); false is accepted only with `ws://` and
+    /// warned about at every connect.
+    pub ssl_verify: bool,
 }
 
 /// The relay's control URL, checked.
@@ -153,10 +178,11 @@ struct RawConfig {
     network: RawNetwork,
     /// The older agent's camera section; only `model` is read from it.
     camera: Option<serde_json::Value>,
+    #[serde(default)]
+    security: RawSecurity,
     // Sections of the older agent this one does not use.
     recording: Option<IgnoredAny>,
     motion_detection: Option<IgnoredAny>,
-    security: Option<IgnoredAny>,
     storage: Option<IgnoredAny>,
     logging: Option<IgnoredAny>,
     p2p: Option<IgnoredAny>,
@@ -208,6 +234,20 @@ struct RawStreaming {
     bitrate: Option<IgnoredAny>,
 }
 
+/// The older agent's fields in this section are not known here, so unknown fields are
+/// listed as ignored rather than refused; a misspelled field of ours therefore falls
+/// back to the stricter default (it can only make verification fail, never pass).
+#[derive(Deserialize, Default)]
+struct RawSecurity {
+    ssl_verify: Option<bool>,
+    ca_file: Option<PathBuf>,
+    relay_fingerprint: Option<String>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    #[serde(flatten)]
+    other: BTreeMap<String, IgnoredAny>,
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
@@ -221,18 +261,26 @@ fn default_log_level() -> String {
 }
 
 impl AgentConfig {
-    /// Reads and checks the config file at `path`.
+    /// Reads and checks the config file at `path`; files it names are relative to its
+    /// directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::parse_at(&text, &path.display().to_string(), dir)
     }
 
-    /// Parses config text; `origin` names it in errors. `//` and `/* */` comments are
-    /// allowed, so example files can explain every field.
+    /// Parses config text; `origin` names it in errors, files it names are relative to
+    /// the current directory. `//` and `/* */` comments are allowed, so example files
+    /// can explain every field.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::parse_at(text, origin, Path::new("."))
+    }
+
+    /// [`AgentConfig::parse`] with files relative to `dir`.
+    pub fn parse_at(text: &str, origin: &str, dir: &Path) -> Result<Self, ConfigError> {
         let text = blank_comments(text);
         let de = &mut serde_json::Deserializer::from_str(&text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -261,12 +309,16 @@ impl AgentConfig {
         check_agent_id(&agent.agent_id).map_err(|r| field_error("agent.agent_id", r))?;
         let relay = RelayUrl::parse(&agent.tunnel_server_url)
             .map_err(|r| field_error("agent.tunnel_server_url", r))?;
-        if agent.tunnel_server_token.is_empty() {
+        let security = security(raw.security, &relay, dir, &field_error)?;
+        if agent.tunnel_server_token.is_empty() && security.0.identity.is_none() {
             return Err(field_error(
                 "agent.tunnel_server_token",
-                "missing or empty; set it to the relay's token for this camera".into(),
+                "missing or empty; set it to the relay's token for this camera \
+                 (or give the camera a client certificate: security.client_cert)"
+                    .into(),
             ));
         }
+        let (security, ignored_security) = security;
         let log_level =
             parse_log_level(&agent.log_level).map_err(|r| field_error("agent.log_level", r))?;
         let seconds = |value: Option<f64>, field: &str, default: u64| match value {
@@ -319,7 +371,6 @@ impl AgentConfig {
             present("camera", raw.camera.is_some()),
             present("recording", raw.recording.is_some()),
             present("motion_detection", raw.motion_detection.is_some()),
-            present("security", raw.security.is_some()),
             present("storage", raw.storage.is_some()),
             present("logging", raw.logging.is_some()),
             present("p2p", raw.p2p.is_some()),
@@ -344,6 +395,7 @@ impl AgentConfig {
         ]
         .into_iter()
         .flatten()
+        .chain(ignored_security)
         .collect();
 
         Ok(AgentConfig {
@@ -362,9 +414,128 @@ impl AgentConfig {
             reconnect_interval,
             heartbeat_interval,
             max_streams,
+            security,
             ignored,
         })
     }
+}
+
+/// Resolves the `security` section: loads the files it names (or the defaults next to
+/// the config file), and checks that `ssl_verify: false` is used only with `ws://`.
+/// Also returns the older agent's fields it ignores.
+fn security(
+    raw: RawSecurity,
+    relay: &RelayUrl,
+    dir: &Path,
+    field_error: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(Security, Vec<String>), ConfigError> {
+    let ssl_verify = raw.ssl_verify.unwrap_or(true);
+    if !ssl_verify && relay.url.starts_with("wss://") {
+        return Err(field_error(
+            "security.ssl_verify",
+            "false is only accepted with a plain ws:// relay (development); for wss:// \
+             give security.ca_file or security.relay_fingerprint instead"
+                .into(),
+        ));
+    }
+    let at = |path: PathBuf| {
+        if path.is_absolute() {
+            path
+        } else {
+            dir.join(path)
+        }
+    };
+    let (relay_trust, trust_source) = match (raw.relay_fingerprint, raw.ca_file) {
+        (Some(_), Some(_)) => {
+            return Err(field_error(
+                "security.relay_fingerprint",
+                "give relay_fingerprint or ca_file, not both".into(),
+            ))
+        }
+        (Some(pin), None) => {
+            let pin = parse_fingerprint(&pin)
+                .map_err(|why| field_error("security.relay_fingerprint", why))?;
+            (
+                RelayTrust::Pin(pin),
+                "security.relay_fingerprint".to_string(),
+            )
+        }
+        (None, Some(file)) => {
+            let file = at(file);
+            let roots = tls::load_roots(&file)
+                .map_err(|e| field_error("security.ca_file", e.to_string()))?;
+            (RelayTrust::Ca(roots), file.display().to_string())
+        }
+        (None, None) => {
+            let default = dir.join("ca.crt");
+            if default.is_file() {
+                let roots = tls::load_roots(&default)
+                    .map_err(|e| field_error("security.ca_file", e.to_string()))?;
+                (RelayTrust::Ca(roots), default.display().to_string())
+            } else {
+                (RelayTrust::WebPki, "the public web PKI".to_string())
+            }
+        }
+    };
+    let identity = match (raw.client_cert, raw.client_key) {
+        (Some(cert), Some(key)) => Some((at(cert), at(key))),
+        (None, None) => {
+            let (cert, key) = (dir.join("agent.crt"), dir.join("agent.key"));
+            (cert.is_file() && key.is_file()).then_some((cert, key))
+        }
+        (Some(_), None) => {
+            return Err(field_error(
+                "security.client_key",
+                "security.client_cert needs its key".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(field_error(
+                "security.client_cert",
+                "security.client_key needs its certificate".into(),
+            ))
+        }
+    };
+    let identity = match identity {
+        Some((cert, key)) => Some(Arc::new(
+            Identity::from_pem_files(&cert, &key)
+                .map_err(|e| field_error("security.client_cert", e.to_string()))?,
+        )),
+        None => None,
+    };
+    let ignored = raw
+        .other
+        .into_keys()
+        .map(|name| format!("security.{name}"))
+        .collect();
+    Ok((
+        Security {
+            relay_trust,
+            trust_source,
+            identity,
+            ssl_verify,
+        },
+        ignored,
+    ))
+}
+
+/// A SHA-256 fingerprint as `certs fingerprint` prints it (64 hex digits; colons and
+/// upper case are accepted too).
+fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+    let digits: String = text.chars().filter(|c| *c != ':').collect();
+    let bytes: Option<Vec<u8>> = (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            digits
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    bytes
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            format!("{text:?} is not a SHA-256 fingerprint (64 hex digits, as `certs fingerprint` prints)")
+        })
 }
 
 /// Replaces `//` and `/* */` comments outside strings with spaces, keeping newlines,
@@ -437,7 +608,7 @@ mod tests {
         "network": {"connection_timeout": 30, "reconnect_interval": 10, "heartbeat_interval": 30},
         "recording": {"enabled": false},
         "motion_detection": {"enabled": true, "sensitivity": 5},
-        "security": {"ssl_verify": true}
+        "security": {"ssl_verify": true, "encryption": "aes"}
     }"#;
 
     fn error(text: &str) -> String {
@@ -463,11 +634,66 @@ mod tests {
                 "camera",
                 "recording",
                 "motion_detection",
-                "security",
-                "agent.device_id"
+                "agent.device_id",
+                "security.encryption"
             ]
         );
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn security_settings_are_checked_and_files_found_next_to_the_config() {
+        let config = |url: &str, security: &str| {
+            format!(
+                r#"{{"agent": {{"agent_id": "a", "tunnel_server_url": "{url}", "tunnel_server_token": "t"}}, "security": {security}}}"#
+            )
+        };
+        let e = error(&config("wss://r", r#"{"ssl_verify": false}"#));
+        assert!(
+            e.contains("security.ssl_verify") && e.contains("ws://"),
+            "{e}"
+        );
+        let c = AgentConfig::parse(&config("ws://r", r#"{"ssl_verify": false}"#), "x").unwrap();
+        assert!(!c.security.ssl_verify);
+        assert!(matches!(c.security.relay_trust, RelayTrust::WebPki));
+
+        let e = error(&config("wss://r", r#"{"relay_fingerprint": "abc"}"#));
+        assert!(
+            e.contains("security.relay_fingerprint") && e.contains("64 hex"),
+            "{e}"
+        );
+        let pin = "AB:".repeat(31) + "AB";
+        let c = AgentConfig::parse(
+            &config("wss://r", &format!(r#"{{"relay_fingerprint": "{pin}"}}"#)),
+            "x",
+        )
+        .unwrap();
+        assert!(matches!(c.security.relay_trust, RelayTrust::Pin(p) if p == [0xab; 32]));
+        let e = error(&config("wss://r", r#"{"client_cert": "a.crt"}"#));
+        assert!(e.contains("security.client_key"), "{e}");
+        let e = error(&config("wss://r", r#"{"ca_file": "/nonexistent/ca.crt"}"#));
+        assert!(
+            e.contains("security.ca_file") && e.contains("/nonexistent/ca.crt"),
+            "{e}"
+        );
+
+        // ca.crt, agent.crt and agent.key next to config.json are used without naming them.
+        let dir = tempfile::tempdir().unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["x".to_string()]).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("agent.crt"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("agent.key"), cert.key_pair.serialize_pem()).unwrap();
+        let text = r#"{"agent": {"agent_id": "a", "tunnel_server_url": "wss://r"}}"#;
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, text).unwrap();
+        let c = AgentConfig::load(&path).unwrap();
+        assert!(matches!(c.security.relay_trust, RelayTrust::Ca(_)));
+        assert!(c.security.trust_source.ends_with("ca.crt"));
+        assert!(
+            c.security.identity.is_some(),
+            "a certificate stands in for the token"
+        );
+        assert!(!format!("{c:?}").contains("PRIVATE KEY"));
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! The agent's control link: connect the WebSocket, register, then heartbeats and
 //! commands until the link ends.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use common::tls;
 
 use common::protocol::{
     decode_control, encode_control, AgentMessage, CameraInfo, Command, CommandOutput, Register,
@@ -11,7 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_tungstenite::{
     tungstenite::{protocol::WebSocketConfig, Message},
-    MaybeTlsStream, WebSocketStream,
+    Connector, MaybeTlsStream, WebSocketStream,
 };
 
 use crate::{config::AgentConfig, stats::Stats, SessionError};
@@ -28,20 +33,34 @@ pub(crate) struct ControlLink {
 pub(crate) async fn connect(
     config: &AgentConfig,
 ) -> Result<(ControlLink, Registered), SessionError> {
+    let security = &config.security;
+    // Accepted by the config only with a plain ws:// URL.
+    if !security.ssl_verify {
+        tracing::warn!(
+            "security.ssl_verify is false: development mode. The control link is plain \
+             ws://, so anyone on the path can read the token and impersonate the relay; \
+             the video's QUIC link pins the certificate the relay names at registration, \
+             which is only as trustworthy as this link"
+        );
+    }
+    let tls = tls::client_config(&security.relay_trust, security.identity.as_deref(), b"")
+        .map_err(|e| SessionError::Connect(format!("TLS setup for the control link: {e}")))?;
     let attempt = async {
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(MAX_CONTROL_MESSAGE))
             .max_frame_size(Some(MAX_CONTROL_MESSAGE));
-        let (mut socket, _response) = tokio_tungstenite::connect_async_with_config(
+        let (mut socket, _response) = tokio_tungstenite::connect_async_tls_with_config(
             config.relay.url.as_str(),
             Some(ws_config),
             true,
+            Some(Connector::Rustls(Arc::new(tls))),
         )
         .await
         .map_err(|e| {
             SessionError::Connect(format!(
-                "cannot open the control link to {}: {e}",
-                config.relay.url
+                "cannot open the control link to {}: {}",
+                config.relay.url,
+                explain_connect_error(&e, &security.trust_source)
             ))
         })?;
         let register = AgentMessage::Register(Register {
@@ -166,5 +185,25 @@ async fn next_message(socket: &mut Socket) -> Result<RelayMessage, SessionError>
             }
             Some(Err(e)) => return Err(SessionError::Lost(format!("control link failed: {e}"))),
         }
+    }
+}
+
+/// A connect error in words an operator can act on: certificate problems name what the
+/// agent trusted, and a certificate "not valid yet" points at the camera's clock.
+fn explain_connect_error(e: &tokio_tungstenite::tungstenite::Error, trust: &str) -> String {
+    let text = e.to_string();
+    if text.contains("NotValidYet") || text.contains("not valid yet") {
+        format!("{text}: the relay's certificate is not valid yet by this camera's clock; is the camera's time set (NTP)?")
+    } else if text.contains("alert: UnknownCA") || text.contains("alert: BadCertificate") {
+        format!("{text}: the relay did not accept this camera's client certificate (security.client_cert); is it issued by the relay's tls.client_ca?")
+    } else if text.contains("Expired") {
+        format!("{text}: the relay's certificate has expired (or this camera's clock is far ahead)")
+    } else if text.contains("certificate")
+        || text.contains("Certificate")
+        || text.contains("pinned")
+    {
+        format!("{text} (the relay was checked against {trust})")
+    } else {
+        text
     }
 }

@@ -40,6 +40,20 @@ async fn main() -> ExitCode {
         );
     }
     tracing::info!(agent = %config.agent_id, version = env!("CARGO_PKG_VERSION"), "camera-agent starting");
+    let security = &config.security;
+    if config.relay.url.starts_with("wss://") {
+        tracing::info!(
+            relay_checked_against = %security.trust_source,
+            client_certificate = security.identity.is_some(),
+            "control link is TLS (wss://)"
+        );
+    } else {
+        tracing::warn!(
+            client_certificate = security.identity.is_some(),
+            "control link is plain ws://: the token crosses the network readable by anyone \
+             on the path, and the relay is not verified; use wss:// outside a trial"
+        );
+    }
 
     let agent = Agent::new(config);
     let shutdown = CancellationToken::new();

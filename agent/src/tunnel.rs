@@ -50,8 +50,12 @@ pub(crate) async fn dial(
     };
     let mut endpoint =
         quinn::Endpoint::client(local).map_err(|e| fail("cannot open a UDP socket", &e))?;
-    let client = tls::quic_client_config(registered.cert_sha256, config.max_streams)
-        .map_err(|e| fail("TLS setup", &e))?;
+    let client = tls::quic_client_config(
+        registered.cert_sha256,
+        config.security.identity.as_deref(),
+        config.max_streams,
+    )
+    .map_err(|e| fail("TLS setup", &e))?;
     endpoint.set_default_client_config(client);
 
     let handshake = async {

@@ -207,6 +207,28 @@ pub fn agent_certificate(id: &str, days: u32, ca: &Ca) -> Result<PemPair, CertEr
     finish(params, Some(ca))
 }
 
+/// A fresh random agent token: 32 bytes from the OS's generator, as 64 hex digits.
+pub fn new_token() -> String {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    hex(&bytes)
+}
+
+/// The argon2id hash of `token` with a fresh salt, in PHC format: what the relay's
+/// config stores (`token_hash`) instead of the token itself.
+pub fn hash_token(token: &str) -> Result<String, CertError> {
+    use argon2::{
+        password_hash::{rand_core::OsRng, PasswordHasher, SaltString},
+        Argon2,
+    };
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(token.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| CertError::Invalid(format!("cannot hash the token: {e}")))
+}
+
 /// What `certs inspect` prints about a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inspection {
@@ -382,6 +404,17 @@ mod tests {
         let e = write_pair(dir.path(), "relay", &pair, false).unwrap_err();
         assert!(e.to_string().contains("--force"), "{e}");
         write_pair(dir.path(), "relay", &pair, true).unwrap();
+    }
+
+    #[test]
+    fn tokens_are_random_and_hash_to_argon2id_phc_strings() {
+        let (a, b) = (new_token(), new_token());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        let hash = hash_token(&a).unwrap();
+        assert!(hash.starts_with("$argon2id$"), "{hash}");
+        assert!(!hash.contains(&a));
+        assert_ne!(hash, hash_token(&a).unwrap(), "salted");
     }
 
     #[test]

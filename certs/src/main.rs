@@ -66,6 +66,13 @@ enum Cmd {
         #[command(flatten)]
         out: Out,
     },
+    /// Print a fresh random token for an agent (its config's agent.tunnel_server_token)
+    /// and the argon2 hash the relay's config stores instead ([[agents]] token_hash).
+    Token {
+        /// The agent id, to print the relay.toml entry ready to paste.
+        #[arg(long)]
+        id: String,
+    },
     /// Print a certificate's subject, issuer, SANs, validity and SHA-256 fingerprint.
     Inspect {
         /// The PEM certificate file.
@@ -120,6 +127,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Agent { id, ca, days, out } => {
             let ca = load_ca(&ca)?;
             write(&out, &id, &certs::agent_certificate(&id, days, &ca)?)?;
+        }
+        Cmd::Token { id } => {
+            common::protocol::check_agent_id(&id)
+                .map_err(|why| anyhow::anyhow!("agent id {why}"))?;
+            let token = certs::new_token();
+            let hash = certs::hash_token(&token)?;
+            println!("# the camera's config.json, agent section:");
+            println!("\"tunnel_server_token\": \"{token}\"");
+            println!();
+            println!("# the relay's relay.toml (the relay never sees the token itself):");
+            println!("[[agents]]\nid = \"{id}\"\ntoken_hash = \"{hash}\"");
         }
         Cmd::Inspect { file } => println!("{}", certs::inspect(&file)?),
         Cmd::Fingerprint { file } => println!("{}", certs::fingerprint_pem(&file)?),

@@ -219,6 +219,12 @@ pub enum Rejection {
     /// The registration itself was malformed.
     #[error("invalid registration: {0}")]
     Invalid(String),
+    /// This agent id must prove itself with a client certificate, and none came.
+    #[error("this relay requires a client certificate for this agent id; set security.client_cert and security.client_key (`certs agent --id <id>` makes them)")]
+    CertificateRequired,
+    /// The client certificate names another agent.
+    #[error("the client certificate is for agent {0:?}, not this agent id; install this camera's own certificate")]
+    CertificateMismatch(String),
 }
 
 /// Why the relay closes a control connection it had accepted.

@@ -1,8 +1,12 @@
-//! TLS and QUIC endpoint configuration for the data plane.
+//! TLS for both links, and QUIC endpoint configuration.
 //!
-//! The relay's QUIC certificate is self-signed unless the operator provides one; either
-//! way the agent learns its SHA-256 from the `Registered` message on the control link
-//! and accepts no other certificate ([`PinnedServerVerifier`]).
+//! The relay has one identity (certificate and key) for the control link (WSS) and
+//! QUIC: self-signed unless the operator provides one. The agent verifies the control
+//! link against a CA file, a pinned SHA-256 ([`PinnedServerVerifier`]) or, failing both,
+//! the public web PKI ([`RelayTrust`]); it then learns the QUIC certificate's SHA-256
+//! from the `Registered` message on that verified link and accepts no other.
+//! Agents may present a client certificate (mutual TLS on both links) whose subject
+//! common name is their id ([`peer_common_name`]).
 
 use std::{fmt, path::Path, sync::Arc, time::Duration};
 
@@ -14,7 +18,8 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{ring, CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    DigitallySignedStruct, SignatureScheme,
+    server::WebPkiClientVerifier,
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
 use crate::protocol::{hex, ALPN};
@@ -85,6 +90,28 @@ pub enum TlsError {
     Quic(String),
 }
 
+/// The trust anchors in a PEM file (a CA certificate, or several).
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let pem = |why: String| TlsError::Pem(path.display().to_string(), why);
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem(e.to_string()))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(pem("no usable CA certificate in it".into()));
+    }
+    Ok(roots)
+}
+
+/// The subject common name of a DER certificate: an agent's id in its client
+/// certificate.
+pub fn peer_common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
+}
+
 /// SHA-256 of a DER blob.
 pub fn sha256(der: &[u8]) -> [u8; 32] {
     let digest = ::ring::digest::digest(&::ring::digest::SHA256, der);
@@ -110,13 +137,81 @@ fn transport(max_streams: u32) -> TransportConfig {
     t
 }
 
-/// QUIC server configuration for the relay: TLS 1.3 only, ALPN [`ALPN`].
-pub fn quic_server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsError> {
-    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    crypto.alpn_protocols = vec![ALPN.to_vec()];
+/// A TLS 1.3 server configuration with `identity`, offering `alpn`. With `client_ca`,
+/// clients may present a certificate issued by it (and one from any other issuer fails
+/// the handshake); whether one is required is the relay's decision per agent, made at
+/// registration.
+pub fn server_config(
+    identity: &Identity,
+    client_ca: Option<&RootCertStore>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match client_ca {
+        Some(roots) => builder.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Quic(format!("client CA: {e}")))?,
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let mut crypto = builder.with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    crypto.alpn_protocols = vec![alpn.to_vec()];
+    Ok(crypto)
+}
+
+/// How the agent decides the relay's control link is genuine.
+#[derive(Debug, Clone)]
+pub enum RelayTrust {
+    /// Certificates issued by these CAs, for the host name dialled.
+    Ca(RootCertStore),
+    /// Exactly the certificate with this SHA-256, whatever its names or issuer.
+    Pin([u8; 32]),
+    /// The public web PKI (a relay behind a reverse proxy with a public certificate).
+    WebPki,
+}
+
+/// A TLS 1.3 client configuration trusting `trust`, presenting `identity` if given,
+/// offering `alpn` (if not empty).
+pub fn client_config(
+    trust: &RelayTrust,
+    identity: Option<&Identity>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match trust {
+        RelayTrust::Ca(roots) => builder.with_root_certificates(roots.clone()),
+        RelayTrust::WebPki => builder.with_root_certificates(RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        }),
+        RelayTrust::Pin(pin) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
+                pin: *pin,
+                algorithms: provider.signature_verification_algorithms,
+            })),
+    };
+    let mut crypto = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    if !alpn.is_empty() {
+        crypto.alpn_protocols = vec![alpn.to_vec()];
+    }
+    Ok(crypto)
+}
+
+/// QUIC server configuration for the relay: TLS 1.3 only, ALPN [`ALPN`], client
+/// certificates from `client_ca` accepted (see [`server_config`]).
+pub fn quic_server_config(
+    identity: &Identity,
+    client_ca: Option<&RootCertStore>,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let crypto = server_config(identity, client_ca, ALPN)?;
     let crypto = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // The agent opens exactly one stream of its own (the hello).
@@ -127,23 +222,15 @@ pub fn quic_server_config(identity: &Identity) -> Result<quinn::ServerConfig, Tl
 }
 
 /// QUIC client configuration for the agent: TLS 1.3 only, ALPN [`ALPN`], and only the
-/// certificate whose SHA-256 is `pin` is accepted. `max_streams` bounds the Watcher
-/// connections the relay may have open through this agent at once.
+/// certificate whose SHA-256 is `pin` is accepted; `identity` is presented if given.
+/// `max_streams` bounds the Watcher connections the relay may have open through this
+/// agent at once.
 pub fn quic_client_config(
     pin: [u8; 32],
+    identity: Option<&Identity>,
     max_streams: u32,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let provider = provider();
-    let verifier = PinnedServerVerifier {
-        pin,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = client_config(&RelayTrust::Pin(pin), identity, ALPN)?;
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport(max_streams)));

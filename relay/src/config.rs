@@ -38,28 +38,56 @@ pub struct RelayConfig {
     pub state_dir: Option<PathBuf>,
     /// Which agents may register.
     pub auth: AgentAuth,
-    /// PEM certificate and key for QUIC; `None` makes a self-signed one at start.
-    pub quic_tls: Option<(PathBuf, PathBuf)>,
+    /// The relay's TLS: its certificate, and the CA of agents' client certificates.
+    pub tls: TlsConfig,
     /// Timeouts and bounds.
     pub limits: Limits,
+}
+
+/// The relay's TLS files.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// PEM certificate and key for the control link (WSS) and QUIC; `None` makes a
+    /// self-signed one for QUIC at start and leaves the control link plain `ws://`.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Serve the control link as plain `ws://` even with a certificate (behind a
+    /// reverse proxy that terminates TLS).
+    pub plain_control: bool,
+    /// CA whose client certificates agents may present (mutual TLS on both links).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Which agents may register, and with what.
 #[derive(Debug, Clone, Default)]
 pub struct AgentAuth {
-    /// Agents named in the config, each with its own token and maybe a pinned port.
+    /// Agents named in the config, each with its own credential and maybe a pinned port.
     pub agents: HashMap<String, AgentEntry>,
     /// A token any agent id may use (the quick start's `--token`).
     pub shared_token: Option<Secret>,
+    /// Any agent id may register with a client certificate from the client CA whose
+    /// common name is that id.
+    pub any_certified_agent: bool,
+    /// Every agent must (also) present a client certificate naming its id.
+    pub require_certificates: bool,
 }
 
 /// One configured agent.
 #[derive(Debug, Clone)]
 pub struct AgentEntry {
-    /// Its token.
-    pub token: Secret,
+    /// What it proves itself with besides (or instead of) a certificate.
+    pub token: Option<Token>,
     /// Its camera port, whatever it asks for.
     pub port: Option<u16>,
+}
+
+/// A configured token: in the clear (warned about at start), or as an argon2 hash
+/// (`certs token` makes both).
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// The token itself.
+    Plain(Secret),
+    /// Its PHC-format argon2 hash.
+    Hash(Secret),
 }
 
 /// Timeouts and bounds of the relay.
@@ -85,6 +113,9 @@ pub struct Limits {
     /// Time a Watcher on the shared port has to send its first request, which names
     /// the camera.
     pub first_request_timeout: Duration,
+    /// TLS handshakes on the control listener in progress at once; more connections
+    /// are closed at once.
+    pub max_pending_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -99,6 +130,7 @@ impl Default for Limits {
             max_streams_per_camera: 64,
             stall_after: Duration::from_secs(5),
             first_request_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 256,
         }
     }
 }
@@ -148,6 +180,10 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     shared_token: Option<Secret>,
     #[serde(default)]
+    any_certified_agent: bool,
+    #[serde(default)]
+    require_certificates: bool,
+    #[serde(default)]
     agents: Vec<FileAgent>,
     tls: Option<FileTls>,
     #[serde(default)]
@@ -158,15 +194,21 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileAgent {
     id: String,
-    token: Secret,
+    token: Option<Secret>,
+    token_hash: Option<Secret>,
     port: Option<u16>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileTls {
-    quic_cert: PathBuf,
-    quic_key: PathBuf,
+    #[serde(alias = "quic_cert")]
+    cert: Option<PathBuf>,
+    #[serde(alias = "quic_key")]
+    key: Option<PathBuf>,
+    #[serde(default)]
+    plain_control: bool,
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -181,6 +223,7 @@ struct FileLimits {
     max_streams_per_camera: Option<u32>,
     stall_secs: Option<f64>,
     first_request_secs: Option<f64>,
+    max_pending_handshakes: Option<usize>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -215,10 +258,10 @@ impl RelayConfig {
             shared_listen: None,
             state_dir: None,
             auth: AgentAuth {
-                agents: HashMap::new(),
                 shared_token: Some(token),
+                ..AgentAuth::default()
             },
-            quic_tls: None,
+            tls: TlsConfig::default(),
             limits: Limits::default(),
         })
     }
@@ -263,9 +306,25 @@ impl RelayConfig {
             if let Err(reason) = check_agent_id(&agent.id) {
                 return Err(invalid(origin, &field("id"), &reason));
             }
-            if agent.token.is_empty() {
-                return Err(invalid(origin, &field("token"), "must not be empty"));
-            }
+            let token = match (agent.token, agent.token_hash) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        origin,
+                        &field("token_hash"),
+                        "give token or token_hash, not both",
+                    ))
+                }
+                (Some(t), None) if t.is_empty() => {
+                    return Err(invalid(origin, &field("token"), "must not be empty"))
+                }
+                (Some(t), None) => Some(Token::Plain(t)),
+                (None, Some(h)) => {
+                    check_token_hash(h.expose())
+                        .map_err(|why| invalid(origin, &field("token_hash"), &why))?;
+                    Some(Token::Hash(h))
+                }
+                (None, None) => None,
+            };
             if let Some(port) = agent.port {
                 if !camera_ports.contains(&port) {
                     return Err(invalid(
@@ -276,7 +335,7 @@ impl RelayConfig {
                 }
             }
             let entry = AgentEntry {
-                token: agent.token,
+                token,
                 port: agent.port,
             };
             if agents.insert(agent.id.clone(), entry).is_some() {
@@ -296,11 +355,41 @@ impl RelayConfig {
                 ));
             }
         }
-        if agents.is_empty() && file.shared_token.is_none() {
+        let tls = file.tls.unwrap_or_default();
+        let identity = match (tls.cert, tls.key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid(origin, "tls.key", "tls.cert needs its key")),
+            (None, Some(_)) => {
+                return Err(invalid(origin, "tls.cert", "tls.key needs its certificate"))
+            }
+        };
+        let certificates_possible = tls.client_ca.is_some();
+        if !certificates_possible {
+            let needs_ca = if file.any_certified_agent {
+                Some("any_certified_agent")
+            } else if file.require_certificates {
+                Some("require_certificates")
+            } else {
+                agents
+                    .iter()
+                    .find(|(_, a)| a.token.is_none())
+                    .map(|_| "agents")
+            };
+            if let Some(field) = needs_ca {
+                return Err(invalid(
+                    origin,
+                    field,
+                    "agents can only prove themselves with certificates if tls.client_ca names their CA \
+                     (an [[agents]] entry without token or token_hash means: certificate only)",
+                ));
+            }
+        }
+        if agents.is_empty() && file.shared_token.is_none() && !file.any_certified_agent {
             return Err(invalid(
                 origin,
                 "agents",
-                "no agent could register: list [[agents]] or set shared_token",
+                "no agent could register: list [[agents]], set shared_token, or any_certified_agent",
             ));
         }
 
@@ -365,6 +454,17 @@ impl RelayConfig {
                 "first_request_secs",
                 defaults.first_request_timeout,
             )?,
+            max_pending_handshakes: match l.max_pending_handshakes {
+                Some(0) => {
+                    return Err(invalid(
+                        origin,
+                        "limits.max_pending_handshakes",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.max_pending_handshakes,
+            },
         };
 
         Ok(RelayConfig {
@@ -377,8 +477,14 @@ impl RelayConfig {
             auth: AgentAuth {
                 agents,
                 shared_token: file.shared_token,
+                any_certified_agent: file.any_certified_agent,
+                require_certificates: file.require_certificates,
             },
-            quic_tls: file.tls.map(|t| (t.quic_cert, t.quic_key)),
+            tls: TlsConfig {
+                identity,
+                plain_control: tls.plain_control,
+                client_ca: tls.client_ca,
+            },
             limits,
         })
     }
@@ -415,6 +521,21 @@ fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
     (first > 0 && first <= last).then_some(first..=last)
 }
 
+/// Checks that `hash` is a PHC-format argon2 hash (what `certs token` prints).
+fn check_token_hash(hash: &str) -> Result<(), String> {
+    use argon2::password_hash::PasswordHash;
+    match PasswordHash::new(hash) {
+        Ok(parsed) if parsed.algorithm.as_str().starts_with("argon2") => Ok(()),
+        Ok(parsed) => Err(format!(
+            "{} hashes are not accepted; use argon2 (`certs token` makes one)",
+            parsed.algorithm
+        )),
+        Err(e) => Err(format!(
+            "not a PHC hash string ({e}); `certs token --id <id>` prints one"
+        )),
+    }
+}
+
 fn check_shared_listen(
     addr: SocketAddr,
     camera_ports: &RangeInclusive<u16>,
@@ -447,6 +568,12 @@ fn invalid(path: &str, field: &str, reason: &str) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn err(text: &str) -> String {
+        RelayConfig::from_toml(text, "relay.toml")
+            .unwrap_err()
+            .to_string()
+    }
 
     #[test]
     fn full_config_parses() {
@@ -485,11 +612,6 @@ mod tests {
 
     #[test]
     fn errors_name_the_file_and_field() {
-        let err = |text: &str| {
-            RelayConfig::from_toml(text, "relay.toml")
-                .unwrap_err()
-                .to_string()
-        };
         let e = err("shared_token = \"x\"\nlisten_adress = \"1.2.3.4:5\"");
         assert!(
             e.contains("relay.toml") && e.contains("listen_adress"),
@@ -510,6 +632,43 @@ mod tests {
         );
         let e = err("shared_token = \"x\"\n[limits]\ntunnel_wait_secs = -1");
         assert!(e.contains("limits.tunnel_wait_secs"), "{e}");
+    }
+
+    #[test]
+    fn credentials_are_checked_where_they_are_written() {
+        let e = err("[[agents]]\nid = \"a\"\ntoken_hash = \"plain\"");
+        assert!(
+            e.contains("agents[0].token_hash") && e.contains("certs token"),
+            "{e}"
+        );
+        let e = err("[[agents]]\nid = \"a\"\ntoken = \"t\"\ntoken_hash = \"h\"");
+        assert!(e.contains("not both"), "{e}");
+        let e = err("[[agents]]\nid = \"a\"");
+        assert!(
+            e.contains("tls.client_ca"),
+            "a certificate-only agent needs a CA: {e}"
+        );
+        let e = err("any_certified_agent = true");
+        assert!(
+            e.contains("any_certified_agent") && e.contains("tls.client_ca"),
+            "{e}"
+        );
+        let e = err("shared_token = \"x\"\n[tls]\ncert = \"r.crt\"");
+        assert!(e.contains("tls.key"), "{e}");
+
+        let c = RelayConfig::from_toml(
+            "any_certified_agent = true\n[tls]\nclient_ca = \"ca.crt\"\n[[agents]]\nid = \"a\"",
+            "relay.toml",
+        )
+        .unwrap();
+        assert!(c.auth.any_certified_agent && c.auth.agents["a"].token.is_none());
+        let deploy =
+            RelayConfig::from_toml(include_str!("../../deploy/relay.toml"), "deploy/relay.toml")
+                .unwrap();
+        assert!(matches!(
+            deploy.auth.agents["dahua-2449s-il-002"].token,
+            Some(Token::Hash(_))
+        ));
     }
 
     #[test]

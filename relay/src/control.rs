@@ -10,7 +10,7 @@ use axum::{
     },
     response::{IntoResponse, Response},
     routing::get,
-    Json, Router,
+    Extension, Json, Router,
 };
 use common::protocol::{
     decode_control, encode_control, peek_register_version, AgentMessage, CloseReason,
@@ -20,7 +20,7 @@ use common::protocol::{
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::{forward, registry::AgentSession, Shared};
+use crate::{forward, http::ClientCertificate, registry::AgentSession, Shared};
 
 /// Longest wait for one control message to be written to a slow agent.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,32 +57,43 @@ async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
 async fn upgrade(
     ws: WebSocketUpgrade,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(cert): Extension<ClientCertificate>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
-    accept(ws, peer, shared, None)
+    accept(ws, Caller { peer, cert }, shared, None)
 }
 
 async fn upgrade_as(
     ws: WebSocketUpgrade,
     Path(id): Path<String>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(cert): Extension<ClientCertificate>,
     State(shared): State<Arc<Shared>>,
 ) -> Response {
-    accept(ws, peer, shared, Some(id))
+    accept(ws, Caller { peer, cert }, shared, Some(id))
+}
+
+/// Who is on the other end of a control connection.
+#[derive(Debug, Clone)]
+struct Caller {
+    peer: SocketAddr,
+    /// Its verified client certificate's common name, if it presented one.
+    cert: ClientCertificate,
 }
 
 fn accept(
     ws: WebSocketUpgrade,
-    peer: SocketAddr,
+    caller: Caller,
     shared: Arc<Shared>,
     path_id: Option<String>,
 ) -> Response {
+    let peer = caller.peer;
     let span = tracing::info_span!("agent", %peer, id = tracing::field::Empty);
     let tracker = shared.tracker.clone();
     ws.max_message_size(MAX_CONTROL_MESSAGE)
         .max_frame_size(MAX_CONTROL_MESSAGE)
         .on_upgrade(move |socket| {
-            tracker.track_future(serve(socket, peer, shared, path_id).instrument(span))
+            tracker.track_future(serve(socket, caller, shared, path_id).instrument(span))
         })
         .into_response()
 }
@@ -90,10 +101,11 @@ fn accept(
 /// One control connection, from `Register` to its end.
 async fn serve(
     mut socket: WebSocket,
-    peer: SocketAddr,
+    caller: Caller,
     shared: Arc<Shared>,
     path_id: Option<String>,
 ) {
+    let Caller { peer, cert } = caller;
     let limits = &shared.limits;
     let first =
         match tokio::time::timeout(limits.registration_timeout, next_binary(&mut socket)).await {
@@ -144,6 +156,7 @@ async fn serve(
         .registry
         .admit(
             &register,
+            cert.0.as_deref(),
             peer,
             limits.max_heartbeat_interval,
             &shared.shutdown,

@@ -5,7 +5,9 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use common::protocol::{read_frame, write_frame, DataHello, HelloReply};
+use common::tls::peer_common_name;
 use quinn::VarInt;
+use rustls::pki_types::CertificateDer;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
@@ -60,14 +62,30 @@ async fn tunnel(
     .await
     .context("no QUIC handshake and hello within the handshake timeout")??;
 
+    let certified = conn
+        .peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().and_then(|leaf| peer_common_name(leaf)));
     let session = registry
         .get(&hello.agent_id)
         .filter(|s| s.key_matches(&hello.session_key));
-    let Some(session) = session else {
-        let why = format!(
+    let refusal = match (&session, &certified) {
+        (None, _) => Some(format!(
             "no live registration of agent {:?} with this session key",
             hello.agent_id
-        );
+        )),
+        (Some(s), Some(name)) if *name != s.id => Some(format!(
+            "the client certificate is for agent {name:?}, not {:?}",
+            s.id
+        )),
+        (Some(s), None) if s.certified => Some(format!(
+            "agent {:?} registered with a client certificate but its QUIC connection has none",
+            s.id
+        )),
+        _ => None,
+    };
+    let (Some(session), None) = (session, refusal.clone()) else {
+        let why = refusal.unwrap_or_default();
         let _ = write_frame(&mut send, &HelloReply::Refused(why.clone())).await;
         let _ = send.finish();
         conn.close(VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());

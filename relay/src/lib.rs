@@ -18,6 +18,7 @@ pub mod config;
 mod control;
 mod data;
 mod forward;
+mod http;
 pub mod metrics;
 pub mod ports;
 pub mod registry;
@@ -57,24 +58,40 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     /// The shared RTSP port (`/<agent-id>/…`), if configured.
     shared_listener: Option<TcpListener>,
+    /// TLS of the control listener; `None` serves plain `ws://`.
+    control_tls: Option<Arc<rustls::ServerConfig>>,
     shared: Arc<Shared>,
 }
 
 impl Relay {
     /// Binds the control listener and the QUIC endpoint and loads the port state.
     pub async fn bind(config: RelayConfig) -> anyhow::Result<Relay> {
-        let identity = match &config.quic_tls {
+        let identity = match &config.tls.identity {
             Some((cert, key)) => tls::Identity::from_pem_files(cert, key)?,
             None => tls::Identity::self_signed(&["camera-relay"])?,
+        };
+        let client_ca = match &config.tls.client_ca {
+            Some(path) => Some(tls::load_roots(path).context("tls.client_ca")?),
+            None => None,
+        };
+        let control_tls = match (&config.tls.identity, config.tls.plain_control) {
+            (Some(_), false) => Some(Arc::new(tls::server_config(
+                &identity,
+                client_ca.as_ref(),
+                b"http/1.1",
+            )?)),
+            _ => None,
         };
         let cert_sha256 = identity.leaf_sha256();
         let ports = ports::PortPolicy::load(&config)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (TCP, control link)", config.listen))?;
-        let endpoint =
-            quinn::Endpoint::server(tls::quic_server_config(&identity)?, config.quic_listen)
-                .with_context(|| format!("cannot listen on {} (UDP, QUIC)", config.quic_listen))?;
+        let endpoint = quinn::Endpoint::server(
+            tls::quic_server_config(&identity, client_ca.as_ref())?,
+            config.quic_listen,
+        )
+        .with_context(|| format!("cannot listen on {} (UDP, QUIC)", config.quic_listen))?;
         let quic_port = endpoint.local_addr()?.port();
         let shared_listener = match config.shared_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
@@ -82,11 +99,17 @@ impl Relay {
             })?),
             None => None,
         };
-        tracing::info!(cert_sha256 = %hex(&cert_sha256), "relay ready: {config}");
+        tracing::info!(
+            cert_sha256 = %hex(&cert_sha256),
+            control = if control_tls.is_some() { "wss" } else { "ws" },
+            client_certificates = client_ca.is_some(),
+            "relay ready: {config}"
+        );
         Ok(Relay {
             listener,
             endpoint,
             shared_listener,
+            control_tls,
             shared: Arc::new(Shared {
                 registry: Arc::new(Registry::new(
                     config.auth,
@@ -136,6 +159,7 @@ impl Relay {
             listener,
             endpoint,
             shared_listener,
+            control_tls,
             shared,
         } = self;
         let root = shared.shutdown.clone();
@@ -155,13 +179,15 @@ impl Relay {
                 root.clone(),
             ));
         }
-        let app = control::router(shared.clone());
-        let server = axum::serve(
+        http::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            control::router(shared.clone()),
+            control_tls.map(tokio_rustls::TlsAcceptor::from),
+            shared.limits.clone(),
+            shared.tracker.clone(),
+            shutdown,
         )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await });
-        let served = server.await.context("control listener failed");
+        .await;
 
         tracing::info!("relay shutting down");
         root.cancel();
@@ -174,6 +200,6 @@ impl Relay {
         }
         endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
-        served
+        Ok(())
     }
 }

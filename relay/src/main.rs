@@ -63,7 +63,30 @@ async fn main() -> ExitCode {
 
 fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
     if let Some(path) = &cli.config {
-        return Ok(RelayConfig::from_file(path)?);
+        let config = RelayConfig::from_file(path)?;
+        let mut plain: Vec<&str> = config
+            .auth
+            .agents
+            .iter()
+            .filter(|(_, a)| matches!(a.token, Some(config::Token::Plain(_))))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        if !plain.is_empty() {
+            plain.sort_unstable();
+            tracing::warn!(
+                "{}: tokens in the clear for {}; anyone who reads the file can register as \
+                 those cameras. Store token_hash instead (`certs token --id <id>`)",
+                path.display(),
+                plain.join(", ")
+            );
+        }
+        if config.tls.identity.is_none() {
+            tracing::warn!(
+                "no [tls] certificate: the control link is plain ws://, so tokens cross the \
+                 network in the clear and agents cannot verify this relay"
+            );
+        }
+        return Ok(config);
     }
     let Some(token) = &cli.token else {
         anyhow::bail!(
@@ -71,8 +94,11 @@ fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
         );
     };
     tracing::warn!(
-        "quick-start mode: one shared token for every agent id, plain ws:// control link; \
-         use --config with per-agent tokens for anything beyond a trial"
+        "quick-start mode: one shared token for every agent id (any holder can register \
+         as any camera, and take over a live camera's id), plain ws:// control link (the \
+         token crosses the network in the clear and agents cannot verify this relay); \
+         use --config with per-agent credentials and [tls] for anything beyond a trial \
+         (docs/security.md)"
     );
     let config = RelayConfig::quick(
         SocketAddr::new(cli.bind, cli.port),

@@ -26,7 +26,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::AgentAuth,
+    config::{AgentAuth, Token},
     metrics::{CameraMetrics, Metrics},
     ports::PortPolicy,
     MediaStats,
@@ -76,6 +76,9 @@ pub struct AgentSession {
     pub active_streams: AtomicU32,
     /// The camera's Prometheus series.
     pub metrics: CameraMetrics,
+    /// True if the agent registered with a client certificate; its QUIC connection
+    /// must then present one too.
+    pub certified: bool,
     session_key: [u8; SESSION_KEY_LEN],
     /// Child of the relay's root token; see the type's docs.
     cancel: CancellationToken,
@@ -119,6 +122,7 @@ impl Registry {
     pub async fn admit(
         &self,
         reg: &Register,
+        certified: Option<&str>,
         remote: SocketAddr,
         max_heartbeat_interval: Duration,
         parent: &CancellationToken,
@@ -132,7 +136,7 @@ impl Registry {
         }
         check_agent_id(&reg.agent_id)
             .map_err(|why| Rejection::Invalid(format!("agent id {why}")))?;
-        self.check_token(reg)?;
+        self.check_credentials(reg, certified).await?;
         let requested = reg
             .services
             .iter()
@@ -168,6 +172,7 @@ impl Registry {
             counters: ByteCounters::default(),
             active_streams: AtomicU32::new(0),
             metrics: self.metrics.camera(&reg.agent_id),
+            certified: certified.is_some(),
             session_key,
             cancel: parent.child_token(),
             close_reason: Mutex::new(None),
@@ -182,19 +187,56 @@ impl Registry {
         Ok((session, listener))
     }
 
-    fn check_token(&self, reg: &Register) -> Result<(), Rejection> {
+    /// Checks what the agent proves itself with: its token, and `certified`, the
+    /// common name of the client certificate it presented (already verified against
+    /// the client CA by TLS), if any.
+    async fn check_credentials(
+        &self,
+        reg: &Register,
+        certified: Option<&str>,
+    ) -> Result<(), Rejection> {
+        if let Some(name) = certified {
+            if name != reg.agent_id {
+                return Err(Rejection::CertificateMismatch(name.to_string()));
+            }
+        }
         let expected = match self.auth.agents.get(&reg.agent_id) {
-            Some(entry) => &entry.token,
+            Some(entry) => entry.token.clone(),
+            None if certified.is_some() && self.auth.any_certified_agent => None,
             None => match &self.auth.shared_token {
-                Some(token) => token,
+                Some(token) => Some(Token::Plain(token.clone())),
                 None => return Err(Rejection::UnknownAgent(reg.agent_id.clone())),
             },
         };
-        if expected.matches(&reg.token) {
-            Ok(())
-        } else {
-            Err(Rejection::BadToken)
+        match expected {
+            None if certified.is_none() => return Err(Rejection::CertificateRequired),
+            None => {}
+            Some(Token::Plain(token)) if !token.matches(&reg.token) => {
+                return Err(Rejection::BadToken)
+            }
+            Some(Token::Plain(_)) => {}
+            Some(Token::Hash(hash)) => {
+                let presented = reg.token.clone();
+                // Argon2 is slow on purpose; keep it off the runtime's threads.
+                let verified = tokio::task::spawn_blocking(move || {
+                    use argon2::{password_hash::PasswordHash, Argon2, PasswordVerifier};
+                    PasswordHash::new(hash.expose()).is_ok_and(|parsed| {
+                        Argon2::default()
+                            .verify_password(presented.expose().as_bytes(), &parsed)
+                            .is_ok()
+                    })
+                })
+                .await
+                .unwrap_or(false);
+                if !verified {
+                    return Err(Rejection::BadToken);
+                }
+            }
         }
+        if self.auth.require_certificates && certified.is_none() {
+            return Err(Rejection::CertificateRequired);
+        }
+        Ok(())
     }
 
     /// Removes `session` if it is still the registered one for its id (a takeover may

@@ -1,0 +1,205 @@
+//! Agent identity and relay trust, in process: a private CA from `certs`, the relay
+//! serving `wss://` and QUIC with a CA-signed certificate and accepting agents' client
+//! certificates, tokens stored only as argon2 hashes.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+use std::path::PathBuf;
+
+use agent::{AgentConfig, AgentState};
+use common::protocol::Rejection;
+use e2e::{agent_config_json, free_port_run, AgentHandle, RelayHandle};
+use relay::RelayConfig;
+
+/// A CA with the relay's certificate (for 127.0.0.1) and agents' certificates, and a
+/// second, unrelated CA with a certificate claiming one of the same ids.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = certs::ca_certificate("test CA", certs::CA_DAYS).unwrap();
+        let (ca_cert, ca_key) = certs::write_pair(dir.path(), "ca", &ca, false).unwrap();
+        let ca = certs::Ca::load(&ca_cert, &ca_key).unwrap();
+        let relay = certs::relay_certificate(
+            &["localhost".into()],
+            &["127.0.0.1".parse().unwrap()],
+            certs::RELAY_DAYS,
+            Some(&ca),
+        )
+        .unwrap();
+        certs::write_pair(dir.path(), "relay", &relay, false).unwrap();
+        for id in ["cam-cert", "cam-other"] {
+            let pair = certs::agent_certificate(id, certs::AGENT_DAYS, &ca).unwrap();
+            certs::write_pair(dir.path(), id, &pair, false).unwrap();
+        }
+        let rogue = certs::ca_certificate("rogue CA", certs::CA_DAYS).unwrap();
+        let rogue_dir = dir.path().join("rogue");
+        let (rogue_cert, rogue_key) = certs::write_pair(&rogue_dir, "ca", &rogue, false).unwrap();
+        let rogue = certs::Ca::load(&rogue_cert, &rogue_key).unwrap();
+        let forged = certs::agent_certificate("cam-cert", certs::AGENT_DAYS, &rogue).unwrap();
+        certs::write_pair(&rogue_dir, "cam-cert", &forged, false).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+async fn relay(pki: &Pki, first: u16) -> RelayHandle {
+    let hash = certs::hash_token("t0ken-of-cam-token").unwrap();
+    let text = format!(
+        r#"
+        listen = "127.0.0.1:0"
+        camera_ports = "{first}-{last}"
+
+        [tls]
+        cert = {cert:?}
+        key = {key:?}
+        client_ca = {ca:?}
+
+        [[agents]]
+        id = "cam-token"
+        token_hash = "{hash}"
+
+        [[agents]]
+        id = "cam-cert"
+        "#,
+        last = first + 3,
+        cert = pki.path("relay.crt"),
+        key = pki.path("relay.key"),
+        ca = pki.path("ca.crt"),
+    );
+    RelayHandle::start(RelayConfig::from_toml(&text, "test relay.toml").unwrap())
+        .await
+        .unwrap()
+}
+
+/// An agent config dialling the relay over wss:// with `security` as its security
+/// section.
+fn agent(relay: &RelayHandle, id: &str, token: &str, security: serde_json::Value) -> AgentConfig {
+    let url = format!("wss://127.0.0.1:{}/tunnel", relay.control.port());
+    let mut json = agent_config_json(id, &url, token, 0, 1);
+    json["security"] = security;
+    AgentConfig::parse(&json.to_string(), "test config").unwrap()
+}
+
+/// A security section trusting the test CA and, with `certificate` (a stem in the
+/// PKI's directory), presenting that client certificate.
+fn files(pki: &Pki, certificate: Option<&str>) -> serde_json::Value {
+    let mut security = serde_json::json!({ "ca_file": pki.path("ca.crt") });
+    if let Some(stem) = certificate {
+        security["client_cert"] = serde_json::json!(pki.path(&format!("{stem}.crt")));
+        security["client_key"] = serde_json::json!(pki.path(&format!("{stem}.key")));
+    }
+    security
+}
+
+/// Waits until the agent is retrying for a reason containing `needle`; returns it.
+async fn failing(agent: &mut AgentHandle, needle: &str) -> String {
+    let state = agent
+        .wait_for(
+            needle,
+            |s| matches!(s, AgentState::Retrying { reason, .. } if reason.contains(needle)),
+        )
+        .await
+        .unwrap();
+    eprintln!("agent retrying as it should: {state:?}");
+    format!("{state:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_prove_themselves_with_hashed_tokens_or_certificates_over_wss() {
+    let pki = Pki::new();
+    let relay = relay(&pki, free_port_run(4)).await;
+
+    // A token the relay knows only as an argon2 hash, over wss:// checked against the CA.
+    let mut a = AgentHandle::start(agent(
+        &relay,
+        "cam-token",
+        "t0ken-of-cam-token",
+        files(&pki, None),
+    ));
+    a.online().await.unwrap();
+    a.stop().await;
+    let mut wrong = AgentHandle::start(agent(&relay, "cam-token", "guess", files(&pki, None)));
+    assert_eq!(wrong.refused().await.unwrap().1, Rejection::BadToken);
+    wrong.stop().await;
+
+    // A certificate-only agent: its client certificate on both links is its credential.
+    let mut b = AgentHandle::start(agent(&relay, "cam-cert", "", files(&pki, Some("cam-cert"))));
+    b.online().await.unwrap();
+    assert!(relay.registry.get("cam-cert").unwrap().certified);
+    b.stop().await;
+
+    // Without its certificate the id is refused, whatever token it brings.
+    let mut bare = AgentHandle::start(agent(&relay, "cam-cert", "anything", files(&pki, None)));
+    assert_eq!(
+        bare.refused().await.unwrap().1,
+        Rejection::CertificateRequired
+    );
+    bare.stop().await;
+
+    // Another agent's certificate does not open this id.
+    let mut thief = AgentHandle::start(agent(
+        &relay,
+        "cam-cert",
+        "",
+        files(&pki, Some("cam-other")),
+    ));
+    assert_eq!(
+        thief.refused().await.unwrap().1,
+        Rejection::CertificateMismatch("cam-other".into())
+    );
+    thief.stop().await;
+
+    // A certificate for the right id from another CA fails the TLS handshake.
+    let mut forger = AgentHandle::start(agent(
+        &relay,
+        "cam-cert",
+        "",
+        files(&pki, Some("rogue/cam-cert")),
+    ));
+    let why = failing(&mut forger, "cannot open the control link").await;
+    assert!(
+        why.contains("did not accept this camera's client certificate"),
+        "{why}"
+    );
+    assert!(relay.registry.get("cam-cert").is_none());
+    forger.stop().await;
+
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_trusts_only_its_relay() {
+    let pki = Pki::new();
+    let relay = relay(&pki, free_port_run(4)).await;
+
+    // Checked against another CA, the genuine relay is refused, and the agent says what
+    // it checked against.
+    let rogue_ca = serde_json::json!({ "ca_file": pki.path("rogue/ca.crt") });
+    let mut a = AgentHandle::start(agent(&relay, "cam-token", "t0ken-of-cam-token", rogue_ca));
+    let why = failing(&mut a, "cannot open the control link").await;
+    assert!(why.contains("rogue/ca.crt"), "{why}");
+    a.stop().await;
+
+    // Pinning the relay's certificate by its fingerprint works without any CA file.
+    let pin = certs::fingerprint_pem(&pki.path("relay.crt")).unwrap();
+    let pinned = serde_json::json!({ "relay_fingerprint": pin });
+    let mut b = AgentHandle::start(agent(&relay, "cam-token", "t0ken-of-cam-token", pinned));
+    b.online().await.unwrap();
+    b.stop().await;
+
+    // A wrong pin is refused.
+    let wrong = serde_json::json!({ "relay_fingerprint": "00".repeat(32) });
+    let mut c = AgentHandle::start(agent(&relay, "cam-token", "t0ken-of-cam-token", wrong));
+    let why = failing(&mut c, "cannot open the control link").await;
+    assert!(why.contains("security.relay_fingerprint"), "{why}");
+    c.stop().await;
+
+    relay.stop().await.unwrap();
+}
