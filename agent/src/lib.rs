@@ -133,6 +133,10 @@ impl Agent {
                 // The relay restarts: every camera heard this at once, so spread the
                 // fleet's return over the whole interval instead of storming back.
                 SessionError::Closed(CloseReason::Shutdown) => backoff.spread(),
+                // The relay says when; never sooner, but keep our own growing backoff too.
+                SessionError::Rejected(Rejection::RetryLater { secs, .. }) => backoff
+                    .next_delay()
+                    .max(Duration::from_secs(u64::from(*secs))),
                 _ => backoff.next_delay(),
             };
             tracing::warn!("{ended}; retrying in {:.1} s", delay.as_secs_f64());

@@ -146,15 +146,13 @@ async fn stream(
         }
     };
     tracing::Span::current().record("conn", open.connection_id);
-    if open.service != SERVICE_RTSP {
-        let status = StreamStatus::NotAllowed(format!(
-            "this agent offers only {SERVICE_RTSP:?}, not {:?}",
-            open.service
-        ));
-        tracing::warn!("stream refused: {status}");
-        return answer_and_finish(send, &status).await;
-    }
-    let target = config.rtsp_target;
+    let target = match target_of(&open, config) {
+        Ok(target) => target,
+        Err(status) => {
+            tracing::warn!("stream refused: {status}");
+            return answer_and_finish(send, &status).await;
+        }
+    };
     let tcp = match tokio::time::timeout(config.connection_timeout, TcpStream::connect(target))
         .await
     {
@@ -198,10 +196,53 @@ async fn stream(
     }
 }
 
+/// Where a stream goes: only to targets this agent's own config names. The relay names
+/// a service, never an address, so a compromised relay cannot use the agent to reach
+/// anything else on the camera's network.
+fn target_of(open: &StreamOpen, config: &AgentConfig) -> Result<SocketAddr, StreamStatus> {
+    if open.service == SERVICE_RTSP {
+        Ok(config.rtsp_target)
+    } else {
+        Err(StreamStatus::NotAllowed(format!(
+            "this agent offers only {SERVICE_RTSP:?} ({}), not {:?}",
+            config.rtsp_target, open.service
+        )))
+    }
+}
+
 async fn answer_and_finish(mut send: quinn::SendStream, status: &StreamStatus) {
     if write_frame(&mut send, status).await.is_ok() {
         let _ = send.finish();
         // Let the status reach the relay before the stream is dropped.
         let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_go_only_to_the_configured_camera() {
+        let config = AgentConfig::parse(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "streaming": {"rtsp_port": 8554}}"#,
+            "x",
+        )
+        .unwrap();
+        let open = |service: &str| StreamOpen {
+            service: service.into(),
+            connection_id: 1,
+        };
+        assert_eq!(
+            target_of(&open(SERVICE_RTSP), &config),
+            Ok("127.0.0.1:8554".parse().unwrap())
+        );
+        for service in ["ssh", "192.168.1.1:80", ""] {
+            let refusal = target_of(&open(service), &config).unwrap_err();
+            assert!(
+                matches!(&refusal, StreamStatus::NotAllowed(why) if why.contains("only")),
+                "{refusal:?}"
+            );
+        }
     }
 }

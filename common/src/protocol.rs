@@ -225,6 +225,14 @@ pub enum Rejection {
     /// The client certificate names another agent.
     #[error("the client certificate is for agent {0:?}, not this agent id; install this camera's own certificate")]
     CertificateMismatch(String),
+    /// The relay will not consider a registration now; try again after `secs`.
+    #[error("the relay asks to retry in {secs} s: {why}")]
+    RetryLater {
+        /// Seconds to wait before the next attempt.
+        secs: u32,
+        /// Why, naming the relay's limit.
+        why: String,
+    },
 }
 
 /// Why the relay closes a control connection it had accepted.

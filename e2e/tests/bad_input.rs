@@ -249,3 +249,54 @@ async fn a_camera_that_refuses_closes_the_watcher_promptly_and_is_logged_once_pe
     );
     assert_eq!(relay.process.count_lines("ERROR"), 0);
 }
+
+/// The relay's answer to one registration of `id` with `token`, from a fresh connection.
+async fn register_once(relay: &RelayHandle, id: &str, token: &str) -> Option<RelayMessage> {
+    let mut client = ControlClient::connect(&relay.url()).await.unwrap();
+    client
+        .register(id, token, PROTOCOL_VERSION, 0, 30)
+        .await
+        .unwrap();
+    client.next().await.unwrap()
+}
+
+#[tokio::test]
+async fn repeated_failures_make_an_address_wait_and_a_full_relay_says_when_to_return() {
+    let first = free_port_run(4);
+    let mut config = relay_config("right", &[first, first + 3]);
+    config.limits.failed_registrations = 2;
+    config.limits.max_agents = 1;
+    let relay = RelayHandle::start(config).await.unwrap();
+
+    let mut agent = AgentHandle::start(agent_config("first", &relay.url(), "right", 0, 1));
+    agent.online().await.unwrap();
+
+    // The relay is full: a second camera is told to come back later, not refused.
+    match register_once(&relay, "second", "right").await {
+        Some(RelayMessage::Rejected(Rejection::RetryLater { secs, why })) => {
+            assert!(secs > 0 && why.contains("limits.max_agents"), "{why}");
+        }
+        other => panic!("expected RetryLater, got {other:?}"),
+    }
+
+    // Two wrong tokens from this address, and even a right one must wait.
+    for _ in 0..2 {
+        assert_eq!(
+            register_once(&relay, "first", "wrong").await,
+            Some(RelayMessage::Rejected(Rejection::BadToken))
+        );
+    }
+    match register_once(&relay, "first", "right").await {
+        Some(RelayMessage::Rejected(Rejection::RetryLater { secs, why })) => {
+            assert!(
+                secs >= 1 && why.contains("limits.failed_registrations"),
+                "{why}"
+            );
+        }
+        other => panic!("expected RetryLater, got {other:?}"),
+    }
+    // The camera that was online stays online through all of it.
+    assert!(matches!(*agent.state.borrow(), AgentState::Online { .. }));
+    agent.stop().await;
+    relay.stop().await.unwrap();
+}

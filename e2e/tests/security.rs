@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use agent::{AgentConfig, AgentState};
 use common::protocol::Rejection;
-use e2e::{agent_config_json, free_port_run, AgentHandle, RelayHandle};
+use e2e::{
+    agent_config_json, ffprobe, free_port_run, AgentHandle, AgentProcess, ProcessRig, RelayHandle,
+    SUB_STREAM,
+};
 use relay::RelayConfig;
 
 /// A CA with the relay's certificate (for 127.0.0.1) and agents' certificates, and a
@@ -202,4 +205,46 @@ async fn the_agent_trusts_only_its_relay() {
     c.stop().await;
 
     relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs() {
+    const CAMERA_PASSWORD: &str = "Cam3ra-Pa55word-7731";
+    const GUESS: &str = "Wr0ng-T0ken-Guess-5521";
+    // Debug logging on both sides (the harness's defaults), a real stream with the
+    // camera's Digest password, a wrong camera password, and a wrong token.
+    let rig = ProcessRig::start(&["--password", CAMERA_PASSWORD], "cam-secret")
+        .await
+        .unwrap();
+    let agent = AgentProcess::start("agent", &rig.config).await.unwrap();
+    let mut wrong = rig.config.clone();
+    wrong["agent"]["agent_id"] = "cam-guess".into();
+    wrong["agent"]["tunnel_server_token"] = GUESS.into();
+    let mut thief = AgentProcess::spawn("thief", &wrong).unwrap();
+    thief
+        .process
+        .wait_for_line("refused the token")
+        .await
+        .unwrap();
+    let url = |password: &str| {
+        format!(
+            "rtsp://admin:{password}@127.0.0.1:{}{SUB_STREAM}",
+            rig.camera_port
+        )
+    };
+    ffprobe(url(CAMERA_PASSWORD), 5).await.unwrap();
+    let e = ffprobe(url(GUESS), 1).await.unwrap_err().to_string();
+    assert!(e.contains("401"), "{e}");
+
+    for (name, output) in [
+        ("relay", rig.relay.process.output()),
+        ("agent", agent.process.output()),
+        ("thief", thief.process.output()),
+    ] {
+        assert!(output.len() > 3, "{name} logged nothing: {output:?}");
+        for secret in [ProcessRig::TOKEN, GUESS, CAMERA_PASSWORD] {
+            let leaks: Vec<&String> = output.iter().filter(|l| l.contains(secret)).collect();
+            assert!(leaks.is_empty(), "{name} logged {secret:?}: {leaks:?}");
+        }
+    }
 }

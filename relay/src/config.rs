@@ -116,6 +116,13 @@ pub struct Limits {
     /// TLS handshakes on the control listener in progress at once; more connections
     /// are closed at once.
     pub max_pending_handshakes: usize,
+    /// Agents registered at once.
+    pub max_agents: usize,
+    /// Failed registrations in a row from one address before it must wait.
+    pub failed_registrations: u32,
+    /// Longest wait imposed on an address after failed registrations; the wait starts
+    /// at 1 s and doubles with each further failure.
+    pub max_registration_backoff: Duration,
 }
 
 impl Default for Limits {
@@ -131,6 +138,9 @@ impl Default for Limits {
             stall_after: Duration::from_secs(5),
             first_request_timeout: Duration::from_secs(10),
             max_pending_handshakes: 256,
+            max_agents: 10_000,
+            failed_registrations: 10,
+            max_registration_backoff: Duration::from_secs(300),
         }
     }
 }
@@ -224,6 +234,9 @@ struct FileLimits {
     stall_secs: Option<f64>,
     first_request_secs: Option<f64>,
     max_pending_handshakes: Option<usize>,
+    max_agents: Option<usize>,
+    failed_registrations: Option<u32>,
+    max_registration_backoff_secs: Option<f64>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -465,6 +478,27 @@ impl RelayConfig {
                 Some(n) => n,
                 None => defaults.max_pending_handshakes,
             },
+            max_agents: match l.max_agents {
+                Some(0) => return Err(invalid(origin, "limits.max_agents", "must be at least 1")),
+                Some(n) => n,
+                None => defaults.max_agents,
+            },
+            failed_registrations: match l.failed_registrations {
+                Some(0) => {
+                    return Err(invalid(
+                        origin,
+                        "limits.failed_registrations",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.failed_registrations,
+            },
+            max_registration_backoff: secs(
+                l.max_registration_backoff_secs,
+                "max_registration_backoff_secs",
+                defaults.max_registration_backoff,
+            )?,
         };
 
         Ok(RelayConfig {

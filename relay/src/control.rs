@@ -152,19 +152,42 @@ async fn serve(
         return refuse(&mut socket, Rejection::Invalid(why)).await;
     }
 
+    if let Err(wait) = shared.throttle.check(peer.ip(), std::time::Instant::now()) {
+        let rejection = Rejection::RetryLater {
+            secs: wait.as_secs_f64().ceil() as u32,
+            why: "too many failed registrations from this address (limits.failed_registrations)"
+                .into(),
+        };
+        return refuse(&mut socket, rejection).await;
+    }
     let admitted = shared
         .registry
-        .admit(
-            &register,
-            cert.0.as_deref(),
-            peer,
-            limits.max_heartbeat_interval,
-            &shared.shutdown,
-        )
+        .admit(&register, cert.0.as_deref(), peer, limits, &shared.shutdown)
         .await;
     let (session, listener) = match admitted {
-        Ok(admitted) => admitted,
-        Err(rejection) => return refuse(&mut socket, rejection).await,
+        Ok(admitted) => {
+            shared.throttle.succeeded(peer.ip());
+            admitted
+        }
+        Err(rejection) => {
+            let credentials = matches!(
+                rejection,
+                Rejection::BadToken
+                    | Rejection::UnknownAgent(_)
+                    | Rejection::CertificateRequired
+                    | Rejection::CertificateMismatch(_)
+            );
+            if credentials {
+                if let Some(wait) = shared.throttle.failed(peer.ip(), std::time::Instant::now()) {
+                    tracing::warn!(
+                        "{} failed registrations in a row from {}: it must wait {wait:?} before the next (limits.failed_registrations)",
+                        limits.failed_registrations,
+                        peer.ip()
+                    );
+                }
+            }
+            return refuse(&mut socket, rejection).await;
+        }
     };
     let listener_task = shared.tracker.spawn(
         forward::serve_camera(
@@ -327,7 +350,12 @@ async fn send(socket: &mut WebSocket, msg: &RelayMessage) -> Result<(), String> 
 }
 
 async fn refuse(socket: &mut WebSocket, rejection: Rejection) {
-    tracing::warn!("registration refused: {rejection}");
+    match &rejection {
+        // The wait itself was logged when it was imposed; an agent honouring it comes
+        // back rarely, one that does not must not flood the log.
+        Rejection::RetryLater { .. } => tracing::debug!("registration refused: {rejection}"),
+        _ => tracing::warn!("registration refused: {rejection}"),
+    }
     let _ = send(socket, &RelayMessage::Rejected(rejection)).await;
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
 }

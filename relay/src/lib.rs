@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod ports;
 pub mod registry;
 mod rtsp;
+mod throttle;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -43,6 +44,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct Shared {
     registry: Arc<Registry>,
     limits: config::Limits,
+    /// Backoff for addresses whose registrations keep failing.
+    throttle: throttle::Throttle,
     quic_port: u16,
     cert_sha256: [u8; 32],
     /// Every task the relay spawns, so shutdown can wait for them.
@@ -116,6 +119,10 @@ impl Relay {
                     ports,
                     Arc::new(metrics::Metrics::new()?),
                 )),
+                throttle: throttle::Throttle::new(
+                    config.limits.failed_registrations,
+                    config.limits.max_registration_backoff,
+                ),
                 limits: config.limits,
                 quic_port,
                 cert_sha256,

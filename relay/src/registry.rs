@@ -26,7 +26,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{AgentAuth, Token},
+    config::{AgentAuth, Limits, Token},
     metrics::{CameraMetrics, Metrics},
     ports::PortPolicy,
     MediaStats,
@@ -124,7 +124,7 @@ impl Registry {
         reg: &Register,
         certified: Option<&str>,
         remote: SocketAddr,
-        max_heartbeat_interval: Duration,
+        limits: &Limits,
         parent: &CancellationToken,
     ) -> Result<(Arc<AgentSession>, tokio::net::TcpListener), Rejection> {
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reg.version) {
@@ -145,6 +145,23 @@ impl Registry {
             .ok_or_else(|| Rejection::Invalid(format!("no {SERVICE_RTSP:?} service requested")))?;
 
         let mut ports = self.ports.lock().await;
+        {
+            let sessions = self.lock_sessions();
+            if sessions.len() >= limits.max_agents && !sessions.contains_key(&reg.agent_id) {
+                tracing::warn!(
+                    "refusing {:?}: {} agents registered (limits.max_agents)",
+                    reg.agent_id,
+                    limits.max_agents
+                );
+                return Err(Rejection::RetryLater {
+                    secs: 60,
+                    why: format!(
+                        "the relay serves its maximum of {} agents (limits.max_agents)",
+                        limits.max_agents
+                    ),
+                });
+            }
+        }
         let port = ports.choose(&reg.agent_id, requested)?;
         let old = self.lock_sessions().remove(&reg.agent_id);
         if let Some(old) = old {
@@ -160,7 +177,7 @@ impl Registry {
         let mut session_key = [0; SESSION_KEY_LEN];
         rand::rng().fill_bytes(&mut session_key);
         let interval = Duration::from_secs(u64::from(reg.heartbeat_interval_secs.max(1)))
-            .min(max_heartbeat_interval);
+            .min(limits.max_heartbeat_interval);
         let session = Arc::new(AgentSession {
             id: reg.agent_id.clone(),
             remote,
