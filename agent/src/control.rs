@@ -194,9 +194,17 @@ fn explain_connect_error(e: &tokio_tungstenite::tungstenite::Error, trust: &str)
     let text = e.to_string();
     if text.contains("NotValidYet") || text.contains("not valid yet") {
         format!("{text}: the relay's certificate is not valid yet by this camera's clock; is the camera's time set (NTP)?")
-    } else if text.contains("alert: UnknownCA") || text.contains("alert: BadCertificate") {
+    } else if [
+        "UnknownCA",
+        "BadCertificate",
+        "CertificateExpired",
+        "CertificateRequired",
+    ]
+    .iter()
+    .any(|alert| text.contains(&format!("alert: {alert}")))
+    {
         format!("{text}: the relay did not accept this camera's client certificate (security.client_cert); is it issued by the relay's tls.client_ca?")
-    } else if text.contains("Expired") {
+    } else if text.contains("certificate expired") || text.contains("Expired") {
         format!("{text}: the relay's certificate has expired (or this camera's clock is far ahead)")
     } else if text.contains("certificate")
         || text.contains("Certificate")

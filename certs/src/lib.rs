@@ -135,17 +135,34 @@ impl Ca {
     }
 }
 
-/// Validity from one hour ago for `days` days.
-fn validity(params: &mut CertificateParams, days: u32) -> Result<(), CertError> {
-    if days == 0 || days > 36_500 {
-        return Err(CertError::Invalid(format!(
-            "--days {days}: give 1 to 36500 days"
-        )));
+/// When a certificate is valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// Start.
+    pub not_before: OffsetDateTime,
+    /// End.
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// From one hour ago for `days` days (1 to 36500).
+    pub fn days(days: u32) -> Result<Self, CertError> {
+        if days == 0 || days > 36_500 {
+            return Err(CertError::Invalid(format!(
+                "--days {days}: give 1 to 36500 days"
+            )));
+        }
+        let now = OffsetDateTime::now_utc();
+        Ok(Validity {
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(i64::from(days)),
+        })
     }
-    let now = OffsetDateTime::now_utc();
-    params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(i64::from(days));
-    Ok(())
+
+    fn apply(self, params: &mut CertificateParams) {
+        params.not_before = self.not_before;
+        params.not_after = self.not_after;
+    }
 }
 
 fn finish(params: CertificateParams, ca: Option<&Ca>) -> Result<PemPair, CertError> {
@@ -161,12 +178,12 @@ fn finish(params: CertificateParams, ca: Option<&Ca>) -> Result<PemPair, CertErr
 }
 
 /// A CA certificate named `name`, for signing the relay's and the agents' certificates.
-pub fn ca_certificate(name: &str, days: u32) -> Result<PemPair, CertError> {
+pub fn ca_certificate(name: &str, validity: Validity) -> Result<PemPair, CertError> {
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, name);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    validity(&mut params, days)?;
+    validity.apply(&mut params);
     finish(params, None)
 }
 
@@ -175,7 +192,7 @@ pub fn ca_certificate(name: &str, days: u32) -> Result<PemPair, CertError> {
 pub fn relay_certificate(
     dns: &[String],
     ips: &[IpAddr],
-    days: u32,
+    validity: Validity,
     ca: Option<&Ca>,
 ) -> Result<PemPair, CertError> {
     if dns.is_empty() && ips.is_empty() {
@@ -192,18 +209,18 @@ pub fn relay_certificate(
         .push(DnType::CommonName, "camera-relay");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    validity(&mut params, days)?;
+    validity.apply(&mut params);
     finish(params, ca)
 }
 
 /// An agent's client certificate, signed by `ca`, whose subject common name is `id`.
-pub fn agent_certificate(id: &str, days: u32, ca: &Ca) -> Result<PemPair, CertError> {
+pub fn agent_certificate(id: &str, validity: Validity, ca: &Ca) -> Result<PemPair, CertError> {
     check_agent_id(id).map_err(|why| CertError::Invalid(format!("agent id {why}")))?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, id);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    validity(&mut params, days)?;
+    validity.apply(&mut params);
     finish(params, Some(ca))
 }
 
@@ -384,7 +401,7 @@ mod tests {
         let pair = relay_certificate(
             &["relay.example.com".into()],
             &["203.0.113.5".parse().unwrap()],
-            RELAY_DAYS,
+            Validity::days(RELAY_DAYS).unwrap(),
             None,
         )
         .unwrap();
@@ -431,7 +448,7 @@ mod tests {
     #[test]
     fn a_ca_signs_relay_and_agent_certificates_that_inspect_right() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ca_certificate("test CA", CA_DAYS).unwrap();
+        let ca = ca_certificate("test CA", Validity::days(CA_DAYS).unwrap()).unwrap();
         let (ca_cert, ca_key) = write_pair(dir.path(), "ca", &ca, false).unwrap();
         let ca = Ca::load(&ca_cert, &ca_key).unwrap();
         assert!(!format!("{ca:?}").contains("PRIVATE"));
@@ -439,7 +456,7 @@ mod tests {
         let relay = relay_certificate(
             &["relay.example.com".into()],
             &["203.0.113.5".parse().unwrap()],
-            RELAY_DAYS,
+            Validity::days(RELAY_DAYS).unwrap(),
             Some(&ca),
         )
         .unwrap();
@@ -457,7 +474,12 @@ mod tests {
         assert_eq!(span.whole_days(), i64::from(RELAY_DAYS), "{seen}");
         assert!(at(&seen.not_before) < OffsetDateTime::now_utc());
 
-        let agent = agent_certificate("dahua-2449s-il-001", AGENT_DAYS, &ca).unwrap();
+        let agent = agent_certificate(
+            "dahua-2449s-il-001",
+            Validity::days(AGENT_DAYS).unwrap(),
+            &ca,
+        )
+        .unwrap();
         let (agent_cert, agent_key) =
             write_pair(dir.path(), "dahua-2449s-il-001", &agent, false).unwrap();
         let seen = inspect(&agent_cert).unwrap();
@@ -474,15 +496,19 @@ mod tests {
             "{text}"
         );
 
-        assert!(agent_certificate("bad id", AGENT_DAYS, &ca)
-            .unwrap_err()
-            .to_string()
-            .contains("agent id"));
-        assert!(relay_certificate(&[], &[], RELAY_DAYS, None)
-            .unwrap_err()
-            .to_string()
-            .contains("--dns"));
-        assert!(ca_certificate("x", 0)
+        assert!(
+            agent_certificate("bad id", Validity::days(AGENT_DAYS).unwrap(), &ca)
+                .unwrap_err()
+                .to_string()
+                .contains("agent id")
+        );
+        assert!(
+            relay_certificate(&[], &[], Validity::days(RELAY_DAYS).unwrap(), None)
+                .unwrap_err()
+                .to_string()
+                .contains("--dns")
+        );
+        assert!(Validity::days(0)
             .unwrap_err()
             .to_string()
             .contains("--days"));

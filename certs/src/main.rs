@@ -7,7 +7,7 @@ use std::{
     process::ExitCode,
 };
 
-use certs::{Ca, PemPair};
+use certs::{Ca, PemPair, Validity};
 use clap::{Parser, Subcommand};
 
 /// Certificates for the camera tunnel. Keys are ECDSA P-256, written with mode 0600;
@@ -108,7 +108,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Ca { name, days, out } => {
-            write(&out, "ca", &certs::ca_certificate(&name, days)?)?;
+            write(
+                &out,
+                "ca",
+                &certs::ca_certificate(&name, Validity::days(days)?)?,
+            )?;
         }
         Cmd::Relay {
             dns,
@@ -121,12 +125,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             write(
                 &out,
                 "relay",
-                &certs::relay_certificate(&dns, &ip, days, ca.as_ref())?,
+                &certs::relay_certificate(&dns, &ip, Validity::days(days)?, ca.as_ref())?,
             )?;
         }
         Cmd::Agent { id, ca, days, out } => {
             let ca = load_ca(&ca)?;
-            write(&out, &id, &certs::agent_certificate(&id, days, &ca)?)?;
+            write(
+                &out,
+                &id,
+                &certs::agent_certificate(&id, Validity::days(days)?, &ca)?,
+            )?;
         }
         Cmd::Token { id } => {
             common::protocol::check_agent_id(&id)

@@ -132,8 +132,13 @@ async fn per_agent_tokens_pinned_ports_and_unknown_ids() {
 async fn a_restarted_relay_gives_each_camera_its_old_port_and_keeps_a_fixed_certificate() {
     let first = free_port_run(4);
     let state = tempfile::tempdir().unwrap();
-    let pair =
-        certs::relay_certificate(&["camera-relay".into()], &[], certs::RELAY_DAYS, None).unwrap();
+    let pair = certs::relay_certificate(
+        &["camera-relay".into()],
+        &[],
+        certs::Validity::days(certs::RELAY_DAYS).unwrap(),
+        None,
+    )
+    .unwrap();
     let (cert, key) = certs::write_pair(state.path(), "relay", &pair, false).unwrap();
 
     // Asking for port 0 lets the relay choose; it remembers the choice on disk.

@@ -23,26 +23,56 @@ struct Pki {
 impl Pki {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca = certs::ca_certificate("test CA", certs::CA_DAYS).unwrap();
+        let ca = certs::ca_certificate("test CA", certs::Validity::days(certs::CA_DAYS).unwrap())
+            .unwrap();
         let (ca_cert, ca_key) = certs::write_pair(dir.path(), "ca", &ca, false).unwrap();
         let ca = certs::Ca::load(&ca_cert, &ca_key).unwrap();
         let relay = certs::relay_certificate(
             &["localhost".into()],
             &["127.0.0.1".parse().unwrap()],
-            certs::RELAY_DAYS,
+            certs::Validity::days(certs::RELAY_DAYS).unwrap(),
             Some(&ca),
         )
         .unwrap();
         certs::write_pair(dir.path(), "relay", &relay, false).unwrap();
         for id in ["cam-cert", "cam-other"] {
-            let pair = certs::agent_certificate(id, certs::AGENT_DAYS, &ca).unwrap();
+            let pair = certs::agent_certificate(
+                id,
+                certs::Validity::days(certs::AGENT_DAYS).unwrap(),
+                &ca,
+            )
+            .unwrap();
             certs::write_pair(dir.path(), id, &pair, false).unwrap();
         }
-        let rogue = certs::ca_certificate("rogue CA", certs::CA_DAYS).unwrap();
+        // Certificates from the right CA that expired yesterday.
+        let now = time::OffsetDateTime::now_utc();
+        let expired = certs::Validity {
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+        };
+        let old = dir.path().join("expired");
+        let pair = certs::agent_certificate("cam-cert", expired, &ca).unwrap();
+        certs::write_pair(&old, "cam-cert", &pair, false).unwrap();
+        let pair = certs::relay_certificate(
+            &["localhost".into()],
+            &["127.0.0.1".parse().unwrap()],
+            expired,
+            Some(&ca),
+        )
+        .unwrap();
+        certs::write_pair(&old, "relay", &pair, false).unwrap();
+        let rogue =
+            certs::ca_certificate("rogue CA", certs::Validity::days(certs::CA_DAYS).unwrap())
+                .unwrap();
         let rogue_dir = dir.path().join("rogue");
         let (rogue_cert, rogue_key) = certs::write_pair(&rogue_dir, "ca", &rogue, false).unwrap();
         let rogue = certs::Ca::load(&rogue_cert, &rogue_key).unwrap();
-        let forged = certs::agent_certificate("cam-cert", certs::AGENT_DAYS, &rogue).unwrap();
+        let forged = certs::agent_certificate(
+            "cam-cert",
+            certs::Validity::days(certs::AGENT_DAYS).unwrap(),
+            &rogue,
+        )
+        .unwrap();
         certs::write_pair(&rogue_dir, "cam-cert", &forged, false).unwrap();
         Pki { dir }
     }
@@ -53,6 +83,11 @@ impl Pki {
 }
 
 async fn relay(pki: &Pki, first: u16) -> RelayHandle {
+    relay_with(pki, first, "relay").await
+}
+
+/// A relay serving the certificate `<stem>.crt` of the PKI's directory.
+async fn relay_with(pki: &Pki, first: u16, stem: &str) -> RelayHandle {
     let hash = certs::hash_token("t0ken-of-cam-token").unwrap();
     let text = format!(
         r#"
@@ -72,8 +107,8 @@ async fn relay(pki: &Pki, first: u16) -> RelayHandle {
         id = "cam-cert"
         "#,
         last = first + 3,
-        cert = pki.path("relay.crt"),
-        key = pki.path("relay.key"),
+        cert = pki.path(&format!("{stem}.crt")),
+        key = pki.path(&format!("{stem}.key")),
         ca = pki.path("ca.crt"),
     );
     RelayHandle::start(RelayConfig::from_toml(&text, "test relay.toml").unwrap())
@@ -204,6 +239,38 @@ async fn the_agent_trusts_only_its_relay() {
     assert!(why.contains("security.relay_fingerprint"), "{why}");
     c.stop().await;
 
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificates_are_refused_on_both_sides() {
+    let pki = Pki::new();
+
+    // An agent whose certificate expired is turned away by the relay's TLS.
+    let relay = relay(&pki, free_port_run(4)).await;
+    let mut camera = AgentHandle::start(agent(
+        &relay,
+        "cam-cert",
+        "",
+        files(&pki, Some("expired/cam-cert")),
+    ));
+    let why = failing(&mut camera, "cannot open the control link").await;
+    assert!(why.contains("client certificate"), "{why}");
+    assert!(relay.registry.get("cam-cert").is_none());
+    camera.stop().await;
+    relay.stop().await.unwrap();
+
+    // A relay whose certificate expired is not trusted by the agent, which says so.
+    let relay = relay_with(&pki, free_port_run(4), "expired/relay").await;
+    let mut camera = AgentHandle::start(agent(
+        &relay,
+        "cam-token",
+        "t0ken-of-cam-token",
+        files(&pki, None),
+    ));
+    let why = failing(&mut camera, "cannot open the control link").await;
+    assert!(why.contains("expired"), "{why}");
+    camera.stop().await;
     relay.stop().await.unwrap();
 }
 

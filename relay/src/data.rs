@@ -15,6 +15,8 @@ use crate::Registry;
 
 /// Application close code: the hello was refused.
 const CLOSE_REFUSED: u32 = 1;
+/// How long a refused agent gets to read the refusal before the connection closes.
+const REPLY_LINGER: Duration = Duration::from_secs(1);
 /// Application close code: the agent's session ended.
 const CLOSE_SESSION_ENDED: u32 = 2;
 
@@ -88,6 +90,9 @@ async fn tunnel(
         let why = refusal.unwrap_or_default();
         let _ = write_frame(&mut send, &HelloReply::Refused(why.clone())).await;
         let _ = send.finish();
+        // Let the reply arrive before the close, which would discard it (bounded: the
+        // close carries the reason too).
+        let _ = tokio::time::timeout(REPLY_LINGER, send.stopped()).await;
         conn.close(VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
         anyhow::bail!(why);
     };
