@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all setup build demo test lint clean
+.PHONY: all setup build demo test lint fuzz clean
 
 all: build
 
@@ -21,6 +21,19 @@ demo: build
 ## The e2e tests start the real binaries, so they are built first.
 test: build
 	$(CARGO) test --workspace --locked
+
+## Fuzz the control-message and stream-header decoders, FUZZ_SECONDS each, growing the
+## corpus in fuzz/corpus (which `make test` replays). cargo-fuzz needs nightly-only
+## flags; RUSTC_BOOTSTRAP=1 lets the stable toolchain accept them, since no nightly can
+## be fetched on the build machines.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	@for target in control stream_header; do \
+	  echo "fuzzing $$target for $(FUZZ_SECONDS) s"; \
+	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target fuzz/corpus/$$target -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod fuzzing;
 pub mod process;
 pub mod protocol;
 pub mod secret;
