@@ -241,7 +241,7 @@ struct RawStreaming {
 struct RawSecurity {
     ssl_verify: Option<bool>,
     ca_file: Option<PathBuf>,
-    relay_fingerprint: Option<String>,
+    relay_fingerprint: Option<OneOrMany<String>>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
     #[serde(flatten)]
@@ -452,11 +452,21 @@ fn security(
                 "give relay_fingerprint or ca_file, not both".into(),
             ))
         }
-        (Some(pin), None) => {
-            let pin = parse_fingerprint(&pin)
+        (Some(pins), None) => {
+            let pins = pins
+                .into_vec()
+                .iter()
+                .map(|pin| parse_fingerprint(pin))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|why| field_error("security.relay_fingerprint", why))?;
+            if pins.is_empty() {
+                return Err(field_error(
+                    "security.relay_fingerprint",
+                    "an empty list trusts nothing".into(),
+                ));
+            }
             (
-                RelayTrust::Pin(pin),
+                RelayTrust::Pin(pins),
                 "security.relay_fingerprint".to_string(),
             )
         }
@@ -517,6 +527,23 @@ fn security(
         },
         ignored,
     ))
+}
+
+/// One value or a list of them, as JSON allows either.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
 }
 
 /// A SHA-256 fingerprint as `certs fingerprint` prints it (64 hex digits; colons and
@@ -668,7 +695,13 @@ mod tests {
             "x",
         )
         .unwrap();
-        assert!(matches!(c.security.relay_trust, RelayTrust::Pin(p) if p == [0xab; 32]));
+        assert!(matches!(&c.security.relay_trust, RelayTrust::Pin(p) if p == &[[0xab; 32]]));
+        let two = format!(
+            r#"{{"relay_fingerprint": ["{pin}", "{}"]}}"#,
+            "cd".repeat(32)
+        );
+        let c = AgentConfig::parse(&config("wss://r", &two), "x").unwrap();
+        assert!(matches!(&c.security.relay_trust, RelayTrust::Pin(p) if p.len() == 2));
         let e = error(&config("wss://r", r#"{"client_cert": "a.crt"}"#));
         assert!(e.contains("security.client_key"), "{e}");
         let e = error(&config("wss://r", r#"{"ca_file": "/nonexistent/ca.crt"}"#));

@@ -167,8 +167,9 @@ pub fn server_config(
 pub enum RelayTrust {
     /// Certificates issued by these CAs, for the host name dialled.
     Ca(RootCertStore),
-    /// Exactly the certificate with this SHA-256, whatever its names or issuer.
-    Pin([u8; 32]),
+    /// Exactly the certificates with these SHA-256s (two while the relay's certificate
+    /// is being replaced), whatever their names or issuer.
+    Pin(Vec<[u8; 32]>),
     /// The public web PKI (a relay behind a reverse proxy with a public certificate).
     WebPki,
 }
@@ -188,10 +189,10 @@ pub fn client_config(
         RelayTrust::WebPki => builder.with_root_certificates(RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         }),
-        RelayTrust::Pin(pin) => builder
+        RelayTrust::Pin(pins) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
-                pin: *pin,
+                pins: pins.clone(),
                 algorithms: provider.signature_verification_algorithms,
             })),
     };
@@ -230,24 +231,28 @@ pub fn quic_client_config(
     identity: Option<&Identity>,
     max_streams: u32,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let crypto = client_config(&RelayTrust::Pin(pin), identity, ALPN)?;
+    let crypto = client_config(&RelayTrust::Pin(vec![pin]), identity, ALPN)?;
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport(max_streams)));
     Ok(config)
 }
 
-/// Accepts exactly one server certificate, named by its SHA-256, whatever its names or
-/// issuer; handshake signatures are still verified, so only the holder of its key passes.
+/// Accepts exactly the server certificates named by their SHA-256, whatever their names
+/// or issuer; handshake signatures are still verified, so only the holder of the key
+/// passes.
 pub struct PinnedServerVerifier {
-    pin: [u8; 32],
+    pins: Vec<[u8; 32]>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl fmt::Debug for PinnedServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PinnedServerVerifier")
-            .field("pin", &hex(&self.pin))
+            .field(
+                "pins",
+                &self.pins.iter().map(|p| hex(p)).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -262,13 +267,18 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = sha256(end_entity);
-        if crate::secret::constant_time_eq(&seen, &self.pin) {
+        if self
+            .pins
+            .iter()
+            .any(|pin| crate::secret::constant_time_eq(&seen, pin))
+        {
             Ok(ServerCertVerified::assertion())
         } else {
+            let pinned: Vec<String> = self.pins.iter().map(|p| hex(p)).collect();
             Err(rustls::Error::General(format!(
                 "relay certificate sha256 {} is not the pinned {}",
                 hex(&seen),
-                hex(&self.pin)
+                pinned.join(" or ")
             )))
         }
     }

@@ -25,7 +25,7 @@ const LIVE_FRAMES: u32 = 200;
 /// `pin` (the handshake fails before the pin matters when the ALPN is wrong).
 async fn quic(relay: SocketAddr, alpn: &[u8], pin: [u8; 32]) -> anyhow::Result<quinn::Connection> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    let mut crypto = tls::client_config(&tls::RelayTrust::Pin(pin), None, alpn)?;
+    let mut crypto = tls::client_config(&tls::RelayTrust::Pin(vec![pin]), None, alpn)?;
     crypto.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));

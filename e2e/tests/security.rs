@@ -88,7 +88,9 @@ async fn relay(pki: &Pki, first: u16) -> RelayHandle {
 
 /// A relay serving the certificate `<stem>.crt` of the PKI's directory.
 async fn relay_with(pki: &Pki, first: u16, stem: &str) -> RelayHandle {
-    let hash = certs::hash_token("t0ken-of-cam-token").unwrap();
+    // Two hashes, as while a token is rotated: the old token and the new both work.
+    let old = certs::hash_token("t0ken-of-cam-token").unwrap();
+    let new = certs::hash_token("rotated-t0ken").unwrap();
     let text = format!(
         r#"
         listen = "127.0.0.1:0"
@@ -101,7 +103,7 @@ async fn relay_with(pki: &Pki, first: u16, stem: &str) -> RelayHandle {
 
         [[agents]]
         id = "cam-token"
-        token_hash = "{hash}"
+        token_hash = ["{old}", "{new}"]
 
         [[agents]]
         id = "cam-cert"
@@ -163,6 +165,14 @@ async fn agents_prove_themselves_with_hashed_tokens_or_certificates_over_wss() {
     ));
     a.online().await.unwrap();
     a.stop().await;
+    let mut rotated = AgentHandle::start(agent(
+        &relay,
+        "cam-token",
+        "rotated-t0ken",
+        files(&pki, None),
+    ));
+    rotated.online().await.unwrap();
+    rotated.stop().await;
     let mut wrong = AgentHandle::start(agent(&relay, "cam-token", "guess", files(&pki, None)));
     assert_eq!(wrong.refused().await.unwrap().1, Rejection::BadToken);
     wrong.stop().await;

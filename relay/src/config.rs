@@ -86,8 +86,26 @@ pub struct AgentEntry {
 pub enum Token {
     /// The token itself.
     Plain(Secret),
-    /// Its PHC-format argon2 hash.
-    Hash(Secret),
+    /// PHC-format argon2 hashes; any of them opens the account (two while a token is
+    /// being rotated).
+    Hash(Vec<Secret>),
+}
+
+/// One value or a list of them, as TOML allows either.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
 }
 
 /// Timeouts and bounds of the relay.
@@ -205,7 +223,7 @@ struct FileConfig {
 struct FileAgent {
     id: String,
     token: Option<Secret>,
-    token_hash: Option<Secret>,
+    token_hash: Option<OneOrMany<Secret>>,
     port: Option<u16>,
 }
 
@@ -331,10 +349,20 @@ impl RelayConfig {
                     return Err(invalid(origin, &field("token"), "must not be empty"))
                 }
                 (Some(t), None) => Some(Token::Plain(t)),
-                (None, Some(h)) => {
-                    check_token_hash(h.expose())
-                        .map_err(|why| invalid(origin, &field("token_hash"), &why))?;
-                    Some(Token::Hash(h))
+                (None, Some(hashes)) => {
+                    let hashes = hashes.into_vec();
+                    if hashes.is_empty() {
+                        return Err(invalid(
+                            origin,
+                            &field("token_hash"),
+                            "an empty list admits nobody; leave it out for a certificate-only agent",
+                        ));
+                    }
+                    for hash in &hashes {
+                        check_token_hash(hash.expose())
+                            .map_err(|why| invalid(origin, &field("token_hash"), &why))?;
+                    }
+                    Some(Token::Hash(hashes))
                 }
                 (None, None) => None,
             };
@@ -695,6 +723,13 @@ mod tests {
             "relay.toml",
         )
         .unwrap();
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$hIK5j9K16AL2wcYii+xXww$UaLWEuWIl+kwi5umW0xrAguGUG3ZHoG1LfjobiZHQDk";
+        let two = RelayConfig::from_toml(
+            &format!("[[agents]]\nid = \"a\"\ntoken_hash = [\"{hash}\", \"{hash}\"]"),
+            "relay.toml",
+        )
+        .unwrap();
+        assert!(matches!(&two.auth.agents["a"].token, Some(Token::Hash(h)) if h.len() == 2));
         assert!(c.auth.any_certified_agent && c.auth.agents["a"].token.is_none());
         let deploy =
             RelayConfig::from_toml(include_str!("../../deploy/relay.toml"), "deploy/relay.toml")

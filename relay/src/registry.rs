@@ -232,15 +232,17 @@ impl Registry {
                 return Err(Rejection::BadToken)
             }
             Some(Token::Plain(_)) => {}
-            Some(Token::Hash(hash)) => {
+            Some(Token::Hash(hashes)) => {
                 let presented = reg.token.clone();
                 // Argon2 is slow on purpose; keep it off the runtime's threads.
                 let verified = tokio::task::spawn_blocking(move || {
                     use argon2::{password_hash::PasswordHash, Argon2, PasswordVerifier};
-                    PasswordHash::new(hash.expose()).is_ok_and(|parsed| {
-                        Argon2::default()
-                            .verify_password(presented.expose().as_bytes(), &parsed)
-                            .is_ok()
+                    hashes.iter().any(|hash| {
+                        PasswordHash::new(hash.expose()).is_ok_and(|parsed| {
+                            Argon2::default()
+                                .verify_password(presented.expose().as_bytes(), &parsed)
+                                .is_ok()
+                        })
                     })
                 })
                 .await
