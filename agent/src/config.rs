@@ -17,7 +17,7 @@ use std::{
 use common::{
     protocol::check_agent_id,
     tls::{self, Identity, RelayTrust},
-    Secret,
+    OneOrMany, Secret,
 };
 use serde::{de::IgnoredAny, Deserialize};
 use tokio_tungstenite::tungstenite::http::Uri;
@@ -527,23 +527,6 @@ fn security(
         },
         ignored,
     ))
-}
-
-/// One value or a list of them, as JSON allows either.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> OneOrMany<T> {
-    fn into_vec(self) -> Vec<T> {
-        match self {
-            OneOrMany::One(one) => vec![one],
-            OneOrMany::Many(many) => many,
-        }
-    }
 }
 
 /// A SHA-256 fingerprint as `certs fingerprint` prints it (64 hex digits; colons and

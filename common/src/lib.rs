@@ -13,10 +13,12 @@
 
 pub mod backoff;
 pub mod fuzzing;
+mod one_or_many;
 pub mod process;
 pub mod protocol;
 pub mod secret;
 pub mod splice;
 pub mod tls;
 
+pub use one_or_many::OneOrMany;
 pub use secret::Secret;

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{protocol::check_agent_id, Secret};
+use common::{protocol::check_agent_id, OneOrMany, Secret};
 use serde::Deserialize;
 
 /// Default TCP port of the control link, and UDP port of the QUIC endpoint.
@@ -89,23 +89,6 @@ pub enum Token {
     /// PHC-format argon2 hashes; any of them opens the account (two while a token is
     /// being rotated).
     Hash(Vec<Secret>),
-}
-
-/// One value or a list of them, as TOML allows either.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> OneOrMany<T> {
-    fn into_vec(self) -> Vec<T> {
-        match self {
-            OneOrMany::One(one) => vec![one],
-            OneOrMany::Many(many) => many,
-        }
-    }
 }
 
 /// Timeouts and bounds of the relay.
