@@ -114,8 +114,8 @@ pub struct Limits {
     /// Time a Watcher on the shared port has to send its first request, which names
     /// the camera.
     pub first_request_timeout: Duration,
-    /// TLS handshakes on the control listener in progress at once; more connections
-    /// are closed at once.
+    /// Handshakes in progress at once, on the control listener (TLS) and on QUIC
+    /// (handshake and hello) each; more connections are refused at once.
     pub max_pending_handshakes: usize,
     /// Agents registered at once.
     pub max_agents: usize,

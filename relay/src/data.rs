@@ -8,10 +8,11 @@ use common::protocol::{read_frame, write_frame, DataHello, HelloReply};
 use common::tls::peer_common_name;
 use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::Registry;
+use crate::{config::Limits, Registry};
 
 /// Application close code: the hello was refused.
 const CLOSE_REFUSED: u32 = 1;
@@ -20,14 +21,17 @@ const REPLY_LINGER: Duration = Duration::from_secs(1);
 /// Application close code: the agent's session ended.
 const CLOSE_SESSION_ENDED: u32 = 2;
 
-/// Accepts QUIC connections until `shutdown`.
+/// Accepts QUIC connections until `shutdown`; at most `limits.max_pending_handshakes`
+/// handshakes (with their hellos) at once, further ones are refused at once.
 pub(crate) async fn serve(
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
-    handshake_timeout: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let handshakes = Arc::new(Semaphore::new(limits.max_pending_handshakes));
+    let mut refused_logged = false;
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -36,11 +40,24 @@ pub(crate) async fn serve(
                 None => break,
             },
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            if !refused_logged {
+                tracing::warn!(
+                    "refusing QUIC connections: {} handshakes already in flight (limits.max_pending_handshakes)",
+                    limits.max_pending_handshakes
+                );
+                refused_logged = true;
+            }
+            incoming.refuse();
+            continue;
+        };
+        refused_logged = false;
         let span = tracing::info_span!("tunnel", peer = %incoming.remote_address());
         let registry = registry.clone();
+        let timeout = limits.handshake_timeout;
         tracker.spawn(
             async move {
-                if let Err(e) = tunnel(incoming, &registry, handshake_timeout).await {
+                if let Err(e) = tunnel(incoming, &registry, timeout, permit).await {
                     tracing::warn!("tunnel refused: {e:#}");
                 }
             }
@@ -54,6 +71,7 @@ async fn tunnel(
     incoming: quinn::Incoming,
     registry: &Registry,
     handshake_timeout: Duration,
+    handshake: OwnedSemaphorePermit,
 ) -> anyhow::Result<()> {
     let (conn, hello, mut send) = tokio::time::timeout(handshake_timeout, async {
         let conn = incoming.await.context("QUIC handshake failed")?;
@@ -62,7 +80,10 @@ async fn tunnel(
         anyhow::Ok((conn, hello, send))
     })
     .await
-    .context("no QUIC handshake and hello within the handshake timeout")??;
+    .with_context(|| {
+        format!("no QUIC handshake and hello within {handshake_timeout:?} (limits.handshake_timeout_secs)")
+    })??;
+    drop(handshake);
 
     let certified = conn
         .peer_identity()

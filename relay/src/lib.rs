@@ -173,7 +173,7 @@ impl Relay {
         shared.tracker.spawn(data::serve(
             endpoint.clone(),
             shared.registry.clone(),
-            shared.limits.handshake_timeout,
+            shared.limits.clone(),
             root.clone(),
             shared.tracker.clone(),
         ));
