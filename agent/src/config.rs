@@ -60,8 +60,22 @@ pub struct AgentConfig {
     pub max_streams: u32,
     /// How the relay is verified, and the agent's own certificate.
     pub security: Security,
+    /// What the `restart` command does (`agent.restart`).
+    pub restart: RestartMode,
+    /// The file this came from, for `reload_config`.
+    pub source: Option<PathBuf>,
     /// Sections and fields of the older agent that were present and are ignored.
     pub ignored: Vec<String>,
+}
+
+/// What the `restart` command does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartMode {
+    /// Re-execute the agent's own binary with the same arguments (`"exec"`, default).
+    Exec,
+    /// Exit with status 75 (EX_TEMPFAIL) and leave the restart to a supervisor
+    /// (`"exit"`: systemd `Restart=on-failure`, busybox init `respawn`).
+    Exit,
 }
 
 /// The `security` section, with its files loaded.
@@ -201,6 +215,7 @@ struct RawAgent {
     #[serde(default = "default_log_level")]
     log_level: String,
     camera_model: Option<String>,
+    restart: Option<String>,
     // Fields of the older agent this one does not use.
     device_id: Option<IgnoredAny>,
     connection_mode: Option<IgnoredAny>,
@@ -269,7 +284,9 @@ impl AgentConfig {
             source,
         })?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        Self::parse_at(&text, &path.display().to_string(), dir)
+        let mut config = Self::parse_at(&text, &path.display().to_string(), dir)?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses config text; `origin` names it in errors, files it names are relative to
@@ -321,6 +338,16 @@ impl AgentConfig {
         let (security, ignored_security) = security;
         let log_level =
             parse_log_level(&agent.log_level).map_err(|r| field_error("agent.log_level", r))?;
+        let restart = match agent.restart.as_deref() {
+            None | Some("exec") => RestartMode::Exec,
+            Some("exit") => RestartMode::Exit,
+            Some(other) => {
+                return Err(field_error(
+                    "agent.restart",
+                    format!("{other:?} is not a restart mode; use \"exec\" or \"exit\""),
+                ))
+            }
+        };
         let seconds = |value: Option<f64>, field: &str, default: u64| match value {
             None => Ok(Duration::from_secs(default)),
             Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
@@ -415,8 +442,62 @@ impl AgentConfig {
             heartbeat_interval,
             max_streams,
             security,
+            restart,
+            source: None,
             ignored,
         })
+    }
+}
+
+impl AgentConfig {
+    /// The settings that differ between `self` and `newer`: those that apply from the
+    /// next session, and those that need the agent restarted.
+    pub fn changes(&self, newer: &AgentConfig) -> (Vec<String>, Vec<String>) {
+        let field = |name: &str, changed: bool| changed.then(|| name.to_string());
+        let applied = [
+            field("agent.agent_id", self.agent_id != newer.agent_id),
+            field("agent.tunnel_server_url", self.relay != newer.relay),
+            field(
+                "agent.tunnel_server_token",
+                !self.token.matches(&newer.token),
+            ),
+            field(
+                "agent.camera_model",
+                self.camera_model != newer.camera_model,
+            ),
+            field("agent.restart", self.restart != newer.restart),
+            field("tunnel.tunnel_port", self.tunnel_port != newer.tunnel_port),
+            field("tunnel.max_streams", self.max_streams != newer.max_streams),
+            field(
+                "streaming.rtsp_host/rtsp_port",
+                self.rtsp_target != newer.rtsp_target,
+            ),
+            field(
+                "streaming.stream_paths",
+                self.stream_paths != newer.stream_paths,
+            ),
+            field(
+                "network.connection_timeout",
+                self.connection_timeout != newer.connection_timeout,
+            ),
+            field(
+                "network.reconnect_interval",
+                self.reconnect_interval != newer.reconnect_interval,
+            ),
+            field(
+                "network.heartbeat_interval",
+                self.heartbeat_interval != newer.heartbeat_interval,
+            ),
+            field(
+                "security",
+                format!("{:?}", self.security) != format!("{:?}", newer.security),
+            ),
+        ];
+        let need_restart = [field("agent.log_level", self.log_level != newer.log_level)];
+        (
+            applied.into_iter().flatten().collect(),
+            need_restart.into_iter().flatten().collect(),
+        )
     }
 }
 

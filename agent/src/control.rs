@@ -1,16 +1,13 @@
 //! The agent's control link: connect the WebSocket, register, then heartbeats and
 //! commands until the link ends.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::Duration};
 
 use common::tls;
 
 use common::protocol::{
-    decode_control, encode_control, AgentMessage, CameraInfo, Command, CommandOutput, Register,
-    Registered, RelayMessage, ServiceRequest, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION, SERVICE_RTSP,
+    decode_control, encode_control, AgentMessage, CameraInfo, Command, Register, Registered,
+    RelayMessage, ServiceRequest, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
@@ -19,7 +16,7 @@ use tokio_tungstenite::{
     Connector, MaybeTlsStream, WebSocketStream,
 };
 
-use crate::{config::AgentConfig, stats::Stats, SessionError};
+use crate::{config::AgentConfig, stats::Stats, Handled, SessionError};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -70,6 +67,7 @@ pub(crate) async fn connect(
             camera: CameraInfo {
                 model: config.camera_model.clone(),
                 stream_paths: config.stream_paths.clone(),
+                rtsp_port: config.rtsp_target.port(),
             },
             services: vec![ServiceRequest {
                 name: SERVICE_RTSP.into(),
@@ -101,8 +99,14 @@ pub(crate) async fn connect(
 }
 
 impl ControlLink {
-    /// Sends heartbeats and answers commands until the link ends; returns why it ended.
-    pub(crate) async fn run(mut self, interval: Duration, stats: &Stats) -> SessionError {
+    /// Sends heartbeats and answers commands (with `handle`) until the link ends;
+    /// returns why it ended.
+    pub(crate) async fn run(
+        mut self,
+        interval: Duration,
+        stats: &Stats,
+        handle: &(dyn Fn(Command) -> Handled + Sync),
+    ) -> SessionError {
         let silence_limit = interval * 3;
         let mut last_heard = Instant::now();
         let mut ticker = tokio::time::interval(interval);
@@ -121,21 +125,27 @@ impl ControlLink {
                 message = next_message(&mut self.socket) => message,
             };
             last_heard = Instant::now();
-            let reply = match message {
+            let (id, handled) = match message {
                 Err(e) => return e,
                 Ok(RelayMessage::HeartbeatAck) => continue,
                 Ok(RelayMessage::Closing(reason)) => return SessionError::Closed(reason),
                 Ok(RelayMessage::Command { id, command }) => {
                     tracing::info!(id, ?command, "command from the relay");
-                    AgentMessage::CommandResult {
-                        id,
-                        result: Ok(execute(command, stats)),
-                    }
+                    (id, handle(command))
                 }
                 Ok(other) => return SessionError::Protocol(format!("unexpected {other:?}")),
             };
+            let reply = AgentMessage::CommandResult {
+                id,
+                result: handled.result,
+            };
             if let Err(e) = send(&mut self.socket, &reply).await {
                 return e;
+            }
+            if let Some(end) = handled.then {
+                // Let the answer leave before the link goes.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.flush()).await;
+                return end;
             }
         }
     }
@@ -143,18 +153,6 @@ impl ControlLink {
     /// Closes the link politely, without waiting long for the relay.
     pub(crate) async fn close(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.close(None)).await;
-    }
-}
-
-fn execute(command: Command, stats: &Stats) -> CommandOutput {
-    match command {
-        Command::Ping => CommandOutput::Pong {
-            unix_millis: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-        },
-        Command::Stats => CommandOutput::Stats(stats.snapshot()),
     }
 }
 

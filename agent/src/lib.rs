@@ -17,16 +17,19 @@ mod control;
 pub mod stats;
 mod tunnel;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use common::{
     backoff::Backoff,
-    protocol::{CloseReason, Rejection},
+    protocol::{CloseReason, Command, CommandOutput, Rejection},
 };
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-pub use config::AgentConfig;
+pub use config::{AgentConfig, RestartMode};
 pub use stats::Stats;
 
 /// First backoff step after a failure; later steps double up to `network.reconnect_interval`.
@@ -78,12 +81,36 @@ pub enum SessionError {
     /// The relay broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// An operator asked for a reconnect (or a reloaded config needs one).
+    #[error("reconnecting as asked")]
+    Reconnect,
+    /// An operator asked for a restart.
+    #[error("restarting as asked")]
+    Restart,
+}
+
+/// Why [`Agent::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shut down (a signal, or the caller's token).
+    Stopped,
+    /// An operator asked for a restart; see [`AgentConfig::restart`].
+    Restart,
+}
+
+/// What the agent does with one command: its answer for the relay, and whether the
+/// session ends after the answer is sent.
+#[derive(Debug)]
+pub(crate) struct Handled {
+    pub(crate) result: Result<CommandOutput, String>,
+    pub(crate) then: Option<SessionError>,
 }
 
 /// The agent.
 #[derive(Debug)]
 pub struct Agent {
-    config: Arc<AgentConfig>,
+    /// Replaced by `reload_config`; each session runs on the one current at its start.
+    config: RwLock<Arc<AgentConfig>>,
     stats: Arc<Stats>,
     /// Published so tests and operators can wait on readiness instead of sleeping.
     state: watch::Sender<AgentState>,
@@ -93,10 +120,18 @@ impl Agent {
     /// An agent for `config`; nothing happens until [`Agent::run`].
     pub fn new(config: AgentConfig) -> Self {
         Agent {
-            config: Arc::new(config),
+            config: RwLock::new(Arc::new(config)),
             stats: Arc::new(Stats::default()),
             state: watch::Sender::new(AgentState::Connecting),
         }
+    }
+
+    /// The config in force (the latest one loaded).
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Follows the agent's state.
@@ -109,10 +144,12 @@ impl Agent {
         self.stats.clone()
     }
 
-    /// Keeps a session with the relay until `shutdown`, reconnecting as needed.
-    pub async fn run(&self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(BACKOFF_BASE, self.config.reconnect_interval);
+    /// Keeps a session with the relay until `shutdown` (or an operator's restart),
+    /// reconnecting as needed.
+    pub async fn run(&self, shutdown: CancellationToken) -> Exit {
+        let mut backoff = Backoff::new(BACKOFF_BASE, self.config().reconnect_interval);
         let tracker = TaskTracker::new();
+        let mut exit = Exit::Stopped;
         loop {
             self.state.send_replace(AgentState::Connecting);
             let mut was_online = false;
@@ -122,14 +159,19 @@ impl Agent {
             };
             if was_online {
                 backoff.reset();
-                self.stats
-                    .reconnections
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             let delay = match &ended {
+                SessionError::Restart => {
+                    exit = Exit::Restart;
+                    break;
+                }
+                SessionError::Reconnect => {
+                    backoff = Backoff::new(BACKOFF_BASE, self.config().reconnect_interval);
+                    Duration::ZERO
+                }
                 // Another agent uses our id. Coming straight back would throw it off in
                 // turn, and the two would flap; wait the longest interval instead.
-                SessionError::Closed(CloseReason::Replaced(_)) => self.config.reconnect_interval,
+                SessionError::Closed(CloseReason::Replaced(_)) => self.config().reconnect_interval,
                 // The relay restarts: every camera heard this at once, so spread the
                 // fleet's return over the whole interval instead of storming back.
                 SessionError::Closed(CloseReason::Shutdown) => backoff.spread(),
@@ -148,6 +190,13 @@ impl Agent {
                 reason: ended.to_string(),
                 rejection,
             });
+            // Counted after the state left Online, so whoever sees the count also sees
+            // the agent is no longer online on that session.
+            if was_online {
+                self.stats
+                    .reconnections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
@@ -157,11 +206,12 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         self.state.send_replace(AgentState::Stopped);
         tracing::info!("agent stopped");
+        exit
     }
 
     /// One session: register, bring the tunnel up, serve until either link ends.
     async fn session(&self, tracker: &TaskTracker, was_online: &mut bool) -> SessionError {
-        let config = &self.config;
+        let config = &self.config();
         tracing::info!(relay = %config.relay.url, "connecting");
         let (control, registered) = match control::connect(config).await {
             Ok(ok) => ok,
@@ -187,20 +237,82 @@ impl Agent {
             "online: the relay serves this camera on port {port}"
         );
         self.state.send_replace(AgentState::Online { port });
-        let control_run = control.run(config.heartbeat_interval, &self.stats);
-        tokio::pin!(control_run);
-        let ended = tokio::select! {
-            ended = &mut control_run => ended,
-            ended = tunnel.serve(config, &self.stats, tracker) => {
-                // The relay ends both links at once, and its Closing message (which says
-                // why) may arrive just after the tunnel's close; give it a moment.
-                match tokio::time::timeout(CLOSE_REASON_GRACE, &mut control_run).await {
-                    Ok(closed @ SessionError::Closed(_)) => closed,
-                    _ => ended,
+        let ended = {
+            let handle = |command: Command| self.handle(command, config, tunnel.rtt());
+            let control_run = control.run(config.heartbeat_interval, &self.stats, &handle);
+            tokio::pin!(control_run);
+            tokio::select! {
+                ended = &mut control_run => ended,
+                ended = tunnel.serve(config, &self.stats, tracker) => {
+                    // The relay ends both links at once, and its Closing message (which
+                    // says why) may arrive just after the tunnel's close; give it a moment.
+                    match tokio::time::timeout(CLOSE_REASON_GRACE, &mut control_run).await {
+                        Ok(closed @ SessionError::Closed(_)) => closed,
+                        _ => ended,
+                    }
                 }
             }
         };
         tunnel.close();
         ended
+    }
+
+    /// Carries out one operator command.
+    fn handle(&self, command: Command, config: &AgentConfig, quic_rtt: Duration) -> Handled {
+        let answer = |output: CommandOutput| Handled {
+            result: Ok(output),
+            then: None,
+        };
+        match command {
+            Command::Ping => answer(CommandOutput::Pong {
+                unix_millis: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                quic_rtt_micros: Some(quic_rtt.as_micros() as u64),
+            }),
+            Command::Stats => answer(CommandOutput::Stats(self.stats.snapshot())),
+            Command::Reconnect => Handled {
+                result: Ok(CommandOutput::Reconnecting),
+                then: Some(SessionError::Reconnect),
+            },
+            Command::Restart => {
+                let how = match config.restart {
+                    RestartMode::Exec => "re-executing the agent",
+                    RestartMode::Exit => "exiting with status 75 for the supervisor to restart",
+                };
+                Handled {
+                    result: Ok(CommandOutput::Restarting(how.into())),
+                    then: Some(SessionError::Restart),
+                }
+            }
+            Command::ReloadConfig => self.reload(config),
+        }
+    }
+
+    /// Re-reads the config file; a broken file changes nothing and says why.
+    fn reload(&self, current: &AgentConfig) -> Handled {
+        let refuse = |why: String| Handled {
+            result: Err(why),
+            then: None,
+        };
+        let Some(path) = &current.source else {
+            return refuse("this agent was not started from a config file".into());
+        };
+        let newer = match AgentConfig::load(path) {
+            Ok(newer) => newer,
+            Err(e) => return refuse(format!("{e}; the running config is kept")),
+        };
+        let (applied, need_restart) = current.changes(&newer);
+        tracing::info!(?applied, ?need_restart, "{} reloaded", path.display());
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(newer);
+        // Settings that shape a session take effect by starting a new one.
+        let then = (!applied.is_empty()).then_some(SessionError::Reconnect);
+        Handled {
+            result: Ok(CommandOutput::Reloaded {
+                applied,
+                need_restart,
+            }),
+            then,
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! `camera-agent`: read the config, run until a signal.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{os::unix::process::CommandExt, path::PathBuf, process::ExitCode};
 
-use agent::{config::DEFAULT_CONFIG_PATH, Agent, AgentConfig};
+use agent::{config::DEFAULT_CONFIG_PATH, Agent, AgentConfig, Exit, RestartMode};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +58,35 @@ async fn main() -> ExitCode {
     let agent = Agent::new(config);
     let shutdown = CancellationToken::new();
     tokio::spawn(common::process::cancel_on_signal(shutdown.clone()));
-    agent.run(shutdown).await;
-    ExitCode::SUCCESS
+    match agent.run(shutdown).await {
+        Exit::Stopped => ExitCode::SUCCESS,
+        Exit::Restart => restart(agent.config().restart),
+    }
+}
+
+/// Exit status that asks a supervisor to start the agent again (EX_TEMPFAIL).
+const EXIT_RESTART: u8 = 75;
+
+/// Restarts the agent as its config says: re-executes this binary with the same
+/// arguments, or exits for a supervisor (also the fallback if exec fails).
+fn restart(mode: RestartMode) -> ExitCode {
+    if mode == RestartMode::Exec {
+        match std::env::current_exe() {
+            Ok(exe) => {
+                tracing::info!("restarting: exec {}", exe.display());
+                let e = std::process::Command::new(&exe)
+                    .args(std::env::args_os().skip(1))
+                    .exec();
+                tracing::error!(
+                    "cannot re-execute {}: {e}; exiting for a supervisor",
+                    exe.display()
+                );
+            }
+            Err(e) => {
+                tracing::error!("cannot find the agent's own binary: {e}; exiting for a supervisor")
+            }
+        }
+    }
+    tracing::info!("exiting with status {EXIT_RESTART} so the supervisor restarts the agent");
+    ExitCode::from(EXIT_RESTART)
 }

@@ -24,10 +24,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::secret::Secret;
 
 /// The protocol version this build speaks. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The oldest protocol version this build still accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN of the QUIC data plane; names the protocol and its version.
 pub const ALPN: &[u8] = b"camtunnel/1";
@@ -86,6 +86,8 @@ pub struct CameraInfo {
     pub model: String,
     /// RTSP paths the camera serves, e.g. `/cam/realmonitor?channel=1&subtype=0`.
     pub stream_paths: Vec<String>,
+    /// The camera's RTSP port, as the agent reaches it.
+    pub rtsp_port: u16,
 }
 
 /// A service the agent asks the relay to expose.
@@ -256,6 +258,28 @@ pub enum Command {
     Ping,
     /// Answer with the agent's counters.
     Stats,
+    /// Drop both links and dial the relay again at once.
+    Reconnect,
+    /// Re-read the config file; apply what can change without a restart.
+    ReloadConfig,
+    /// Restart the agent process (re-execute it, or exit for its supervisor).
+    Restart,
+}
+
+impl Command {
+    /// Every command with its API name.
+    pub const ALL: [(Command, &'static str); 5] = [
+        (Command::Restart, "restart"),
+        (Command::Reconnect, "reconnect"),
+        (Command::Ping, "ping"),
+        (Command::ReloadConfig, "reload_config"),
+        (Command::Stats, "stats"),
+    ];
+
+    /// The command named `name` in the API.
+    pub fn from_name(name: &str) -> Option<Command> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(c, _)| *c)
+    }
 }
 
 /// What an agent answers to a [`Command`].
@@ -265,9 +289,23 @@ pub enum CommandOutput {
     Pong {
         /// Agent's wall clock.
         unix_millis: u64,
+        /// The agent's latest QUIC round-trip time to the relay, in microseconds.
+        quic_rtt_micros: Option<u64>,
     },
     /// Answer to [`Command::Stats`].
     Stats(AgentStats),
+    /// Answer to [`Command::Reconnect`]: the agent drops both links after sending this.
+    Reconnecting,
+    /// Answer to [`Command::ReloadConfig`].
+    Reloaded {
+        /// Settings that changed and apply from the next session (the agent reconnects
+        /// at once if any did).
+        applied: Vec<String>,
+        /// Settings that changed but take a restart of the agent.
+        need_restart: Vec<String>,
+    },
+    /// Answer to [`Command::Restart`]: how the agent restarts, in words.
+    Restarting(String),
 }
 
 /// First frame on the agent's first QUIC stream: which registration this connection
@@ -482,6 +520,7 @@ mod tests {
             camera: CameraInfo {
                 model: "dahua-2449s-il".into(),
                 stream_paths: vec!["/cam/realmonitor?channel=1&subtype=0".into()],
+                rtsp_port: 554,
             },
             services: vec![ServiceRequest {
                 name: SERVICE_RTSP.into(),

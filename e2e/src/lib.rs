@@ -168,7 +168,7 @@ pub struct AgentHandle {
     /// The agent's counters.
     pub stats: Arc<agent::Stats>,
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<agent::Exit>,
 }
 
 impl AgentHandle {
@@ -237,6 +237,15 @@ impl AgentHandle {
             } => Ok((reason, rejection)),
             other => bail!("unexpected state {other:?}"),
         }
+    }
+
+    /// Waits (up to [`READY_TIMEOUT`]) for the agent's run to end by itself; why it
+    /// ended, or `None` if it did not.
+    pub async fn join(self) -> Option<agent::Exit> {
+        tokio::time::timeout(READY_TIMEOUT, self.task)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Stops the agent and waits for it.
@@ -586,6 +595,62 @@ pub async fn gst_decode(
     Ok(())
 }
 
+/// An HTTP response, as curl got it.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// Status code.
+    pub status: u16,
+    /// Body.
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The body as JSON.
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("not JSON ({}): {}", self.status, self.body))
+    }
+}
+
+/// One HTTP request with curl (a real client) at `place`: `method` `url`, with a bearer
+/// token and a JSON body if given.
+pub async fn http(
+    place: &Place,
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    json: Option<&str>,
+) -> anyhow::Result<HttpReply> {
+    const STATUS: &str = "\n--status ";
+    let mut cmd = place.command("curl");
+    cmd.args(["--silent", "--show-error", "--max-time", "30", "-X", method])
+        .args(["--write-out", &format!("{STATUS}%{{http_code}}")]);
+    if let Some(token) = bearer {
+        cmd.arg("--oauth2-bearer").arg(token);
+    }
+    if let Some(body) = json {
+        cmd.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    cmd.arg(url);
+    let output = run_watcher(cmd, "curl", url).await?;
+    let text = String::from_utf8(output.stdout)?;
+    let (body, status) = text.rsplit_once(STATUS).with_context(|| {
+        format!(
+            "curl {url}: no status; stderr {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    Ok(HttpReply {
+        status: status.trim().parse()?,
+        body: body.to_string(),
+    })
+}
+
 /// The value of the sample `series` (name and labels, exactly as exposed, e.g.
 /// `camera_relay_rtp_packets_total{camera="cam-1"}`) in a Prometheus text exposition.
 pub fn metric(exposition: &str, series: &str) -> Option<f64> {
@@ -740,6 +805,8 @@ pub struct NatRig {
 impl NatRig {
     /// The relay's shared token.
     pub const TOKEN: &'static str = "nat-token";
+    /// The relay's admin token (operator API and /metrics).
+    pub const ADMIN_TOKEN: &'static str = "nat-admin";
     /// The relay's control (TCP) and QUIC (UDP) port on its public address.
     pub const RELAY_PORT: u16 = 8080;
     /// Camera `i`'s port on the relay is this plus `i`.
@@ -753,7 +820,12 @@ impl NatRig {
         let lab = Lab::new(cameras.len())?;
         let shared = Self::SHARED_PORT.to_string();
         let relay_side = lab.relay();
-        let extra = ["--shared-port", shared.as_str()];
+        let extra = [
+            "--shared-port",
+            shared.as_str(),
+            "--admin-token",
+            Self::ADMIN_TOKEN,
+        ];
         let (relay, sims) = tokio::join!(
             RelayProcess::start_in(
                 &relay_side,
@@ -819,21 +891,15 @@ impl NatRig {
         rtsp_url(Self::camera_port(i), path)
     }
 
-    /// GETs `path` from the relay's control listener (its API), as a client on the
-    /// relay's side does.
+    /// GETs `path` from the relay's control listener (its API) with the admin token,
+    /// as a client on the relay's side does; fails on any status but 200.
     pub async fn http_get(&self, path: &str) -> anyhow::Result<String> {
         let url = format!("http://{}:{}{path}", netns::RELAY_IP, Self::RELAY_PORT);
-        let mut cmd = self.watchers().command("curl");
-        cmd.args(["--silent", "--show-error", "--fail", "--max-time", "20"])
-            .arg(&url);
-        let output = run_watcher(cmd, "curl", &url).await?;
-        if !output.status.success() {
-            bail!(
-                "GET {url} failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
+        let reply = http(&self.watchers(), "GET", &url, Some(Self::ADMIN_TOKEN), None).await?;
+        if reply.status != 200 {
+            bail!("GET {url}: {} {}", reply.status, reply.body);
         }
-        Ok(String::from_utf8(output.stdout)?)
+        Ok(reply.body)
     }
 
     /// `path` of the camera of `agent_id` on the relay's shared port.

@@ -7,7 +7,7 @@
 use agent::AgentState;
 use common::protocol::{
     encode_control, AgentMessage, AgentStats, CloseReason, Rejection, RelayMessage,
-    PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use e2e::{
     agent_config, agent_config_json, free_port_run, free_ports, relay_config, AgentHandle,
@@ -81,16 +81,16 @@ async fn another_protocol_version_is_told_which_versions_work() {
     ws.register("cam", "t", 99, ports[0], 1).await.unwrap();
     let expected = Rejection::UnsupportedVersion {
         agent: 99,
-        min: 1,
+        min: MIN_PROTOCOL_VERSION,
         max: PROTOCOL_VERSION,
     };
     assert_eq!(
         ws.next().await.unwrap(),
         Some(RelayMessage::Rejected(expected.clone()))
     );
-    assert!(expected
-        .to_string()
-        .contains("supported by this relay (it speaks 1..=1)"));
+    assert!(expected.to_string().contains(&format!(
+        "supported by this relay (it speaks {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})"
+    )));
     assert_eq!(ws.next().await.unwrap(), None, "closed after the refusal");
 
     // A future agent whose Register no longer decodes here still gets a useful answer.

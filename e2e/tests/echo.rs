@@ -85,12 +85,12 @@ async fn payloads_cross_byte_exact_in_both_directions_with_half_close() {
     let session = tunnel.relay.registry.get("echo-cam").unwrap();
     let through = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
-        through(&session.counters.from_tcp),
+        session.metrics.to_camera.get(),
         total,
         "relay counted Watcher bytes"
     );
     assert_eq!(
-        through(&session.counters.to_tcp),
+        session.metrics.to_watcher.get(),
         total,
         "relay counted camera bytes"
     );

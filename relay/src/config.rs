@@ -42,6 +42,18 @@ pub struct RelayConfig {
     pub tls: TlsConfig,
     /// Timeouts and bounds.
     pub limits: Limits,
+    /// Who may use the operator API.
+    pub api: ApiConfig,
+}
+
+/// Access to the operator API (`/agents`, `/streams`, `/tunnels`…).
+#[derive(Debug, Clone, Default)]
+pub struct ApiConfig {
+    /// `Authorization: Bearer` token for operator endpoints; without one they answer
+    /// only to loopback clients.
+    pub admin_token: Option<Secret>,
+    /// `/metrics` answers anyone (like `/health`), not only operators.
+    pub public_metrics: bool,
 }
 
 /// The relay's TLS files.
@@ -119,6 +131,8 @@ pub struct Limits {
     pub max_pending_handshakes: usize,
     /// Agents registered at once.
     pub max_agents: usize,
+    /// How long `POST /agents/{id}/control` waits for the agent's answer.
+    pub command_timeout: Duration,
     /// Failed registrations in a row from one address before it must wait.
     pub failed_registrations: u32,
     /// Longest wait imposed on an address after failed registrations; the wait starts
@@ -140,6 +154,7 @@ impl Default for Limits {
             first_request_timeout: Duration::from_secs(10),
             max_pending_handshakes: 256,
             max_agents: 10_000,
+            command_timeout: Duration::from_secs(10),
             failed_registrations: 10,
             max_registration_backoff: Duration::from_secs(300),
         }
@@ -190,6 +205,9 @@ struct FileConfig {
     shared_listen: Option<SocketAddr>,
     state_dir: Option<PathBuf>,
     shared_token: Option<Secret>,
+    admin_token: Option<Secret>,
+    #[serde(default)]
+    public_metrics: bool,
     #[serde(default)]
     any_certified_agent: bool,
     #[serde(default)]
@@ -236,6 +254,7 @@ struct FileLimits {
     first_request_secs: Option<f64>,
     max_pending_handshakes: Option<usize>,
     max_agents: Option<usize>,
+    command_timeout_secs: Option<f64>,
     failed_registrations: Option<u32>,
     max_registration_backoff_secs: Option<f64>,
 }
@@ -277,6 +296,7 @@ impl RelayConfig {
             },
             tls: TlsConfig::default(),
             limits: Limits::default(),
+            api: ApiConfig::default(),
         })
     }
 
@@ -494,6 +514,11 @@ impl RelayConfig {
                 Some(n) => n,
                 None => defaults.max_agents,
             },
+            command_timeout: secs(
+                l.command_timeout_secs,
+                "command_timeout_secs",
+                defaults.command_timeout,
+            )?,
             failed_registrations: match l.failed_registrations {
                 Some(0) => {
                     return Err(invalid(
@@ -529,6 +554,10 @@ impl RelayConfig {
                 identity,
                 plain_control: tls.plain_control,
                 client_ca: tls.client_ca,
+            },
+            api: ApiConfig {
+                admin_token: file.admin_token.filter(|t| !t.is_empty()),
+                public_metrics: file.public_metrics,
             },
             limits,
         })

@@ -1,7 +1,7 @@
 //! The control link: agents connect with a WebSocket (`/tunnel`, or `/agent/{id}` as
 //! the older server had it), register, and send heartbeats.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     extract::{
@@ -10,48 +10,39 @@ use axum::{
     },
     response::{IntoResponse, Response},
     routing::get,
-    Extension, Json, Router,
+    Extension, Router,
 };
 use common::protocol::{
     decode_control, encode_control, peek_register_version, AgentMessage, CloseReason,
-    GrantedService, Register, Registered, Rejection, RelayMessage, MAX_CONTROL_MESSAGE,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
+    CommandOutput, GrantedService, Register, Registered, Rejection, RelayMessage,
+    MAX_CONTROL_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
 };
-use tokio::time::Instant;
+use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
 
-use crate::{forward, http::ClientCertificate, registry::AgentSession, Shared};
+use crate::{api, forward, http::ClientCertificate, registry::AgentSession, Shared};
 
 /// Longest wait for one control message to be written to a slow agent.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Routes of the relay's TCP listener.
+/// Routes of the relay's TCP listener: the agents' control link, `/health`, `/metrics`
+/// (open if `public_metrics`, else for operators) and the operator API.
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let open = Router::new()
         .route("/tunnel", get(upgrade))
         .route("/agent/{id}", get(upgrade_as))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .with_state(shared)
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let online = shared.registry.sessions().len();
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        shared.registry.metrics().render(online),
-    )
-}
-
-async fn health(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "agents_online": shared.registry.sessions().len(),
-    }))
+        .route("/health", get(api::health));
+    let metrics = Router::new().route("/metrics", get(api::metrics));
+    let app = if shared.api.public_metrics {
+        open.merge(metrics).merge(api::router(shared.clone()))
+    } else {
+        let guarded = metrics.route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            api::require_operator,
+        ));
+        open.merge(guarded).merge(api::router(shared.clone()))
+    };
+    app.with_state(shared)
 }
 
 async fn upgrade(
@@ -259,6 +250,12 @@ async fn run_session(
 ) -> End {
     let timeout = session.heartbeat_interval * missed_heartbeats;
     let mut deadline = Instant::now() + timeout;
+    let Some(mut inbox) = session.take_command_inbox() else {
+        return End::Violation("the session's control loop ran twice".into());
+    };
+    // Commands sent and not answered yet; a dropped sender means the asker gave up.
+    let mut pending: HashMap<u64, oneshot::Sender<Result<CommandOutput, String>>> = HashMap::new();
+    let mut next_id: u64 = 1;
     loop {
         let message = tokio::select! {
             _ = session.cancelled() => {
@@ -267,6 +264,17 @@ async fn run_session(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return End::Closed(CloseReason::HeartbeatTimeout(timeout.as_secs()));
+            }
+            Some(request) = inbox.recv() => {
+                let id = next_id;
+                next_id += 1;
+                pending.retain(|_, reply| !reply.is_closed());
+                pending.insert(id, request.reply);
+                tracing::info!(id, command = ?request.command, "command sent to the agent");
+                if let Err(why) = send(socket, &RelayMessage::Command { id, command: request.command }).await {
+                    return End::Lost(why);
+                }
+                continue;
             }
             message = next_binary(socket) => message,
         };
@@ -283,9 +291,13 @@ async fn run_session(
                     return End::Lost(why);
                 }
             }
-            Ok(AgentMessage::CommandResult { id, .. }) => {
-                tracing::debug!(id, "result for a command nobody waits for");
-            }
+            Ok(AgentMessage::CommandResult { id, result }) => match pending.remove(&id) {
+                Some(reply) => {
+                    tracing::info!(id, ok = result.is_ok(), "command answered");
+                    let _ = reply.send(result);
+                }
+                None => tracing::debug!(id, "result for a command nobody waits for"),
+            },
             Ok(AgentMessage::Register(_)) => return End::Violation("Register sent twice".into()),
             Err(e) => return End::Violation(format!("undecodable control message: {e}")),
         }

@@ -61,7 +61,8 @@ pub(crate) async fn serve_camera(
                 prefix: String::new(),
                 started: Instant::now(),
             };
-            async move { carry(watcher, id, &session, &limits).await }
+            let registry = registry.clone();
+            async move { carry(watcher, id, &session, &registry, &limits).await }
         },
     )
     .await;
@@ -90,7 +91,9 @@ pub(crate) async fn serve_shared(
                     routed = route(tcp, &registry, &limits) => routed?,
                 };
                 match routed {
-                    Some((watcher, session)) => carry(watcher, id, &session, &limits).await,
+                    Some((watcher, session)) => {
+                        carry(watcher, id, &session, &registry, &limits).await
+                    }
                     None => Ok(()),
                 }
             }
@@ -220,9 +223,16 @@ async fn carry(
     watcher: Watcher,
     connection_id: u64,
     session: &AgentSession,
+    registry: &Registry,
     limits: &Limits,
 ) -> anyhow::Result<()> {
     let tcp = &watcher.tcp;
+    let entry = registry.open_watcher(
+        connection_id,
+        &session.id,
+        tcp.peer_addr()?,
+        watcher.started,
+    );
     // Camera traffic is paced small writes; Nagle would hold them back (~45 ms at p99).
     tcp.set_nodelay(true)?;
     let active = ActiveStream::enter(session);
@@ -255,7 +265,7 @@ async fn carry(
     // proxy understands RTSP; any other protocol passes through byte for byte.
     let gate = StatusGate::new(recv, limits.stream_answer_timeout);
     let outcome = tokio::select! {
-        outcome = rtsp::proxy(watcher, gate, send, (&session.counters, &session.metrics), limits.stall_after) => outcome,
+        outcome = rtsp::proxy(watcher, gate, send, rtsp::Observed { bytes: &entry.session.bytes, request: &entry.session.request, metrics: &session.metrics }, limits.stall_after) => outcome,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
     log_media(&outcome.media);

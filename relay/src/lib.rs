@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod api;
 pub mod config;
 mod control;
 mod data;
@@ -44,6 +45,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct Shared {
     registry: Arc<Registry>,
     limits: config::Limits,
+    /// Who may use the operator API.
+    api: config::ApiConfig,
     /// Backoff for addresses whose registrations keep failing.
     throttle: throttle::Throttle,
     quic_port: u16,
@@ -124,6 +127,7 @@ impl Relay {
                     config.limits.max_registration_backoff,
                 ),
                 limits: config.limits,
+                api: config.api,
                 quic_port,
                 cert_sha256,
                 tracker: TaskTracker::new(),

@@ -29,6 +29,18 @@ struct Cli {
     /// Also serve every camera on this one port, as rtsp://127.0.0.1:PORT/<agent-id>/…
     #[arg(long, conflicts_with = "config")]
     shared_port: Option<u16>,
+    /// Bearer token for the operator API (/agents, /streams, /tunnels…); without one
+    /// it answers only to clients on this host.
+    #[arg(
+        long,
+        env = "RELAY_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "config"
+    )]
+    admin_token: Option<String>,
+    /// Let anyone read /metrics (like /health), not only operators.
+    #[arg(long, conflicts_with = "config")]
+    public_metrics: bool,
     /// Token every agent must present (quick start).
     #[arg(
         long,
@@ -105,10 +117,19 @@ fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
         cli.tunnel_port,
         Secret::new(token.clone()),
     )?;
-    Ok(match cli.shared_port {
+    let mut config = match cli.shared_port {
         Some(port) => config.with_shared_port(port)?,
         None => config,
-    })
+    };
+    config.api = config::ApiConfig {
+        admin_token: cli
+            .admin_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
+        public_metrics: cli.public_metrics,
+    };
+    Ok(config)
 }
 
 async fn run(config: RelayConfig) -> anyhow::Result<()> {

@@ -101,6 +101,14 @@ impl PortPolicy {
             .map(|(id, _)| id.as_str())
     }
 
+    /// The port assigned to `agent_id`, pinned or remembered.
+    pub fn assigned(&self, agent_id: &str) -> Option<u16> {
+        self.pinned
+            .get(agent_id)
+            .or_else(|| self.remembered.get(agent_id))
+            .copied()
+    }
+
     /// Every agent that has a port assigned, pinned or remembered.
     pub fn assigned_ids(&self) -> impl Iterator<Item = &str> {
         self.pinned

@@ -4,25 +4,28 @@
 //! one source of truth.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
     },
     time::{Duration, Instant, SystemTime},
 };
 
 use common::{
     protocol::{
-        check_agent_id, AgentStats, CameraInfo, CloseReason, Register, Rejection,
-        MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP, SESSION_KEY_LEN,
+        check_agent_id, AgentStats, CameraInfo, CloseReason, Command, CommandOutput, Register,
+        Rejection, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP, SESSION_KEY_LEN,
     },
     secret::constant_time_eq,
     splice::ByteCounters,
 };
 use rand::RngCore;
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -31,6 +34,9 @@ use crate::{
     ports::PortPolicy,
     MediaStats,
 };
+
+/// Commands waiting for one agent's control loop; more are refused as busy.
+const COMMAND_QUEUE: usize = 16;
 
 /// How long a takeover waits for the old session to release its camera port.
 const RELEASE_WAIT: Duration = Duration::from_secs(5);
@@ -48,6 +54,60 @@ pub struct Registry {
     ports: tokio::sync::Mutex<PortPolicy>,
     next_connection_id: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Watcher connections open now, by connection id, for `/streams`.
+    watchers: Mutex<BTreeMap<u64, Arc<WatcherSession>>>,
+    started: Instant,
+}
+
+/// One Watcher connection, while it is open.
+#[derive(Debug)]
+pub struct WatcherSession {
+    /// Relay-wide connection id.
+    pub id: u64,
+    /// The camera's agent id.
+    pub camera: String,
+    /// The Watcher's address.
+    pub peer: SocketAddr,
+    /// When it connected.
+    pub opened: Instant,
+    /// Method and path of its first RTSP request line, once seen.
+    pub request: OnceLock<(String, String)>,
+    /// Its bytes (`from_tcp`: Watcher → camera).
+    pub bytes: ByteCounters,
+}
+
+/// Removes its [`WatcherSession`] from the table when dropped.
+#[derive(Debug)]
+pub struct WatcherGuard<'a> {
+    registry: &'a Registry,
+    /// The session.
+    pub session: Arc<WatcherSession>,
+}
+
+impl Drop for WatcherGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.registry.watchers).remove(&self.session.id);
+    }
+}
+
+/// A command for an agent, with where to put its answer.
+#[derive(Debug)]
+pub struct CommandRequest {
+    /// What to do.
+    pub command: Command,
+    /// The agent's result.
+    pub reply: oneshot::Sender<Result<CommandOutput, String>>,
+}
+
+/// Why a command got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The agent's session ended before it answered.
+    #[error("the agent went offline before answering")]
+    Offline,
+    /// No answer in time.
+    #[error("the agent did not answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// One registered agent: its camera port, its tunnel, its last heartbeat.
@@ -70,8 +130,6 @@ pub struct AgentSession {
     pub registered_at: SystemTime,
     /// Heartbeat interval the agent announced.
     pub heartbeat_interval: Duration,
-    /// Bytes between Watchers and this camera (from_tcp: Watcher → camera).
-    pub counters: ByteCounters,
     /// Watcher connections open right now.
     pub active_streams: AtomicU32,
     /// The camera's Prometheus series.
@@ -79,6 +137,10 @@ pub struct AgentSession {
     /// True if the agent registered with a client certificate; its QUIC connection
     /// must then present one too.
     pub certified: bool,
+    /// Commands for the agent, sent by its control loop.
+    commands: mpsc::Sender<CommandRequest>,
+    /// The control loop's end of `commands`, taken once.
+    command_inbox: Mutex<Option<mpsc::Receiver<CommandRequest>>>,
     session_key: [u8; SESSION_KEY_LEN],
     /// Child of the relay's root token; see the type's docs.
     cancel: CancellationToken,
@@ -113,6 +175,8 @@ impl Registry {
             ports: tokio::sync::Mutex::new(ports),
             next_connection_id: AtomicU64::new(1),
             metrics,
+            watchers: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
         }
     }
 
@@ -178,7 +242,10 @@ impl Registry {
         rand::rng().fill_bytes(&mut session_key);
         let interval = Duration::from_secs(u64::from(reg.heartbeat_interval_secs.max(1)))
             .min(limits.max_heartbeat_interval);
+        let (commands, command_inbox) = mpsc::channel(COMMAND_QUEUE);
         let session = Arc::new(AgentSession {
+            commands,
+            command_inbox: Mutex::new(Some(command_inbox)),
             id: reg.agent_id.clone(),
             remote,
             camera: reg.camera.clone(),
@@ -186,7 +253,6 @@ impl Registry {
             port,
             registered_at: SystemTime::now(),
             heartbeat_interval: interval,
-            counters: ByteCounters::default(),
             active_streams: AtomicU32::new(0),
             metrics: self.metrics.camera(&reg.agent_id),
             certified: certified.is_some(),
@@ -290,6 +356,51 @@ impl Registry {
         &self.metrics
     }
 
+    /// The port assigned to `agent_id` (pinned, or remembered from its registrations).
+    pub async fn assigned_port(&self, agent_id: &str) -> Option<u16> {
+        self.ports.lock().await.assigned(agent_id)
+    }
+
+    /// Time since the registry (the relay) started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Every agent id the relay knows, online or not, sorted.
+    pub fn known(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.known).iter().cloned().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Records an open Watcher connection until the guard is dropped.
+    pub fn open_watcher(
+        &self,
+        id: u64,
+        camera: &str,
+        peer: SocketAddr,
+        opened: Instant,
+    ) -> WatcherGuard<'_> {
+        let session = Arc::new(WatcherSession {
+            id,
+            camera: camera.to_string(),
+            peer,
+            opened,
+            request: OnceLock::new(),
+            bytes: ByteCounters::default(),
+        });
+        lock(&self.watchers).insert(id, session.clone());
+        WatcherGuard {
+            registry: self,
+            session,
+        }
+    }
+
+    /// The Watcher connections open now, oldest first.
+    pub fn watchers(&self) -> Vec<Arc<WatcherSession>> {
+        lock(&self.watchers).values().cloned().collect()
+    }
+
     /// Every live session, for listings.
     pub fn sessions(&self) -> Vec<Arc<AgentSession>> {
         self.lock_sessions().values().cloned().collect()
@@ -380,6 +491,35 @@ impl AgentSession {
     /// Follows the media health of the camera's finished Watcher sessions.
     pub fn media(&self) -> watch::Receiver<Option<MediaStats>> {
         self.media.subscribe()
+    }
+
+    /// Sends `command` to the agent and waits up to `wait` for its result.
+    pub async fn command(
+        &self,
+        command: Command,
+        wait: Duration,
+    ) -> Result<Result<CommandOutput, String>, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let asked = async {
+            self.commands
+                .send(CommandRequest { command, reply })
+                .await
+                .map_err(|_| CommandError::Offline)?;
+            answer.await.map_err(|_| CommandError::Offline)
+        };
+        tokio::time::timeout(wait, asked)
+            .await
+            .map_err(|_| CommandError::TimedOut(wait))?
+    }
+
+    /// The control loop's inbox of commands; `None` after the first call.
+    pub(crate) fn take_command_inbox(&self) -> Option<mpsc::Receiver<CommandRequest>> {
+        lock(&self.command_inbox).take()
+    }
+
+    /// The QUIC tunnel, if it is up.
+    pub fn current_tunnel(&self) -> Option<quinn::Connection> {
+        self.tunnel.borrow().clone()
     }
 
     /// Keeps the camera listener's task, so a takeover can wait for the port.

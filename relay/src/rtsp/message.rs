@@ -110,6 +110,20 @@ fn request_uri(head: &[u8]) -> Option<&str> {
     std::str::from_utf8(line).ok()?.split(' ').nth(1)
 }
 
+/// The method and path (with query; no scheme, host or credentials) of a request
+/// head's start line, for listings.
+pub(crate) fn request_line(head: &[u8]) -> Option<(String, String)> {
+    let line = head.split(|&b| b == b'\r').next()?;
+    let method = std::str::from_utf8(line).ok()?.split(' ').next()?;
+    let uri = request_uri(head)?;
+    let path = match path_start(uri) {
+        Some(at) => &uri[at..],
+        None => uri,
+    };
+    let path = if path.is_empty() { "/" } else { path };
+    Some((method.to_string(), path.to_string()))
+}
+
 /// The path of an absolute `rtsp://` URI, with its query: where the authority ends.
 fn path_start(uri: &str) -> Option<usize> {
     let rest = uri.strip_prefix("rtsp://")?;
@@ -303,6 +317,19 @@ mod tests {
                 "{response}"
             );
         }
+    }
+
+    #[test]
+    fn listings_get_method_and_path_without_credentials() {
+        let head = b"DESCRIBE rtsp://admin:pw@relay:8554/cam/realmonitor?channel=1 RTSP/1.0\r\nCSeq: 1\r\n\r\n";
+        assert_eq!(
+            request_line(head),
+            Some(("DESCRIBE".into(), "/cam/realmonitor?channel=1".into()))
+        );
+        assert_eq!(
+            request_line(b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\n\r\n"),
+            Some(("OPTIONS".into(), "*".into()))
+        );
     }
 
     #[test]

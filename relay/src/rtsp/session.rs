@@ -30,7 +30,8 @@ use crate::metrics::CameraMetrics;
 use super::{
     media::{MediaMeter, MediaStats, PEEK},
     message::{
-        has_sdp_body, on_request, request_authority, rewrite_response, Decision, WatcherView,
+        has_sdp_body, on_request, request_authority, request_line, rewrite_response, Decision,
+        WatcherView,
     },
     scanner::{Event, Scanner},
 };
@@ -54,6 +55,17 @@ pub(crate) struct Outcome {
     pub(crate) media: MediaStats,
 }
 
+/// Where the proxy reports what it sees, live.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Observed<'a> {
+    /// The connection's bytes (`from_tcp`: Watcher → camera).
+    pub(crate) bytes: &'a ByteCounters,
+    /// Method and path of the first request line.
+    pub(crate) request: &'a OnceLock<(String, String)>,
+    /// The camera's series.
+    pub(crate) metrics: &'a CameraMetrics,
+}
+
 /// A Watcher connection as the proxy takes it.
 #[derive(Debug)]
 pub(crate) struct Watcher {
@@ -73,7 +85,7 @@ pub(crate) async fn proxy<R>(
     watcher: Watcher,
     mut quic_recv: R,
     mut quic_send: quinn::SendStream,
-    (counters, metrics): (&ByteCounters, &CameraMetrics),
+    observed: Observed<'_>,
     stall_after: Duration,
 ) -> Outcome
 where
@@ -95,6 +107,11 @@ where
     };
     // False after the Watcher asked to PAUSE or TEARDOWN: silence is then expected.
     let playing = AtomicBool::new(true);
+    let Observed {
+        bytes: counters,
+        request,
+        metrics,
+    } = observed;
     let mut media = Media::new(started, metrics);
     let up = upstream(
         &mut watcher_rd,
@@ -103,6 +120,7 @@ where
         naming,
         &playing,
         Tally(&counters.from_tcp, &metrics.to_camera),
+        request,
     );
     let watch = Stalls {
         after: stall_after,
@@ -176,6 +194,7 @@ async fn upstream<R>(
     naming: Naming<'_>,
     playing: &AtomicBool,
     tally: Tally<'_>,
+    first_request: &OnceLock<(String, String)>,
 ) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
@@ -206,6 +225,11 @@ where
                         playing.store(true, Ordering::Relaxed);
                     } else if head.starts_with(b"PAUSE ") || head.starts_with(b"TEARDOWN ") {
                         playing.store(false, Ordering::Relaxed);
+                    }
+                    if first_request.get().is_none() {
+                        if let Some(line) = request_line(&head) {
+                            let _ = first_request.set(line);
+                        }
                     }
                     if naming.authority.get().is_none() {
                         if let Some(found) = request_authority(&head) {

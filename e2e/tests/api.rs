@@ -1,0 +1,342 @@
+//! The operator API against an in-process relay with a real agent connected and a
+//! Watcher session open, through curl: every endpoint, every error code, and what each
+//! command does to the agent.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+use agent::{AgentConfig, Exit};
+use e2e::{
+    agent_config_json, free_port_run, http, AgentHandle, HttpReply, Place, RelayHandle,
+    READY_TIMEOUT,
+};
+use relay::RelayConfig;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+const ADMIN: &str = "adm1n-t0ken";
+
+struct Api {
+    relay: RelayHandle,
+}
+
+impl Api {
+    async fn start(first: u16, command_timeout: f64) -> Self {
+        let text = format!(
+            r#"
+            listen = "127.0.0.1:0"
+            camera_ports = "{first}-{last}"
+            shared_token = "api-token"
+            admin_token = "{ADMIN}"
+
+            [[agents]]
+            id = "cam-off"
+            token = "off-token"
+
+            [limits]
+            command_timeout_secs = {command_timeout}
+            "#,
+            last = first + 3
+        );
+        let relay = RelayHandle::start(RelayConfig::from_toml(&text, "api relay.toml").unwrap())
+            .await
+            .unwrap();
+        Api { relay }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<&str>) -> HttpReply {
+        let url = format!("http://{}{path}", self.relay.control);
+        http(&Place::host(), method, &url, Some(ADMIN), body)
+            .await
+            .unwrap()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let reply = self.call("GET", path, None).await;
+        assert_eq!(reply.status, 200, "GET {path}: {}", reply.body);
+        reply.json().unwrap()
+    }
+
+    async fn command(&self, id: &str, command: &str) -> HttpReply {
+        let body = format!(r#"{{"command": "{command}"}}"#);
+        self.call("POST", &format!("/agents/{id}/control"), Some(&body))
+            .await
+    }
+
+    /// Polls `path` until `pred` holds (the API is the readiness signal here).
+    async fn until(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let value = self.get(path).await;
+            if pred(&value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "GET {path} never satisfied: {value}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Waits until the agent has come back online after `n` sessions in all ended (its
+/// state alone can flip back to online too fast to be seen in between).
+async fn reconnected(agent: &mut AgentHandle, n: u64) -> u16 {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    while agent
+        .stats
+        .reconnections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < n
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never reconnected"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    agent.online().await.unwrap()
+}
+
+/// An echo server standing in for the camera; returns its port.
+async fn echo() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tcp.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+            });
+        }
+    });
+    port
+}
+
+/// An agent loaded from a config file (so `reload_config` has a file to re-read).
+fn agent_from_file(dir: &std::path::Path, json: &Value) -> AgentHandle {
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(json).unwrap()).unwrap();
+    AgentHandle::start(AgentConfig::load(&path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoints_need_the_admin_token() {
+    let api = Api::start(free_port_run(4), 10.0).await;
+    let url = |path: &str| format!("http://{}{path}", api.relay.control);
+    for path in ["/agents", "/streams", "/tunnels", "/metrics"] {
+        for token in [None, Some("wrong")] {
+            let reply = http(&Place::host(), "GET", &url(path), token, None)
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 401, "{path} with {token:?}");
+            assert!(reply.json().unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .contains("Bearer"));
+        }
+    }
+    let health = http(&Place::host(), "GET", &url("/health"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(health.status, 200, "/health stays open");
+    let health = health.json().unwrap();
+    assert_eq!(health["status"], "ok");
+    assert!(health["uptime_secs"].is_u64() && health["agents_online"] == 0);
+    assert_eq!(api.get("/agents").await["agents"][0]["id"], "cam-off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_streams_and_tunnels_describe_live_sessions() {
+    let first = free_port_run(4);
+    let api = Api::start(first, 10.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = echo().await;
+    let mut agent = agent_from_file(
+        dir.path(),
+        &agent_config_json("cam-1", &api.relay.url(), "api-token", first, target),
+    );
+    let port = agent.online().await.unwrap();
+
+    // A Watcher session, its first request line seen by the relay.
+    let mut watcher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let request = format!(
+        "OPTIONS rtsp://127.0.0.1:{port}/cam/realmonitor?channel=1&subtype=0 RTSP/1.0\r\nCSeq: 1\r\n\r\n"
+    );
+    watcher.write_all(request.as_bytes()).await.unwrap();
+    let mut echoed = vec![0; request.len()];
+    watcher.read_exact(&mut echoed).await.unwrap();
+
+    let streams = api.get("/streams").await;
+    let stream = &streams["streams"][0];
+    assert_eq!(stream["camera"], "cam-1");
+    assert_eq!(stream["method"], "OPTIONS");
+    assert_eq!(stream["path"], "/cam/realmonitor?channel=1&subtype=0");
+    assert_eq!(stream["bytes_from_watcher"], request.len());
+    assert!(stream["watcher"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+
+    // The agent's own stats arrive with its heartbeats (every second here).
+    let one = api
+        .until("/agents/cam-1", |a| a["stats"]["active_sessions"] == 1)
+        .await;
+    assert_eq!(one["online"], true);
+    assert_eq!(one["ports"][0], port);
+    assert_eq!(one["camera"]["rtsp_port"], target);
+    assert!(one["quic_rtt_ms"].is_f64() && one["last_heartbeat_secs_ago"].is_f64());
+    let all = api.get("/agents").await;
+    let ids: Vec<&str> = all["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["cam-1", "cam-off"]);
+    assert_eq!(all["agents"][1]["online"], false);
+
+    let tunnel = api.get("/tunnels/cam-1").await;
+    assert_eq!(tunnel["status"], "online");
+    assert_eq!(tunnel["local_port"], port);
+    assert_eq!(tunnel["remote_port"], target);
+    assert_eq!(tunnel["connections"], 1);
+    assert_eq!(tunnel["bytes_transferred"], 2 * request.len());
+    assert_eq!(
+        api.get("/tunnels").await["tunnels"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(api.get("/tunnels/cam-off").await["status"], "offline");
+
+    // Unknown ids are 404 everywhere, as JSON.
+    for path in ["/agents/nobody", "/tunnels/nobody"] {
+        let reply = api.call("GET", path, None).await;
+        assert_eq!(reply.status, 404, "{path}");
+        assert!(reply.json().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .contains("nobody"));
+    }
+
+    // Restarting the tunnel ends the Watcher session; the agent dials again.
+    let restarted = api.call("POST", "/tunnels/cam-1/restart", None).await;
+    assert_eq!(restarted.status, 200, "{}", restarted.body);
+    assert_eq!(restarted.json().unwrap()["closed_sessions"], 1);
+    let mut rest = Vec::new();
+    let _ = watcher.read_to_end(&mut rest).await;
+    assert_eq!(
+        reconnected(&mut agent, 1).await,
+        port,
+        "same port after the restart"
+    );
+    assert_eq!(
+        api.call("POST", "/tunnels/cam-off/restart", None)
+            .await
+            .status,
+        409
+    );
+
+    agent.stop().await;
+    api.relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_reach_the_agent_and_act_on_it() {
+    let first = free_port_run(4);
+    let api = Api::start(first, 1.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut json = agent_config_json("cam-1", &api.relay.url(), "api-token", first, 1);
+    let mut agent = agent_from_file(dir.path(), &json);
+    agent.online().await.unwrap();
+
+    let pong = api.command("cam-1", "ping").await;
+    assert_eq!(pong.status, 200, "{}", pong.body);
+    let pong = pong.json().unwrap();
+    assert!(pong["result"]["agent_clock_unix_ms"].as_u64().unwrap() > 1_700_000_000_000);
+    assert!(pong["result"]["quic_rtt_ms"].is_f64() && pong["round_trip_ms"].is_f64());
+    let stats = api.command("cam-1", "stats").await.json().unwrap();
+    assert!(stats["result"]["uptime_secs"].is_u64(), "{stats}");
+
+    // Errors: a bad command names the valid ones; unknown 404; offline 409.
+    let bad = api.command("cam-1", "explode").await;
+    assert_eq!(bad.status, 400);
+    let why = bad.json().unwrap()["error"].as_str().unwrap().to_string();
+    assert!(
+        why.contains("explode") && why.contains("reload_config"),
+        "{why}"
+    );
+    let not_json = api.call("POST", "/agents/cam-1/control", Some("{")).await;
+    assert_eq!(not_json.status, 400);
+    assert_eq!(api.command("nobody", "ping").await.status, 404);
+    assert_eq!(api.command("cam-off", "ping").await.status, 409);
+
+    // reconnect: both links drop and come back at once.
+    let reconnect = api.command("cam-1", "reconnect").await;
+    assert_eq!(reconnect.json().unwrap()["result"]["reconnecting"], true);
+    reconnected(&mut agent, 1).await;
+
+    // reload_config: a changed file is applied (with a new session) and reported; a
+    // broken one changes nothing and says why.
+    json["streaming"]["stream_paths"] = serde_json::json!(["/only/this"]);
+    json["agent"]["log_level"] = "ERROR".into();
+    std::fs::write(dir.path().join("config.json"), json.to_string()).unwrap();
+    let reloaded = api.command("cam-1", "reload_config").await.json().unwrap();
+    assert_eq!(
+        reloaded["result"]["applied"],
+        serde_json::json!(["streaming.stream_paths"])
+    );
+    assert_eq!(
+        reloaded["result"]["need_restart"],
+        serde_json::json!(["agent.log_level"])
+    );
+    let paths = api
+        .until("/agents/cam-1", |a| {
+            a["camera"]["stream_paths"] == serde_json::json!(["/only/this"])
+        })
+        .await;
+    assert_eq!(paths["online"], true);
+    std::fs::write(dir.path().join("config.json"), "{ broken").unwrap();
+    let broken = api.command("cam-1", "reload_config").await;
+    assert_eq!(broken.status, 502);
+    let why = broken.json().unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        why.contains("not valid JSON") && why.contains("running config is kept"),
+        "{why}"
+    );
+
+    // restart: the agent answers, then its run ends asking for a restart.
+    let restart = api.command("cam-1", "restart").await.json().unwrap();
+    assert!(restart["result"]["restarting"]
+        .as_str()
+        .unwrap()
+        .contains("re-executing"));
+    assert_eq!(agent.join().await, Some(Exit::Restart));
+
+    // An agent that never answers: 504 after limits.command_timeout_secs.
+    let mut mute = e2e::ControlClient::connect(&api.relay.url()).await.unwrap();
+    mute.register(
+        "mute",
+        "api-token",
+        common::protocol::PROTOCOL_VERSION,
+        0,
+        30,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        mute.next().await.unwrap(),
+        Some(common::protocol::RelayMessage::Registered(_))
+    ));
+    let silent = api.command("mute", "ping").await;
+    assert_eq!(silent.status, 504, "{}", silent.body);
+    api.relay.stop().await.unwrap();
+}

@@ -1,0 +1,361 @@
+//! The operator API, on the control listener: JSON in and out, errors as
+//! `{"error": "…"}` with a fitting status. Every route here needs the admin token
+//! (`Authorization: Bearer …`), or, with none configured, a loopback client.
+//! docs/api.yaml describes it (OpenAPI).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    extract::{rejection::JsonRejection, ConnectInfo, Path, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use common::protocol::{Command, CommandOutput};
+use serde_json::{json, Value};
+
+use crate::{
+    registry::{AgentSession, CommandError},
+    Shared,
+};
+
+/// QUIC application close code of an operator's tunnel restart.
+const CLOSE_RESTARTED: u32 = 3;
+
+/// An API error: status and words.
+#[derive(Debug)]
+pub(crate) struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+/// The operator routes, behind [`require_operator`].
+pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/agents", get(agents))
+        .route("/agents/{id}", get(agent))
+        .route("/agents/{id}/control", post(control))
+        .route("/streams", get(streams))
+        .route("/tunnels", get(tunnels))
+        .route("/tunnels/{id}", get(tunnel))
+        .route("/tunnels/{id}/restart", post(restart_tunnel))
+        .route_layer(middleware::from_fn_with_state(shared, require_operator))
+}
+
+/// Lets a request through with the admin token, or from loopback when none is set.
+pub(crate) async fn require_operator(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &shared.api.admin_token {
+        Some(token) => {
+            let presented = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            let ok = presented.is_some_and(|p| {
+                common::secret::constant_time_eq(p.as_bytes(), token.expose().as_bytes())
+            });
+            if !ok {
+                return ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "operator endpoints need Authorization: Bearer <admin token>".into(),
+                )
+                .into_response();
+            }
+        }
+        None if peer.ip().is_loopback() => {}
+        None => {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                "no admin token is configured, so operator endpoints answer only to clients \
+                 on this host; set admin_token (or --admin-token) to allow others"
+                    .into(),
+            )
+            .into_response()
+        }
+    }
+    next.run(request).await
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+pub(crate) async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let online = shared.registry.sessions().len();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.registry.metrics().render(online),
+    )
+}
+
+/// `GET /health`, open to all.
+pub(crate) async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": shared.registry.uptime().as_secs(),
+        "agents_online": shared.registry.sessions().len(),
+    }))
+}
+
+async fn agents(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let mut list = Vec::new();
+    for id in all_ids(&shared) {
+        list.push(agent_view(&shared, &id).await);
+    }
+    Ok(Json(json!({ "agents": list })))
+}
+
+async fn agent(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+    known(&shared, &id)?;
+    Ok(Json(agent_view(&shared, &id).await))
+}
+
+/// Known ids (configured, registered before) and online ones, sorted.
+fn all_ids(shared: &Shared) -> Vec<String> {
+    let mut ids = shared.registry.known();
+    for session in shared.registry.sessions() {
+        if !ids.contains(&session.id) {
+            ids.push(session.id.clone());
+        }
+    }
+    ids.sort_unstable();
+    ids
+}
+
+fn known(shared: &Shared, id: &str) -> Result<(), ApiError> {
+    if shared.registry.get(id).is_some() || shared.registry.knows(id) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no agent {id:?} is known to this relay"),
+        ))
+    }
+}
+
+async fn agent_view(shared: &Shared, id: &str) -> Value {
+    let Some(session) = shared.registry.get(id) else {
+        return json!({
+            "id": id,
+            "online": false,
+            "ports": shared.registry.assigned_port(id).await.into_iter().collect::<Vec<_>>(),
+        });
+    };
+    let heartbeat = session.last_heartbeat();
+    json!({
+        "id": session.id,
+        "online": true,
+        "last_heartbeat_secs_ago": heartbeat.map(|(at, _)| at.elapsed().as_secs_f64()),
+        "stats": heartbeat.map(|(_, stats)| stats),
+        "camera": {
+            "model": session.camera.model,
+            "stream_paths": session.camera.stream_paths,
+            "rtsp_port": session.camera.rtsp_port,
+        },
+        "agent_version": session.agent_version,
+        "remote_addr": session.remote.to_string(),
+        "quic_rtt_ms": session.current_tunnel().map(|c| c.rtt().as_secs_f64() * 1000.0),
+        "ports": [session.port],
+        "registered_secs_ago": session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
+        "client_certificate": session.certified,
+    })
+}
+
+/// An online agent by id: 404 if unknown, 409 if known but offline.
+fn online(shared: &Shared, id: &str) -> Result<Arc<AgentSession>, ApiError> {
+    known(shared, id)?;
+    shared.registry.get(id).ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            format!("agent {id:?} is offline; commands need a connected agent"),
+        )
+    })
+}
+
+async fn control(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> ApiResult {
+    let valid: Vec<&str> = Command::ALL.iter().map(|(_, name)| *name).collect();
+    let bad = |why: String| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{why}; send {{\"command\": one of {}}}", valid.join(", ")),
+        )
+    };
+    let Json(body) = body.map_err(|e| bad(format!("the body is not JSON ({})", e.body_text())))?;
+    let name = body
+        .get("command")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("no \"command\" string in the body".into()))?;
+    let command =
+        Command::from_name(name).ok_or_else(|| bad(format!("unknown command {name:?}")))?;
+    let session = online(&shared, &id)?;
+    let sent = std::time::Instant::now();
+    let answer = session
+        .command(command, shared.limits.command_timeout)
+        .await;
+    let round_trip_ms = sent.elapsed().as_secs_f64() * 1000.0;
+    let output = match answer {
+        Ok(Ok(output)) => output,
+        Ok(Err(why)) => {
+            return Err(ApiError(
+                StatusCode::BAD_GATEWAY,
+                format!("agent {id:?} could not {name}: {why}"),
+            ))
+        }
+        Err(CommandError::TimedOut(wait)) => {
+            return Err(ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("agent {id:?} did not answer {name} within {wait:?}"),
+            ))
+        }
+        Err(CommandError::Offline) => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("agent {id:?} went offline before answering {name}"),
+            ))
+        }
+    };
+    let result = match output {
+        CommandOutput::Pong {
+            unix_millis,
+            quic_rtt_micros,
+        } => json!({
+            "agent_clock_unix_ms": unix_millis,
+            "clock_offset_ms": unix_millis as f64 - (now_unix_ms() - round_trip_ms / 2.0),
+            "quic_rtt_ms": quic_rtt_micros.map(|us| us as f64 / 1000.0),
+        }),
+        CommandOutput::Stats(stats) => json!(stats),
+        CommandOutput::Reconnecting => json!({ "reconnecting": true }),
+        CommandOutput::Reloaded {
+            applied,
+            need_restart,
+        } => json!({ "applied": applied, "need_restart": need_restart }),
+        CommandOutput::Restarting(how) => json!({ "restarting": how }),
+    };
+    Ok(Json(json!({
+        "agent": id,
+        "command": name,
+        "round_trip_ms": round_trip_ms,
+        "result": result,
+    })))
+}
+
+fn now_unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+async fn streams(State(shared): State<Arc<Shared>>) -> ApiResult {
+    use std::sync::atomic::Ordering::Relaxed;
+    let list: Vec<Value> = shared
+        .registry
+        .watchers()
+        .iter()
+        .map(|w| {
+            let (method, path) = w.request.get().cloned().unzip();
+            json!({
+                "id": w.id,
+                "camera": w.camera,
+                "watcher": w.peer.to_string(),
+                "method": method,
+                "path": path,
+                "bytes_from_watcher": w.bytes.from_tcp.load(Relaxed),
+                "bytes_to_watcher": w.bytes.to_tcp.load(Relaxed),
+                "age_secs": w.opened.elapsed().as_secs_f64(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "streams": list })))
+}
+
+async fn tunnels(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let mut list = Vec::new();
+    for id in all_ids(&shared) {
+        list.push(tunnel_view(&shared, &id).await);
+    }
+    Ok(Json(json!({ "tunnels": list })))
+}
+
+async fn tunnel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+    known(&shared, &id)?;
+    Ok(Json(tunnel_view(&shared, &id).await))
+}
+
+/// The fields of the older tunnel server's listing.
+async fn tunnel_view(shared: &Shared, id: &str) -> Value {
+    let metrics = shared.registry.metrics().camera(id);
+    let transferred = metrics.to_camera.get() + metrics.to_watcher.get();
+    let Some(session) = shared.registry.get(id) else {
+        return json!({
+            "id": id,
+            "status": "offline",
+            "local_port": shared.registry.assigned_port(id).await,
+            "remote_port": null,
+            "bytes_transferred": transferred,
+            "connections": metrics.sessions_total.get(),
+            "uptime_secs": null,
+        });
+    };
+    let status = if session.current_tunnel().is_some() {
+        "online"
+    } else {
+        "connecting"
+    };
+    json!({
+        "id": id,
+        "status": status,
+        "local_port": session.port,
+        "remote_port": session.camera.rtsp_port,
+        "bytes_transferred": transferred,
+        "connections": metrics.sessions_total.get(),
+        "active_connections": metrics.sessions.get(),
+        "uptime_secs": session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
+    })
+}
+
+async fn restart_tunnel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+    let session = online(&shared, &id)?;
+    let Some(conn) = session.current_tunnel() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("agent {id:?} has no tunnel up right now; it is dialing already"),
+        ));
+    };
+    let ended = shared
+        .registry
+        .watchers()
+        .iter()
+        .filter(|w| w.camera == id)
+        .count();
+    tracing::info!(agent = %id, sessions = ended, "tunnel restarted by an operator");
+    conn.close(
+        quinn::VarInt::from_u32(CLOSE_RESTARTED),
+        b"restarted by an operator",
+    );
+    Ok(Json(json!({ "agent": id, "closed_sessions": ended })))
+}
