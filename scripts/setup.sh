@@ -8,7 +8,8 @@
 # - the Watchers: ffprobe/ffmpeg, and GStreamer's rtspsrc (gst-launch-1.0, with the
 #   libav decoders);
 # - the test network: iproute2 (network namespaces, veth), iptables (the NAT router
-#   in front of the cameras' LANs) and curl (a client of the relay's HTTP side).
+#   in front of the cameras' LANs) and curl (a client of the relay's HTTP side);
+# - promtool, from the prometheus package, to check the relay's metrics.
 # It runs apt only when something is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -46,6 +47,11 @@ if ! have_camera_sim || ! have_watchers; then
 fi
 if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v curl >/dev/null; then
   missing+=(iproute2 iptables curl)
+fi
+# promtool (checks the relay's /metrics in the tests) ships in Debian's prometheus
+# package; without systemd nothing of it is started.
+if ! command -v promtool >/dev/null; then
+  missing+=(prometheus)
 fi
 if ! command -v cargo >/dev/null; then
   missing+=("rustc-web=$RUST_VERSION" "cargo-web=$RUST_VERSION"

@@ -214,6 +214,47 @@ async fn agents_streams_and_tunnels_describe_live_sessions() {
     );
     assert_eq!(api.get("/tunnels/cam-off").await["status"], "offline");
 
+    // The metrics of this live relay pass promtool's checks and carry every family.
+    let exposition = api.call("GET", "/metrics", None).await;
+    assert_eq!(exposition.status, 200);
+    let mut promtool = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; make test installs it)");
+    let mut stdin = promtool.stdin.take().unwrap();
+    stdin.write_all(exposition.body.as_bytes()).await.unwrap();
+    drop(stdin);
+    let checked = promtool.wait_with_output().await.unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        checked.status.success() && complaints.trim().is_empty(),
+        "promtool: {complaints}"
+    );
+    for family in [
+        "camera_relay_agents_online 1",
+        "camera_relay_registrations_total{result=\"accepted\"} 1",
+        "camera_relay_control_messages_total{type=\"heartbeat\"}",
+        "camera_relay_watcher_sessions{camera=\"cam-1\"} 1",
+        "camera_relay_session_setup_seconds_count 1",
+        "camera_relay_heartbeat_age_seconds{agent=\"cam-1\"}",
+        "camera_relay_quic_rtt_seconds{agent=\"cam-1\"}",
+        "camera_relay_quic_congestion_window_bytes{agent=\"cam-1\"}",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(
+            exposition.body.contains(family),
+            "{family} missing:\n{}",
+            exposition.body
+        );
+    }
+
     // Unknown ids are 404 everywhere, as JSON.
     for path in ["/agents/nobody", "/tunnels/nobody"] {
         let reply = api.call("GET", path, None).await;

@@ -17,6 +17,7 @@ use common::protocol::{Command, CommandOutput};
 use serde_json::{json, Value};
 
 use crate::{
+    metrics::LiveAgent,
     registry::{AgentSession, CommandError},
     Shared,
 };
@@ -98,13 +99,31 @@ pub(crate) async fn require_operator(
 
 /// `GET /metrics`: the Prometheus text exposition.
 pub(crate) async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let online = shared.registry.sessions().len();
+    let online: Vec<LiveAgent> = shared
+        .registry
+        .sessions()
+        .iter()
+        .map(|session| LiveAgent {
+            id: session.id.clone(),
+            heartbeat_age_secs: session.last_heartbeat().map_or_else(
+                || {
+                    session
+                        .registered_at
+                        .elapsed()
+                        .unwrap_or_default()
+                        .as_secs_f64()
+                },
+                |(at, _)| at.elapsed().as_secs_f64(),
+            ),
+            quic: session.current_tunnel().map(|conn| conn.stats()),
+        })
+        .collect();
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        shared.registry.metrics().render(online),
+        shared.registry.metrics().render(&online),
     )
 }
 

@@ -117,7 +117,7 @@ async fn serve(
         Ok(AgentMessage::Register(register)) => register,
         Ok(_) => {
             let rejection = Rejection::Invalid("the first message must be Register".into());
-            return refuse(&mut socket, rejection).await;
+            return refuse_counted(&shared, &mut socket, rejection).await;
         }
         Err(e) => match peek_register_version(&first) {
             Some(agent) if agent != PROTOCOL_VERSION => {
@@ -126,7 +126,7 @@ async fn serve(
                     min: MIN_PROTOCOL_VERSION,
                     max: PROTOCOL_VERSION,
                 };
-                return refuse(&mut socket, rejection).await;
+                return refuse_counted(&shared, &mut socket, rejection).await;
             }
             _ => {
                 tracing::warn!("dropping control connection: undecodable first message: {e}");
@@ -134,13 +134,19 @@ async fn serve(
             }
         },
     };
+    shared
+        .registry
+        .metrics()
+        .control_messages_total
+        .with_label_values(&["register"])
+        .inc();
     tracing::Span::current().record("id", register.agent_id.as_str());
     if let Some(path_id) = path_id.filter(|id| *id != register.agent_id) {
         let why = format!(
             "URL names agent {path_id:?} but Register names {:?}",
             register.agent_id
         );
-        return refuse(&mut socket, Rejection::Invalid(why)).await;
+        return refuse_counted(&shared, &mut socket, Rejection::Invalid(why)).await;
     }
 
     if let Err(wait) = shared.throttle.check(peer.ip(), std::time::Instant::now()) {
@@ -149,7 +155,7 @@ async fn serve(
             why: "too many failed registrations from this address (limits.failed_registrations)"
                 .into(),
         };
-        return refuse(&mut socket, rejection).await;
+        return refuse_counted(&shared, &mut socket, rejection).await;
     }
     let admitted = shared
         .registry
@@ -158,6 +164,7 @@ async fn serve(
     let (session, listener) = match admitted {
         Ok(admitted) => {
             shared.throttle.succeeded(peer.ip());
+            count_registration(&shared, "accepted");
             admitted
         }
         Err(rejection) => {
@@ -177,7 +184,7 @@ async fn serve(
                     );
                 }
             }
-            return refuse(&mut socket, rejection).await;
+            return refuse_counted(&shared, &mut socket, rejection).await;
         }
     };
     let listener_task = shared.tracker.spawn(
@@ -195,7 +202,13 @@ async fn serve(
     let end = match send(&mut socket, &registered(&shared, &session)).await {
         Ok(()) => {
             log_registered(&register, &session);
-            run_session(&mut socket, &session, limits.missed_heartbeats).await
+            run_session(
+                &mut socket,
+                &session,
+                limits.missed_heartbeats,
+                shared.registry.metrics(),
+            )
+            .await
         }
         Err(why) => End::Lost(why),
     };
@@ -247,6 +260,7 @@ async fn run_session(
     socket: &mut WebSocket,
     session: &AgentSession,
     missed_heartbeats: u32,
+    metrics: &crate::metrics::Metrics,
 ) -> End {
     let timeout = session.heartbeat_interval * missed_heartbeats;
     let mut deadline = Instant::now() + timeout;
@@ -283,7 +297,18 @@ async fn run_session(
             Err(Disconnect::Closed(why)) => return End::Lost(why),
             Err(Disconnect::Garbage(why)) => return End::Violation(why),
         };
-        match decode_control::<AgentMessage>(&bytes) {
+        let decoded = decode_control::<AgentMessage>(&bytes);
+        let kind = match &decoded {
+            Ok(AgentMessage::Heartbeat(_)) => "heartbeat",
+            Ok(AgentMessage::CommandResult { .. }) => "command_result",
+            Ok(AgentMessage::Register(_)) => "register",
+            Err(_) => "undecodable",
+        };
+        metrics
+            .control_messages_total
+            .with_label_values(&[kind])
+            .inc();
+        match decoded {
             Ok(AgentMessage::Heartbeat(stats)) => {
                 session.heartbeat(stats);
                 deadline = Instant::now() + timeout;
@@ -358,6 +383,36 @@ async fn send(socket: &mut WebSocket, msg: &RelayMessage) -> Result<(), String> 
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("send failed: {e}")),
         Err(_) => Err(format!("send blocked for {SEND_TIMEOUT:?}")),
+    }
+}
+
+async fn refuse_counted(shared: &Shared, socket: &mut WebSocket, rejection: Rejection) {
+    count_registration(shared, rejection_label(&rejection));
+    refuse(socket, rejection).await;
+}
+
+/// Counts a registration's result (a bounded set of labels).
+fn count_registration(shared: &Shared, result: &str) {
+    shared
+        .registry
+        .metrics()
+        .registrations_total
+        .with_label_values(&[result])
+        .inc();
+}
+
+/// The metric label of a refusal.
+fn rejection_label(rejection: &Rejection) -> &'static str {
+    match rejection {
+        Rejection::BadToken => "bad_token",
+        Rejection::UnknownAgent(_) => "unknown_agent",
+        Rejection::UnsupportedVersion { .. } => "unsupported_version",
+        Rejection::PortTaken { .. }
+        | Rejection::PortNotAllowed { .. }
+        | Rejection::NoFreePort { .. } => "port",
+        Rejection::Invalid(_) => "invalid",
+        Rejection::CertificateRequired | Rejection::CertificateMismatch(_) => "certificate",
+        Rejection::RetryLater { .. } => "retry_later",
     }
 }
 

@@ -108,7 +108,7 @@ pub(crate) async fn serve_shared(
 async fn accept_watchers<F, Fut>(
     listener: &TcpListener,
     stop: impl Future<Output = ()>,
-    registry: &Registry,
+    registry: &Arc<Registry>,
     tracker: &TaskTracker,
     mut serve: F,
 ) where
@@ -136,9 +136,17 @@ async fn accept_watchers<F, Fut>(
             camera = tracing::field::Empty
         );
         let work = serve(tcp, connection_id);
+        let registry = registry.clone();
         tracker.spawn(
             async move {
                 if let Err(e) = work.await {
+                    if let Some(reason) = failure_reason(&e) {
+                        registry
+                            .metrics()
+                            .stream_open_failures_total
+                            .with_label_values(&[reason])
+                            .inc();
+                    }
                     log_watcher_error(&e);
                 }
             }
@@ -308,6 +316,34 @@ fn log_watcher_error(e: &anyhow::Error) {
         Some(refused) => tracing::warn!("Watcher connection closed: {refused}"),
         None if is_expected_end(e) => tracing::debug!("Watcher connection ended: {e:#}"),
         None => tracing::warn!("Watcher connection failed: {e:#}"),
+    }
+}
+
+/// Why a Watcher connection never reached the camera, as a metric label; `None` for
+/// the ends of connections that did.
+fn failure_reason(e: &anyhow::Error) -> Option<&'static str> {
+    if let Some(refused) = e
+        .downcast_ref::<io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<StreamRefused>())
+    {
+        return Some(match refused.0 {
+            StreamStatus::Refused(_) => "camera_refused",
+            StreamStatus::TimedOut(_) => "camera_timeout",
+            StreamStatus::NotAllowed(_) => "not_allowed",
+            StreamStatus::Failed(_) | StreamStatus::Connected => "agent_failed",
+        });
+    }
+    let text = format!("{e:#}");
+    if text.contains("limits.max_streams_per_camera") {
+        Some("stream_limit")
+    } else if text.contains("tunnel did not come up") || text.contains("no stream could be opened")
+    {
+        Some("no_tunnel")
+    } else if text.contains("limits.stream_answer_timeout_secs") {
+        Some("agent_timeout")
+    } else {
+        None
     }
 }
 

@@ -26,6 +26,26 @@ pub struct Metrics {
     media_stalls_total: IntCounterVec,
     rtp_jitter_seconds: GaugeVec,
     first_keyframe_seconds: HistogramVec,
+    /// Registrations by result (`accepted`, or the refusal's kind).
+    pub registrations_total: IntCounterVec,
+    /// Control messages received, by type.
+    pub control_messages_total: IntCounterVec,
+    /// Watcher connections that never reached the camera, by reason.
+    pub stream_open_failures_total: IntCounterVec,
+    /// From a Watcher's connect to the first byte back from the camera.
+    pub session_setup_seconds: Histogram,
+}
+
+/// What the relay knows of an online agent at scrape time; its series exist only
+/// while it is online, so a gone agent leaves no stale value behind.
+#[derive(Debug)]
+pub struct LiveAgent {
+    /// Agent id.
+    pub id: String,
+    /// Seconds since its last heartbeat (or registration).
+    pub heartbeat_age_secs: f64,
+    /// Its QUIC connection's path statistics, if the tunnel is up.
+    pub quic: Option<quinn::ConnectionStats>,
 }
 
 /// One camera's series, resolved once per agent session so the media path only touches
@@ -48,12 +68,18 @@ pub struct CameraMetrics {
     stalls: IntCounter,
     jitter: Gauge,
     first_keyframe: Histogram,
+    /// The relay-wide session setup histogram.
+    pub session_setup: Histogram,
 }
 
 impl Metrics {
     /// Creates and registers every series.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("camera_relay".into()), None)?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let camera = &["camera"];
         let counter = |name: &str, help: &str| {
             registered(
@@ -132,6 +158,46 @@ impl Metrics {
                     camera,
                 )?,
             )?,
+            registrations_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "registrations_total",
+                        "Agent registrations by result: accepted, or the kind of refusal.",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            control_messages_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "control_messages_total",
+                        "Control-link messages received from agents, by type.",
+                    ),
+                    &["type"],
+                )?,
+            )?,
+            stream_open_failures_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "stream_open_failures_total",
+                        "Watcher connections that never reached the camera, by reason.",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
+            session_setup_seconds: registered(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "session_setup_seconds",
+                        "From a Watcher's TCP connect to the first byte back from the camera.",
+                    )
+                    .buckets(exponential_buckets(0.001, 2.0, 14)?),
+                )?,
+            )?,
             registry,
         })
     }
@@ -156,21 +222,69 @@ impl Metrics {
             stalls: self.media_stalls_total.with_label_values(l),
             jitter: self.rtp_jitter_seconds.with_label_values(l),
             first_keyframe: self.first_keyframe_seconds.with_label_values(l),
+            session_setup: self.session_setup_seconds.clone(),
         }
     }
 
-    /// The text exposition, with `agents_online` as given.
-    pub fn render(&self, agents_online: usize) -> String {
+    /// The text exposition, with the online agents' live series added.
+    pub fn render(&self, online: &[LiveAgent]) -> String {
         self.agents_online
-            .set(i64::try_from(agents_online).unwrap_or(i64::MAX));
+            .set(i64::try_from(online.len()).unwrap_or(i64::MAX));
+        let mut families = self.registry.gather();
+        match live_series(online) {
+            Ok(live) => families.extend(live.gather()),
+            Err(e) => tracing::warn!("building per-agent metrics failed: {e}"),
+        }
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
         // Encoding into a Vec fails only on a malformed metric family, which the typed
         // constructors above cannot make.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::warn!("encoding metrics failed: {e}");
         }
         String::from_utf8_lossy(&out).into_owned()
     }
+}
+
+/// Per-agent series that exist only while the agent is online, built per scrape.
+fn live_series(online: &[LiveAgent]) -> Result<Registry, prometheus::Error> {
+    let registry = Registry::new_custom(Some("camera_relay".into()), None)?;
+    let agent = &["agent"];
+    let gauge = |name: &str, help: &str| {
+        registered(&registry, GaugeVec::new(Opts::new(name, help), agent)?)
+    };
+    let age = gauge(
+        "heartbeat_age_seconds",
+        "Seconds since each online agent's last heartbeat.",
+    )?;
+    let rtt = gauge(
+        "quic_rtt_seconds",
+        "Smoothed QUIC round-trip time to each agent.",
+    )?;
+    let cwnd = gauge(
+        "quic_congestion_window_bytes",
+        "QUIC congestion window towards each agent.",
+    )?;
+    let lost = registered(
+        &registry,
+        IntCounterVec::new(
+            Opts::new(
+                "quic_lost_packets_total",
+                "QUIC packets lost towards each agent on its current connection.",
+            ),
+            agent,
+        )?,
+    )?;
+    for live in online {
+        let l = &[live.id.as_str()];
+        age.with_label_values(l).set(live.heartbeat_age_secs);
+        if let Some(stats) = &live.quic {
+            rtt.with_label_values(l).set(stats.path.rtt.as_secs_f64());
+            cwnd.with_label_values(l).set(stats.path.cwnd as f64);
+            lost.with_label_values(l).inc_by(stats.path.lost_packets);
+        }
+    }
+    Ok(registry)
 }
 
 /// `collector`, registered with `registry`.
@@ -238,7 +352,11 @@ mod tests {
             .report(&MediaStats::default(), &first);
         cam.to_watcher.inc_by(5);
 
-        let text = metrics.render(1);
+        let text = metrics.render(&[LiveAgent {
+            id: "cam-1".into(),
+            heartbeat_age_secs: 1.5,
+            quic: None,
+        }]);
         for line in [
             "camera_relay_agents_online 1",
             "camera_relay_rtp_packets_total{camera=\"cam-1\"} 35",
@@ -249,6 +367,7 @@ mod tests {
             "camera_relay_rtp_jitter_seconds{camera=\"cam-1\"} 0.002",
             "camera_relay_first_keyframe_seconds_count{camera=\"cam-1\"} 2",
             "camera_relay_watcher_bytes_total{camera=\"cam-1\",direction=\"to_watcher\"} 5",
+            "camera_relay_heartbeat_age_seconds{agent=\"cam-1\"} 1.5",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

@@ -280,6 +280,7 @@ impl Tally<'_> {
 /// [`REPORT_EVERY`] while packets flow, at every stall, and at the end.
 struct Media<'a> {
     meter: MediaMeter,
+    started: Instant,
     metrics: &'a CameraMetrics,
     reported: MediaStats,
     next_report: Instant,
@@ -289,6 +290,7 @@ impl<'a> Media<'a> {
     fn new(started: Instant, metrics: &'a CameraMetrics) -> Self {
         Media {
             meter: MediaMeter::new(started),
+            started,
             metrics,
             reported: MediaStats::default(),
             next_report: started + REPORT_EVERY,
@@ -301,6 +303,13 @@ impl<'a> Media<'a> {
             self.report();
             self.next_report = now + REPORT_EVERY;
         }
+    }
+
+    /// The camera's first byte goes to the Watcher: the session is set up.
+    fn first_byte(&self) {
+        self.metrics
+            .session_setup
+            .observe(self.started.elapsed().as_secs_f64());
     }
 
     fn on_stall(&mut self) {
@@ -467,6 +476,9 @@ where
             }
         }
         if !out.is_empty() {
+            if total == 0 {
+                media.first_byte();
+            }
             watcher.write_all(&out).await?;
             total += out.len() as u64;
             tally.add(out.len());
