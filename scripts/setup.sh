@@ -9,7 +9,8 @@
 #   libav decoders);
 # - the test network: iproute2 (network namespaces, veth), iptables (the NAT router
 #   in front of the cameras' LANs) and curl (a client of the relay's HTTP side);
-# - promtool, from the prometheus package, to check the relay's metrics.
+# - promtool, from the prometheus package, to check the relay's metrics, and Python's
+#   jsonschema and yaml, to check the API's responses against its OpenAPI document.
 # It runs apt only when something is missing, so a second run costs nothing.
 set -euo pipefail
 
@@ -52,6 +53,10 @@ fi
 # package; without systemd nothing of it is started.
 if ! command -v promtool >/dev/null; then
   missing+=(prometheus)
+fi
+# The API's responses are checked against docs/api.yaml with jsonschema.
+if ! /usr/bin/python3 -c "import jsonschema, yaml" 2>/dev/null; then
+  missing+=(python3-jsonschema python3-yaml)
 fi
 if ! command -v cargo >/dev/null; then
   missing+=("rustc-web=$RUST_VERSION" "cargo-web=$RUST_VERSION"

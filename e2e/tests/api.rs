@@ -381,3 +381,117 @@ async fn commands_reach_the_agent_and_act_on_it() {
     assert_eq!(silent.status, 504, "{}", silent.body);
     api.relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_match_the_openapi_document() {
+    let first = free_port_run(4);
+    let api = Api::start(first, 1.0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut json = agent_config_json("cam-1", &api.relay.url(), "api-token", first, echo().await);
+    let mut agent = agent_from_file(dir.path(), &json);
+    let port = agent.online().await.unwrap();
+    let mut watcher = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    watcher
+        .write_all(b"DESCRIBE rtsp://127.0.0.1/cam/realmonitor RTSP/1.0\r\nCSeq: 2\r\n\r\n")
+        .await
+        .unwrap();
+    api.until("/agents/cam-1", |a| a["stats"]["active_sessions"] == 1)
+        .await;
+
+    let mut samples = Vec::new();
+    let mut record = |method: &str, template: &str, reply: HttpReply| {
+        samples.push(serde_json::json!({
+            "method": method, "path": template, "status": reply.status, "body": reply.body,
+        }));
+    };
+    let url = |path: &str| format!("http://{}{path}", api.relay.control);
+    record(
+        "GET",
+        "/health",
+        http(&Place::host(), "GET", &url("/health"), None, None)
+            .await
+            .unwrap(),
+    );
+    record(
+        "GET",
+        "/agents",
+        http(&Place::host(), "GET", &url("/agents"), None, None)
+            .await
+            .unwrap(),
+    );
+    for (path, template) in [
+        ("/agents", "/agents"),
+        ("/agents/cam-1", "/agents/{id}"),
+        ("/agents/cam-off", "/agents/{id}"),
+        ("/agents/nobody", "/agents/{id}"),
+        ("/streams", "/streams"),
+        ("/tunnels", "/tunnels"),
+        ("/tunnels/cam-1", "/tunnels/{id}"),
+        ("/tunnels/cam-off", "/tunnels/{id}"),
+        ("/tunnels/nobody", "/tunnels/{id}"),
+        ("/metrics", "/metrics"),
+    ] {
+        record("GET", template, api.call("GET", path, None).await);
+    }
+    let control = "/agents/{id}/control";
+    for (id, command) in [
+        ("cam-1", "ping"),
+        ("cam-1", "stats"),
+        ("cam-1", "explode"),
+        ("nobody", "ping"),
+        ("cam-off", "ping"),
+    ] {
+        record("POST", control, api.command(id, command).await);
+    }
+    std::fs::write(dir.path().join("config.json"), "{ broken").unwrap();
+    record("POST", control, api.command("cam-1", "reload_config").await);
+    json["streaming"]["stream_paths"] = serde_json::json!(["/x"]);
+    std::fs::write(dir.path().join("config.json"), json.to_string()).unwrap();
+    record("POST", control, api.command("cam-1", "reload_config").await);
+    reconnected(&mut agent, 1).await;
+    record(
+        "POST",
+        "/tunnels/{id}/restart",
+        api.call("POST", "/tunnels/cam-off/restart", None).await,
+    );
+    record(
+        "POST",
+        "/tunnels/{id}/restart",
+        api.call("POST", "/tunnels/cam-1/restart", None).await,
+    );
+    reconnected(&mut agent, 2).await;
+    record("POST", control, api.command("cam-1", "reconnect").await);
+    reconnected(&mut agent, 3).await;
+    record("POST", control, api.command("cam-1", "restart").await);
+    assert_eq!(agent.join().await, Some(Exit::Restart));
+    let mut mute = e2e::ControlClient::connect(&api.relay.url()).await.unwrap();
+    mute.register(
+        "mute",
+        "api-token",
+        common::protocol::PROTOCOL_VERSION,
+        0,
+        30,
+    )
+    .await
+    .unwrap();
+    mute.next().await.unwrap();
+    record("POST", control, api.command("mute", "ping").await);
+
+    let file = dir.path().join("samples.json");
+    std::fs::write(&file, serde_json::to_vec(&samples).unwrap()).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let checked = tokio::process::Command::new("/usr/bin/python3")
+        .arg(root.join("openapi_check.py"))
+        .arg(root.join("../docs/api.yaml"))
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(checked.status.success(), "{report}");
+    api.relay.stop().await.unwrap();
+}
