@@ -101,6 +101,25 @@ async fn reconnected(agent: &mut AgentHandle, n: u64) -> u16 {
     agent.online().await.unwrap()
 }
 
+/// A registered agent "mute" that never answers a command.
+async fn mute_agent(api: &Api) -> e2e::ControlClient {
+    let mut mute = e2e::ControlClient::connect(&api.relay.url()).await.unwrap();
+    mute.register(
+        "mute",
+        "api-token",
+        common::protocol::PROTOCOL_VERSION,
+        0,
+        30,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        mute.next().await.unwrap(),
+        Some(common::protocol::RelayMessage::Registered(_))
+    ));
+    mute
+}
+
 /// An echo server standing in for the camera; returns its port.
 async fn echo() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -363,20 +382,7 @@ async fn commands_reach_the_agent_and_act_on_it() {
     assert_eq!(agent.join().await, Some(Exit::Restart));
 
     // An agent that never answers: 504 after limits.command_timeout_secs.
-    let mut mute = e2e::ControlClient::connect(&api.relay.url()).await.unwrap();
-    mute.register(
-        "mute",
-        "api-token",
-        common::protocol::PROTOCOL_VERSION,
-        0,
-        30,
-    )
-    .await
-    .unwrap();
-    assert!(matches!(
-        mute.next().await.unwrap(),
-        Some(common::protocol::RelayMessage::Registered(_))
-    ));
+    let _mute = mute_agent(&api).await;
     let silent = api.command("mute", "ping").await;
     assert_eq!(silent.status, 504, "{}", silent.body);
     api.relay.stop().await.unwrap();
@@ -464,17 +470,7 @@ async fn responses_match_the_openapi_document() {
     reconnected(&mut agent, 3).await;
     record("POST", control, api.command("cam-1", "restart").await);
     assert_eq!(agent.join().await, Some(Exit::Restart));
-    let mut mute = e2e::ControlClient::connect(&api.relay.url()).await.unwrap();
-    mute.register(
-        "mute",
-        "api-token",
-        common::protocol::PROTOCOL_VERSION,
-        0,
-        30,
-    )
-    .await
-    .unwrap();
-    mute.next().await.unwrap();
+    let _mute = mute_agent(&api).await;
     record("POST", control, api.command("mute", "ping").await);
 
     let file = dir.path().join("samples.json");
