@@ -426,6 +426,13 @@ impl Child {
         self.child.id()
     }
 
+    /// Waits (up to [`READY_TIMEOUT`]) for the process to exit by itself.
+    pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(READY_TIMEOUT, self.child.wait())
+            .await
+            .with_context(|| format!("{} did not exit", self.name))??)
+    }
+
     /// Sends SIGKILL and waits for the process to go.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.child.kill().await?;

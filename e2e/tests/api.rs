@@ -491,3 +491,44 @@ async fn responses_match_the_openapi_document() {
     assert!(checked.status.success(), "{report}");
     api.relay.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_re_executes_the_real_agent_or_exits_for_its_supervisor() {
+    let rig = e2e::ProcessRig::start(&[], "cam-restart").await.unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/agents/cam-restart/control",
+        rig.relay_port
+    );
+    let restart = r#"{"command": "restart"}"#;
+    // No admin token on this relay: operators on this host are let in.
+    let mut agent = e2e::AgentProcess::start("agent", &rig.config)
+        .await
+        .unwrap();
+    let reply = http(&Place::host(), "POST", &url, None, Some(restart))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // Same process id (exec keeps it), a fresh start, online again.
+    let pid = agent.process.pid();
+    agent
+        .process
+        .wait_for_line("restarting: exec")
+        .await
+        .unwrap();
+    agent.online(2).await.unwrap();
+    assert_eq!(agent.process.pid(), pid);
+    assert_eq!(agent.process.count_lines("camera-agent starting"), 2);
+    drop(agent);
+
+    let mut config = rig.config.clone();
+    config["agent"]["restart"] = "exit".into();
+    let mut supervised = e2e::AgentProcess::start("supervised", &config)
+        .await
+        .unwrap();
+    let reply = http(&Place::host(), "POST", &url, None, Some(restart))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let status = supervised.process.wait().await.unwrap();
+    assert_eq!(status.code(), Some(75), "EX_TEMPFAIL for the supervisor");
+}
