@@ -499,15 +499,18 @@ async fn restart_re_executes_the_real_agent_or_exits_for_its_supervisor() {
         "http://127.0.0.1:{}/agents/cam-restart/control",
         rig.relay_port
     );
-    let restart = r#"{"command": "restart"}"#;
     // No admin token on this relay: operators on this host are let in.
+    let restart = || async {
+        let body = r#"{"command": "restart"}"#;
+        let reply = http(&Place::host(), "POST", &url, None, Some(body))
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    };
     let mut agent = e2e::AgentProcess::start("agent", &rig.config)
         .await
         .unwrap();
-    let reply = http(&Place::host(), "POST", &url, None, Some(restart))
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    restart().await;
     // Same process id (exec keeps it), a fresh start, online again.
     let pid = agent.process.pid();
     agent
@@ -525,10 +528,7 @@ async fn restart_re_executes_the_real_agent_or_exits_for_its_supervisor() {
     let mut supervised = e2e::AgentProcess::start("supervised", &config)
         .await
         .unwrap();
-    let reply = http(&Place::host(), "POST", &url, None, Some(restart))
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.body);
+    restart().await;
     let status = supervised.process.wait().await.unwrap();
     assert_eq!(status.code(), Some(75), "EX_TEMPFAIL for the supervisor");
 }
