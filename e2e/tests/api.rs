@@ -532,3 +532,35 @@ async fn restart_re_executes_the_real_agent_or_exits_for_its_supervisor() {
     let status = supervised.process.wait().await.unwrap();
     assert_eq!(status.code(), Some(75), "EX_TEMPFAIL for the supervisor");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_token_only_local_clients_are_operators() {
+    // A relay with no admin token on a real (namespaced) network: a client from another
+    // address is refused with 403; /health stays open.
+    let lab = e2e::Lab::new(1).unwrap();
+    let relay_side = lab.relay();
+    let relay = e2e::RelayProcess::start_in(
+        &relay_side,
+        e2e::netns::RELAY_IP,
+        8080,
+        8554,
+        "lab-token",
+        &[],
+    )
+    .await
+    .unwrap();
+    let url = |path: &str| format!("http://{}:8080{path}", e2e::netns::RELAY_IP);
+    let refused = http(&relay_side, "GET", &url("/agents"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert!(refused.json().unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("admin_token"));
+    let health = http(&relay_side, "GET", &url("/health"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(health.status, 200);
+    drop(relay);
+}
