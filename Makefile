@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all setup build demo test lint fuzz clean
+.PHONY: all setup build demo test lint fuzz firmware clean
 
 all: build
 
@@ -34,6 +34,12 @@ fuzz:
 	  RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target fuzz/corpus/$$target -- \
 	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
 	done
+
+## The camera package: make firmware CAMERA=dahua-2449s-il [RELAY_URL=… AGENT_ID=…
+## TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=…]; without CAMERA it lists the known models.
+firmware:
+	@CAMERA="$(CAMERA)" RELAY_URL="$(RELAY_URL)" AGENT_ID="$(AGENT_ID)" TOKEN="$(TOKEN)" \
+	  CA="$(CA)" AGENT_CERT="$(AGENT_CERT)" AGENT_KEY="$(AGENT_KEY)" ./scripts/firmware.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
