@@ -17,9 +17,11 @@ build: setup
 demo: build
 	$(CARGO) run --quiet --locked -p e2e --bin demo
 
-## Every test: unit, byte-exact echo, real RTSP end to end, reconnects, bad input.
-## The e2e tests start the real binaries, so they are built first.
+## Every test: unit, byte-exact echo, real RTSP end to end, reconnects, bad input, and
+## the camera package on an emulated ARM camera. The e2e tests start the real binaries
+## and the package, so they are built first.
 test: build
+	@CAMERA=dahua-2449s-il ./scripts/firmware.sh
 	$(CARGO) test --workspace --locked
 
 ## Fuzz the control-message and stream-header decoders, FUZZ_SECONDS each, growing the

@@ -83,6 +83,19 @@ if [ ! -d "$SYSROOT/lib/rustlib/$TARGET/lib" ]; then
   cp -a "$work/root/usr/lib/rustlib/$TARGET" "$SYSROOT/lib/rustlib/$TARGET"
 fi
 
+# 5. For the package test in `make test`: Debian's static busybox for the target, the
+#    userland of a minimal emulated camera root.
+BUSYBOX="$TOOLCHAIN_DIR/busybox-static_$ARCH.deb"
+if [ ! -f "$BUSYBOX" ]; then
+  log "fetching busybox-static:$ARCH for the emulated camera root"
+  apt_update
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download -q "busybox-static:$ARCH" >&2)
+  mkdir -p "$TOOLCHAIN_DIR"
+  mv "$work"/busybox-static_*.deb "$BUSYBOX"
+  rm -rf "$work"
+fi
+
 triple_env=$(echo "$TARGET" | tr 'a-z-' 'A-Z_')
 cat <<EOF
 export RUSTC=/usr/bin/rustc

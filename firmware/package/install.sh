@@ -1,14 +1,31 @@
 #!/bin/sh
-# Installs camera-agent on the camera. POSIX sh; runs under busybox ash.
-#   sh install.sh            install to @PREFIX@
-#   sh install.sh /other/dir install elsewhere
+# Installs camera-agent on the camera. POSIX sh for busybox ash, using only shell
+# builtins and busybox's no-exec applets (mkdir, cp, mv, chmod, rm), so it also runs in
+# an emulated root without binfmt_misc.
+#   sh install.sh                   install to @PREFIX@ and start the agent
+#   sh install.sh /other/dir        install elsewhere
+#   sh install.sh --no-start [DIR]  install only (e.g. into a camera image being built)
 # An existing config.json (and credentials) are kept, so this also upgrades.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
+case "$0" in */*) here=${0%/*} ;; *) here=. ;; esac
+here=$(cd "$here" && pwd)
+START=yes
+if [ "${1:-}" = "--no-start" ]; then START=no; shift; fi
 PREFIX=${1:-@PREFIX@}
 NAME=camera-agent
 
 echo "camera-agent @VERSION@ for @CAMERA@: installing to $PREFIX"
+# Directories this creates, deepest first, so uninstall.sh removes exactly those.
+created=""
+note_new_dirs() {
+  d=$1
+  while [ -n "$d" ] && [ ! -d "$d" ]; do
+    created="$created$d
+"
+    d=${d%/*}
+  done
+}
+note_new_dirs "$PREFIX"
 mkdir -p "$PREFIX"
 cp "$here/$NAME" "$PREFIX/$NAME.new"
 chmod 755 "$PREFIX/$NAME.new"
@@ -30,59 +47,59 @@ cp "$here/uninstall.sh" "$PREFIX/uninstall.sh"
 chmod 755 "$PREFIX/uninstall.sh"
 
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  cat > /etc/systemd/system/$NAME.service <<UNIT
-[Unit]
-Description=Camera tunnel agent
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-ExecStart=$PREFIX/$NAME --config $PREFIX/config.json
-Restart=always
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target
-UNIT
+  printf '%s\n' \
+    '[Unit]' \
+    'Description=Camera tunnel agent' \
+    'After=network-online.target' \
+    'Wants=network-online.target' \
+    '' \
+    '[Service]' \
+    "ExecStart=$PREFIX/$NAME --config $PREFIX/config.json" \
+    'Restart=always' \
+    'RestartSec=2' \
+    '' \
+    '[Install]' \
+    'WantedBy=multi-user.target' > /etc/systemd/system/$NAME.service
   systemctl daemon-reload
   systemctl enable $NAME >/dev/null 2>&1
-  systemctl restart $NAME
+  if [ "$START" = yes ]; then systemctl restart $NAME; fi
   echo "installed as the systemd service $NAME"
 else
-  # No systemd (busybox init): a supervisor that restarts the agent whenever it exits,
-  # started from an init script.
-  cat > "$PREFIX/supervise.sh" <<SUPERVISE
-#!/bin/sh
-# Keeps camera-agent running; restarts it 2 s after any exit.
-echo \$\$ > "$PREFIX/supervise.pid"
-trap 'kill \$child 2>/dev/null; rm -f "$PREFIX/supervise.pid"; exit 0' TERM INT
-while :; do
-  "$PREFIX/$NAME" --config "$PREFIX/config.json" &
-  child=\$!
-  wait \$child || true
-  sleep 2
-done
-SUPERVISE
+  # No systemd (busybox init): a supervisor restarts the agent 2 s after any exit; an
+  # init script starts and stops the supervisor.
+  printf '%s\n' \
+    '#!/bin/sh' \
+    '# Keeps camera-agent running; restarts it 2 s after any exit.' \
+    "echo \$\$ > \"$PREFIX/supervise.pid\"" \
+    "trap 'kill \$child 2>/dev/null; rm -f \"$PREFIX/supervise.pid\"; exit 0' TERM INT" \
+    'while :; do' \
+    "  \"$PREFIX/$NAME\" --config \"$PREFIX/config.json\" &" \
+    '  child=$!' \
+    '  wait $child || true' \
+    '  sleep 2' \
+    'done' > "$PREFIX/supervise.sh"
   chmod 755 "$PREFIX/supervise.sh"
-  initdir=/etc/init.d
-  mkdir -p "$initdir"
-  cat > "$initdir/S99$NAME" <<INIT
-#!/bin/sh
-# Starts and stops camera-agent's supervisor (installed by $PREFIX/uninstall.sh's twin).
-case "\$1" in
-  start)
-    if [ -f "$PREFIX/supervise.pid" ] && kill -0 "\$(cat "$PREFIX/supervise.pid")" 2>/dev/null; then exit 0; fi
-    nohup "$PREFIX/supervise.sh" >/dev/null 2>&1 &
-    ;;
-  stop)
-    if [ -f "$PREFIX/supervise.pid" ]; then kill "\$(cat "$PREFIX/supervise.pid")" 2>/dev/null || true; fi
-    ;;
-  restart) "\$0" stop; sleep 1; "\$0" start ;;
-  *) echo "usage: \$0 start|stop|restart"; exit 1 ;;
-esac
-INIT
-  chmod 755 "$initdir/S99$NAME"
-  "$initdir/S99$NAME" restart
-  echo "installed with the init script $initdir/S99$NAME (a supervisor restarts the agent)"
+  note_new_dirs /etc/init.d
+  mkdir -p /etc/init.d
+  printf '%s\n' \
+    '#!/bin/sh' \
+    "# camera-agent's supervisor; $PREFIX/uninstall.sh removes it." \
+    'case "$1" in' \
+    '  start)' \
+    "    if [ -f \"$PREFIX/supervise.pid\" ] && kill -0 \"\$(cat \"$PREFIX/supervise.pid\")\" 2>/dev/null; then exit 0; fi" \
+    "    nohup \"$PREFIX/supervise.sh\" >/dev/null 2>&1 &" \
+    '    ;;' \
+    '  stop)' \
+    "    if [ -f \"$PREFIX/supervise.pid\" ]; then kill \"\$(cat \"$PREFIX/supervise.pid\")\" 2>/dev/null || true; fi" \
+    '    ;;' \
+    '  restart) "$0" stop; sleep 1; "$0" start ;;' \
+    '  *) echo "usage: $0 start|stop|restart"; exit 1 ;;' \
+    'esac' > /etc/init.d/S99$NAME
+  chmod 755 /etc/init.d/S99$NAME
+  if [ "$START" = yes ]; then /etc/init.d/S99$NAME restart; fi
+  echo "installed with the init script /etc/init.d/S99$NAME (a supervisor restarts the agent)"
+fi
+if [ ! -f "$PREFIX/.created-dirs" ]; then
+  printf '%s' "$created" > "$PREFIX/.created-dirs"
 fi
 echo "done; edit $PREFIX/config.json if the relay or token is not set yet"

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Removes camera-agent: stops it, removes its service or init script and @PREFIX@
-# (config and credentials included). POSIX sh; runs under busybox ash.
+# (config and credentials included). POSIX sh for busybox ash.
 set -eu
 PREFIX=${1:-@PREFIX@}
 NAME=camera-agent
@@ -10,11 +10,16 @@ if command -v systemctl >/dev/null 2>&1 && [ -f /etc/systemd/system/$NAME.servic
   systemctl daemon-reload
 fi
 if [ -f /etc/init.d/S99$NAME ]; then
-  /etc/init.d/S99$NAME stop || true
+  /etc/init.d/S99$NAME stop 2>/dev/null || true
   rm -f /etc/init.d/S99$NAME
 fi
-# The supervisor may take a moment to reap the agent.
-i=0
-while [ -f "$PREFIX/supervise.pid" ] && [ $i -lt 20 ]; do sleep 0.2; i=$((i + 1)); done
+created=""
+if [ -f "$PREFIX/.created-dirs" ]; then
+  while IFS= read -r dir; do created="$created $dir"; done < "$PREFIX/.created-dirs"
+fi
 rm -rf "$PREFIX"
+# The directories install.sh created, deepest first, if nothing else lives there now.
+for dir in $created; do
+  rmdir "$dir" 2>/dev/null || true
+done
 echo "camera-agent removed"
