@@ -551,20 +551,19 @@ fn security(
                 "security.relay_fingerprint".to_string(),
             )
         }
-        (None, Some(file)) => {
-            let file = at(file);
-            let roots = tls::load_roots(&file)
-                .map_err(|e| field_error("security.ca_file", e.to_string()))?;
-            (RelayTrust::Ca(roots), file.display().to_string())
-        }
-        (None, None) => {
+        (None, file) => {
+            // Named, or ca.crt next to the config file if there is one.
             let default = dir.join("ca.crt");
-            if default.is_file() {
-                let roots = tls::load_roots(&default)
-                    .map_err(|e| field_error("security.ca_file", e.to_string()))?;
-                (RelayTrust::Ca(roots), default.display().to_string())
-            } else {
-                (RelayTrust::WebPki, "the public web PKI".to_string())
+            match file
+                .map(at)
+                .or_else(|| default.is_file().then_some(default))
+            {
+                Some(file) => {
+                    let roots = tls::load_roots(&file)
+                        .map_err(|e| field_error("security.ca_file", e.to_string()))?;
+                    (RelayTrust::Ca(roots), file.display().to_string())
+                }
+                None => (RelayTrust::WebPki, "the public web PKI".to_string()),
             }
         }
     };

@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use common::{
     protocol::{
         check_agent_id, decode_frame_prefix, write_frame, StreamOpen, StreamStatus, SERVICE_RTSP,
@@ -246,22 +245,17 @@ async fn carry(
     let active = ActiveStream::enter(session);
     if active.count > limits.max_streams_per_camera {
         reset_tcp(tcp);
-        anyhow::bail!(
-            "refused: camera already has {} Watcher connections (limits.max_streams_per_camera)",
-            limits.max_streams_per_camera
-        );
+        return Err(Unreached::StreamLimit(limits.max_streams_per_camera).into());
     }
     tracing::debug!(camera = %session.id, "Watcher connected");
 
-    let conn = session.tunnel(limits.tunnel_wait).await.with_context(|| {
-        format!(
-            "the camera's tunnel did not come up within {:?}",
-            limits.tunnel_wait
-        )
-    })?;
+    let conn = session
+        .tunnel(limits.tunnel_wait)
+        .await
+        .ok_or(Unreached::NoTunnel(limits.tunnel_wait))?;
     let (mut send, recv) = tokio::time::timeout(limits.tunnel_wait, conn.open_bi())
         .await
-        .context("no stream could be opened on the tunnel in time")??;
+        .map_err(|_| Unreached::NoStream)??;
     let header = StreamOpen {
         service: SERVICE_RTSP.to_string(),
         connection_id,
@@ -322,29 +316,23 @@ fn log_watcher_error(e: &anyhow::Error) {
 /// Why a Watcher connection never reached the camera, as a metric label; `None` for
 /// the ends of connections that did.
 fn failure_reason(e: &anyhow::Error) -> Option<&'static str> {
-    if let Some(refused) = e
-        .downcast_ref::<io::Error>()
-        .and_then(|io| io.get_ref())
-        .and_then(|inner| inner.downcast_ref::<StreamRefused>())
-    {
-        return Some(match refused.0 {
-            StreamStatus::Refused(_) => "camera_refused",
-            StreamStatus::TimedOut(_) => "camera_timeout",
-            StreamStatus::NotAllowed(_) => "not_allowed",
-            StreamStatus::Failed(_) | StreamStatus::Connected => "agent_failed",
+    if let Some(unreached) = e.downcast_ref::<Unreached>() {
+        return Some(match unreached {
+            Unreached::StreamLimit(_) => "stream_limit",
+            Unreached::NoTunnel(_) | Unreached::NoStream => "no_tunnel",
         });
     }
-    let text = format!("{e:#}");
-    if text.contains("limits.max_streams_per_camera") {
-        Some("stream_limit")
-    } else if text.contains("tunnel did not come up") || text.contains("no stream could be opened")
-    {
-        Some("no_tunnel")
-    } else if text.contains("limits.stream_answer_timeout_secs") {
-        Some("agent_timeout")
-    } else {
-        None
+    let inner = e.downcast_ref::<io::Error>().and_then(|io| io.get_ref())?;
+    if inner.is::<AgentSilent>() {
+        return Some("agent_timeout");
     }
+    let refused = inner.downcast_ref::<StreamRefused>()?;
+    Some(match refused.0 {
+        StreamStatus::Refused(_) => "camera_refused",
+        StreamStatus::TimedOut(_) => "camera_timeout",
+        StreamStatus::NotAllowed(_) => "not_allowed",
+        StreamStatus::Failed(_) | StreamStatus::Connected => "agent_failed",
+    })
 }
 
 /// Peers going away is the normal end of a stream, not an error worth a warning.
@@ -380,6 +368,22 @@ impl Drop for ActiveStream<'_> {
         self.session.metrics.sessions.dec();
     }
 }
+
+/// Why a Watcher connection never reached the camera, on the relay's side.
+#[derive(Debug, thiserror::Error)]
+enum Unreached {
+    #[error("refused: camera already has {0} Watcher connections (limits.max_streams_per_camera)")]
+    StreamLimit(u32),
+    #[error("the camera's tunnel did not come up within {0:?}")]
+    NoTunnel(Duration),
+    #[error("no stream could be opened on the tunnel in time")]
+    NoStream,
+}
+
+/// The agent did not answer a stream's header in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent did not say in time whether it reached the camera (limits.stream_answer_timeout_secs)")]
+struct AgentSilent;
 
 /// The agent said no to a stream.
 #[derive(Debug, thiserror::Error)]
@@ -428,7 +432,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for StatusGate<R> {
                     if this.deadline.as_mut().poll(cx).is_ready() {
                         return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
-                            "the agent did not say in time whether it reached the camera (limits.stream_answer_timeout_secs)",
+                            AgentSilent,
                         )));
                     }
                     // Read only up to the end of the frame, so no payload byte is taken.
