@@ -129,6 +129,27 @@ impl PortPolicy {
         }
     }
 
+    /// For a camera that asked for any port: binds the first port of the range from
+    /// `from` on that no other camera holds and no other program uses.
+    pub async fn bind_any_from(
+        &self,
+        agent_id: &str,
+        from: u16,
+    ) -> Result<(u16, TcpListener), Rejection> {
+        for port in from..=*self.range.end() {
+            if self.holder(port, agent_id).is_some() {
+                continue;
+            }
+            if let Ok(listener) = self.bind(port).await {
+                return Ok((port, listener));
+            }
+        }
+        Err(Rejection::NoFreePort {
+            first: *self.range.start(),
+            last: *self.range.end(),
+        })
+    }
+
     /// Binds the camera listener on `port`.
     pub async fn bind(&self, port: u16) -> Result<TcpListener, Rejection> {
         TcpListener::bind(SocketAddr::new(self.bind, port))

@@ -226,14 +226,21 @@ impl Registry {
                 });
             }
         }
-        let port = ports.choose(&reg.agent_id, requested)?;
+        let chosen = ports.choose(&reg.agent_id, requested)?;
         let old = self.lock_sessions().remove(&reg.agent_id);
         if let Some(old) = old {
             tracing::warn!(agent = %reg.agent_id, old = %old.remote, new = %remote, "agent connected again; closing its older session");
             old.close(CloseReason::Replaced(remote.to_string()));
             old.wait_released().await;
         }
-        let listener = ports.bind(port).await?;
+        // A port picked fresh for a camera that asked for any may be in use by another
+        // program: take the next free one. Requested, pinned and remembered ports stay.
+        let fresh_pick = requested == 0 && ports.assigned(&reg.agent_id).is_none();
+        let (port, listener) = if fresh_pick {
+            ports.bind_any_from(&reg.agent_id, chosen).await?
+        } else {
+            (chosen, ports.bind(chosen).await?)
+        };
         if let Err(e) = ports.remember(&reg.agent_id, port) {
             tracing::warn!(agent = %reg.agent_id, port, "could not save the port assignment: {e}");
         }
