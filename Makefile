@@ -38,10 +38,12 @@ fuzz:
 	done
 
 ## The camera package: make firmware CAMERA=dahua-2449s-il [RELAY_URL=… AGENT_ID=…
-## TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=…]; without CAMERA it lists the known models.
+## TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=… FALLBACK_DNS=…]; without CAMERA it lists the
+## known models.
 firmware:
 	@CAMERA="$(CAMERA)" RELAY_URL="$(RELAY_URL)" AGENT_ID="$(AGENT_ID)" TOKEN="$(TOKEN)" \
-	  CA="$(CA)" AGENT_CERT="$(AGENT_CERT)" AGENT_KEY="$(AGENT_KEY)" ./scripts/firmware.sh
+	  CA="$(CA)" AGENT_CERT="$(AGENT_CERT)" AGENT_KEY="$(AGENT_KEY)" \
+	  FALLBACK_DNS="$(FALLBACK_DNS)" ./scripts/firmware.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

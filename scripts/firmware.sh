@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make firmware CAMERA=<model> [RELAY_URL=… AGENT_ID=… TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=…]
+# make firmware CAMERA=<model> [RELAY_URL=… AGENT_ID=… TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=… FALLBACK_DNS=…]
 # Builds the static, size-optimised camera-agent for the camera's profile
 # (firmware/cameras/<model>.toml) and packs firmware/dist/<model>/<model>_firmware.tar.gz.
 set -euo pipefail
@@ -13,7 +13,7 @@ if [ -z "$CAMERA" ] || [ ! -f "$profile" ]; then
   for f in firmware/cameras/*.toml; do
     echo "  $(basename "$f" .toml)" >&2
   done
-  echo "usage: make firmware CAMERA=<model> [RELAY_URL=… AGENT_ID=… TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=…]" >&2
+  echo "usage: make firmware CAMERA=<model> [RELAY_URL=… AGENT_ID=… TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=… FALLBACK_DNS=…]" >&2
   exit 2
 fi
 
@@ -49,7 +49,8 @@ for pair in "CA:ca.crt" "AGENT_CERT:agent.crt" "AGENT_KEY:agent.key"; do
     chmod 600 "$stage/$file"
   fi
 done
-RELAY_URL=${RELAY_URL:-} AGENT_ID=${AGENT_ID:-} TOKEN=${TOKEN:-} /usr/bin/python3 - "$profile" "$stage/config.json" <<'PY'
+RELAY_URL=${RELAY_URL:-} AGENT_ID=${AGENT_ID:-} TOKEN=${TOKEN:-} FALLBACK_DNS=${FALLBACK_DNS:-} \
+  /usr/bin/python3 - "$profile" "$stage/config.json" <<'PY'
 import json, os, sys, tomllib
 p = tomllib.load(open(sys.argv[1], "rb"))
 config = {
@@ -64,6 +65,11 @@ config = {
     "streaming": {"rtsp_port": p["rtsp_port"], "stream_paths": p["stream_paths"]},
     "network": {"connection_timeout": 30, "reconnect_interval": 10, "heartbeat_interval": 30},
 }
+# Nameservers to ask when the camera's own resolver cannot find the relay (a camera
+# with no /etc/resolv.conf): FALLBACK_DNS=192.168.1.1,1.1.1.1.
+fallback = [s.strip() for s in os.environ["FALLBACK_DNS"].split(",") if s.strip()]
+if fallback:
+    config["network"]["fallback_nameservers"] = fallback
 json.dump(config, open(sys.argv[2], "w"), indent=2)
 PY
 chmod 600 "$stage/config.json"

@@ -9,6 +9,8 @@
 #   libav decoders);
 # - the test network: iproute2 (network namespaces, veth), iptables (the NAT router
 #   in front of the cameras' LANs) and curl (a client of the relay's HTTP side);
+# - dnsmasq (only the binary, dnsmasq-base: no service), the home router's DNS server
+#   when the firmware test resolves the relay's name on the emulated camera;
 # - promtool, from the prometheus package, to check the relay's metrics, and Python's
 #   jsonschema and yaml, to check the API's responses against its OpenAPI document.
 # It runs apt only when something is missing, so a second run costs nothing.
@@ -48,6 +50,9 @@ if ! have_camera_sim || ! have_watchers; then
 fi
 if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v curl >/dev/null; then
   missing+=(iproute2 iptables curl)
+fi
+if [ ! -x /usr/sbin/dnsmasq ]; then
+  missing+=(dnsmasq-base)
 fi
 # promtool (checks the relay's /metrics in the tests) ships in Debian's prometheus
 # package; without systemd nothing of it is started.

@@ -56,6 +56,10 @@ pub struct AgentConfig {
     pub reconnect_interval: Duration,
     /// Heartbeat period (`network.heartbeat_interval`).
     pub heartbeat_interval: Duration,
+    /// Nameservers asked when the system resolver cannot find the relay
+    /// (`network.fallback_nameservers`, port 53 unless given), e.g. on a camera with no
+    /// /etc/resolv.conf.
+    pub fallback_nameservers: Vec<SocketAddr>,
     /// Watcher connections the relay may have open through this agent at once.
     pub max_streams: u32,
     /// How the relay is verified, and the agent's own certificate.
@@ -269,6 +273,14 @@ struct RawNetwork {
     connection_timeout: Option<f64>,
     reconnect_interval: Option<f64>,
     heartbeat_interval: Option<f64>,
+    fallback_nameservers: Option<OneOrMany<String>>,
+}
+
+/// A nameserver: an IP address, port 53 unless written as `address:port`.
+fn nameserver(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{text:?} is not an IP address (a nameserver, e.g. \"192.168.1.1\")"))
 }
 
 fn default_log_level() -> String {
@@ -363,6 +375,14 @@ impl AgentConfig {
             seconds(network.reconnect_interval, "network.reconnect_interval", 10)?;
         let heartbeat_interval =
             seconds(network.heartbeat_interval, "network.heartbeat_interval", 30)?;
+        let fallback_nameservers = network
+            .fallback_nameservers
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default()
+            .iter()
+            .map(|text| nameserver(text))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|r| field_error("network.fallback_nameservers", r))?;
 
         let rtsp_port = raw.streaming.rtsp_port.unwrap_or(554);
         if rtsp_port == 0 {
@@ -440,6 +460,7 @@ impl AgentConfig {
             connection_timeout,
             reconnect_interval,
             heartbeat_interval,
+            fallback_nameservers,
             max_streams,
             security,
             restart,
@@ -487,6 +508,10 @@ impl AgentConfig {
             field(
                 "network.heartbeat_interval",
                 self.heartbeat_interval != newer.heartbeat_interval,
+            ),
+            field(
+                "network.fallback_nameservers",
+                self.fallback_nameservers != newer.fallback_nameservers,
             ),
             field(
                 "security",
@@ -812,6 +837,34 @@ mod tests {
         let c = AgentConfig::parse(text, "deploy/agent/config.json").unwrap();
         assert_eq!(c.agent_id, "dahua-2449s-il-001");
         assert!(c.ignored.is_empty());
+        assert_eq!(
+            c.fallback_nameservers,
+            ["192.168.1.1:53".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn fallback_nameservers_are_addresses_with_port_53_by_default() {
+        let with = |value: &str| {
+            format!(
+                r#"{{"agent": {{"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}}, "network": {{"fallback_nameservers": {value}}}}}"#
+            )
+        };
+        let c = AgentConfig::parse(&with(r#"["1.1.1.1", "[2001:db8::1]:5353"]"#), "x").unwrap();
+        assert_eq!(
+            c.fallback_nameservers,
+            [
+                "1.1.1.1:53".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::1]:5353".parse().unwrap()
+            ]
+        );
+        let c = AgentConfig::parse(&with(r#""192.168.1.1""#), "x").unwrap();
+        assert_eq!(c.fallback_nameservers.len(), 1);
+        let e = error(&with(r#"["dns.google"]"#));
+        assert!(
+            e.contains("network.fallback_nameservers") && e.contains("dns.google"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_tungstenite::{
     Connector, MaybeTlsStream, WebSocketStream,
 };
 
-use crate::{config::AgentConfig, stats::Stats, Handled, SessionError};
+use crate::{config::AgentConfig, resolve::resolve, stats::Stats, Handled, SessionError};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -46,10 +46,11 @@ pub(crate) async fn connect(
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(MAX_CONTROL_MESSAGE))
             .max_frame_size(Some(MAX_CONTROL_MESSAGE));
-        let (mut socket, _response) = tokio_tungstenite::connect_async_tls_with_config(
+        let tcp = dial(config).await?;
+        let (mut socket, _response) = tokio_tungstenite::client_async_tls_with_config(
             config.relay.url.as_str(),
+            tcp,
             Some(ws_config),
-            true,
             Some(Connector::Rustls(Arc::new(tls))),
         )
         .await
@@ -96,6 +97,30 @@ pub(crate) async fn connect(
                 config.relay.url, config.connection_timeout
             ))
         })?
+}
+
+/// A TCP connection to the relay's control port: each of its addresses in turn.
+async fn dial(config: &AgentConfig) -> Result<TcpStream, SessionError> {
+    let relay = &config.relay;
+    let addrs = resolve(&relay.host, relay.port, &config.fallback_nameservers)
+        .await
+        .map_err(SessionError::Connect)?;
+    let mut failures = Vec::new();
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                // Control messages are small and latency matters more than packing.
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Err(e) => failures.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(SessionError::Connect(format!(
+        "cannot connect to the relay's control port ({}): {}",
+        relay.url,
+        failures.join("; ")
+    )))
 }
 
 impl ControlLink {

@@ -14,6 +14,7 @@
 
 pub mod config;
 mod control;
+mod resolve;
 pub mod stats;
 mod tunnel;
 

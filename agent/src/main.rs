@@ -32,6 +32,10 @@ async fn main() -> ExitCode {
         common::process::project_filter(config.log_level, &["camera_agent", "agent", "common"])
     });
     common::process::init_logging(&filter);
+    if let Err(e) = common::process::check_randomness() {
+        tracing::error!("{e}");
+        return ExitCode::from(1);
+    }
     if !config.ignored.is_empty() {
         tracing::info!(
             "{}: ignoring settings of the earlier agent that this one does not use: {}",

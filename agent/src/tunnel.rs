@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::{config::AgentConfig, stats::Stats, SessionError};
+use crate::{config::AgentConfig, resolve::resolve, stats::Stats, SessionError};
 
 /// Time the relay has to send a stream's header after opening it.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,11 +38,16 @@ pub(crate) async fn dial(
     registered: &Registered,
 ) -> Result<Tunnel, SessionError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| SessionError::Tunnel(format!("{what}: {e}"));
-    let relay = tokio::net::lookup_host((config.relay.host.as_str(), registered.quic_port))
-        .await
-        .map_err(|e| fail(&format!("cannot resolve {}", config.relay.host), &e))?
-        .next()
-        .ok_or_else(|| SessionError::Tunnel(format!("{} has no address", config.relay.host)))?;
+    let relay = resolve(
+        &config.relay.host,
+        registered.quic_port,
+        &config.fallback_nameservers,
+    )
+    .await
+    .map_err(SessionError::Tunnel)?
+    .into_iter()
+    .next()
+    .ok_or_else(|| SessionError::Tunnel(format!("{} has no address", config.relay.host)))?;
     // A fresh UDP socket per session: after a network change the old port may be dead.
     let local: SocketAddr = match relay {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),

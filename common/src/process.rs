@@ -57,6 +57,24 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// Checks that the system gives random numbers, which TLS, QUIC and backoff jitter
+/// need; without them the first handshake would abort the process.
+///
+/// A static glibc binary cannot find glibc's `getrandom` (it is looked up with
+/// `dlsym`), so it reads `/dev/urandom` once `/dev/random` is readable. A camera root
+/// without those device nodes gets this error instead of an abort.
+pub fn check_randomness() -> Result<(), String> {
+    use rand::TryRngCore;
+    let mut probe = [0u8; 16];
+    rand::rngs::OsRng.try_fill_bytes(&mut probe).map_err(|e| {
+        format!(
+            "this system gives no random numbers ({e}); TLS and QUIC need them. A static \
+             build reads /dev/random and /dev/urandom: check that both exist as character \
+             devices (mknod /dev/random c 1 8; mknod /dev/urandom c 1 9)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

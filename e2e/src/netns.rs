@@ -224,7 +224,8 @@ pub fn camera_ip(i: usize) -> String {
     format!("192.168.{}.108", i + 1)
 }
 
-fn lan_gateway(i: usize) -> String {
+/// Camera `i`'s router: the NAT namespace's address on that LAN.
+pub fn lan_gateway(i: usize) -> String {
     format!("192.168.{}.1", i + 1)
 }
 

@@ -16,7 +16,9 @@ use std::{
 };
 
 use e2e::{
-    agent_config_json, ffprobe, free_ports, rtsp_url, CameraSim, Child, RelayProcess, SUB_STREAM,
+    agent_config_json, ffprobe, free_ports,
+    netns::{camera_ip, lan_gateway, RELAY_IP},
+    rtsp_url, CameraSim, Child, Lab, RelayProcess, SUB_STREAM,
 };
 
 const CAMERA: &str = "dahua-2449s-il";
@@ -54,8 +56,8 @@ fn tree(root: &Path) -> Vec<String> {
     paths
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera() {
+/// The package built by `make firmware CAMERA=dahua-2449s-il`, and Debian's busybox.
+fn package_and_busybox() -> (PathBuf, PathBuf) {
     let package = repo().join(format!("firmware/dist/{CAMERA}/{CAMERA}_firmware.tar.gz"));
     let busybox = repo().join("firmware/.toolchain/busybox-static_armhf.deb");
     assert!(
@@ -64,15 +66,18 @@ async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera
         package.display(),
         busybox.display()
     );
+    (package, busybox)
+}
 
-    // A minimal camera root: busybox and its applets, device nodes, qemu to run them.
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
+/// A minimal camera root under `dir`: busybox and its applets, the device nodes every
+/// camera has (randomness for TLS, QUIC and backoff jitter), qemu to run ARM programs.
+fn camera_root(dir: &Path) -> PathBuf {
+    let (_, busybox) = package_and_busybox();
+    let root = dir.join("root");
     run(StdCommand::new("dpkg").arg("-x").arg(&busybox).arg(&root));
-    for sub in ["usr/bin", "tmp", "dev"] {
+    for sub in ["usr/bin", "tmp", "dev", "etc"] {
         std::fs::create_dir_all(root.join(sub)).unwrap();
     }
-    // The device nodes every camera has (randomness for TLS, QUIC and backoff jitter).
     for (node, minor) in [("null", "3"), ("random", "8"), ("urandom", "9")] {
         let path = root.join("dev").join(node);
         run(StdCommand::new("mknod").arg(&path).args(["c", "1", minor]));
@@ -90,15 +95,28 @@ async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera
         "-s",
         "/bin",
     ]));
-    let before = tree(&root);
+    root
+}
 
-    // Install from the unpacked package, as over SSH (not started: no init here).
+/// Unpacks the package into the root's /tmp; returns where, as the camera sees it.
+fn unpack_package(root: &Path) -> String {
+    let (package, _) = package_and_busybox();
     run(StdCommand::new("tar")
         .arg("xzf")
         .arg(&package)
         .arg("-C")
         .arg(root.join("tmp")));
-    let unpacked = format!("/tmp/{CAMERA}_firmware");
+    format!("/tmp/{CAMERA}_firmware")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = camera_root(dir.path());
+    let before = tree(&root);
+
+    // Install from the unpacked package, as over SSH (not started: no init here).
+    let unpacked = unpack_package(&root);
     run(StdCommand::new("sha256sum")
         .args(["-c", "SHA256SUMS"])
         .current_dir(root.join(&unpacked[1..])));
@@ -143,5 +161,110 @@ async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera
     assert!(said.contains("removed"), "{said}");
     std::fs::remove_dir_all(root.join(&unpacked[1..])).unwrap();
     assert_eq!(tree(&root), before, "uninstall.sh left something behind");
+    drop(relay);
+}
+
+/// The static binary finds the relay by name on a camera: from /etc/hosts, from the
+/// nameserver in /etc/resolv.conf (here the home router's dnsmasq, with an
+/// nsswitch.conf naming a module the static binary skips), and, on a camera with no
+/// /etc/resolv.conf, from `network.fallback_nameservers`, with a log line saying so;
+/// without a fallback the error says what to set. A root without /dev/urandom gets a
+/// clear error and exit status 1, not an abort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_static_agent_finds_the_relay_by_name_on_an_emulated_camera() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = camera_root(dir.path());
+    let agent_bin = format!("{}/camera-agent", unpack_package(&root));
+    let lab = Lab::new(1).unwrap();
+    let relay = RelayProcess::start_in(&lab.relay(), RELAY_IP, 8080, 8554, "fw-token", &[])
+        .await
+        .unwrap();
+    // The home router answers DNS for its LAN, as most do.
+    let router = lan_gateway(0);
+    let mut dnsmasq = lab.nat().command("/usr/sbin/dnsmasq");
+    dnsmasq
+        .args(["--keep-in-foreground", "--log-facility=-", "--log-queries"])
+        .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+        .args(["--bind-interfaces", "--user=root"])
+        .arg(format!("--listen-address={router}"))
+        .arg(format!("--address=/relay.camera.test/{RELAY_IP}"));
+    let mut dns = Child::spawn("dnsmasq", dnsmasq).unwrap();
+    dns.wait_for_line("started, version").await.unwrap();
+
+    let etc = root.join("etc");
+    let start = |url: &str, fallback: &[&str]| {
+        let mut config = agent_config_json("fw-dns", url, "fw-token", 8554, 554);
+        config["network"]["fallback_nameservers"] = serde_json::json!(fallback);
+        std::fs::write(root.join("config.json"), config.to_string()).unwrap();
+        let mut cmd = lab.camera(0).command("chroot");
+        cmd.arg(&root)
+            .args(["/usr/bin/qemu-arm-static", &agent_bin])
+            .args(["--config", "/config.json"]);
+        Child::spawn("arm-agent", cmd).unwrap()
+    };
+    const ONLINE: &str = "online: the relay serves this camera";
+
+    // /etc/hosts, and no nameserver at all.
+    std::fs::write(
+        etc.join("hosts"),
+        format!("127.0.0.1 localhost\n{RELAY_IP} relay.lan\n"),
+    )
+    .unwrap();
+    let mut agent = start("ws://relay.lan:8080/tunnel", &[]);
+    agent.wait_for_line(ONLINE).await.unwrap();
+    agent.kill().await.unwrap();
+
+    // The router's nameserver from /etc/resolv.conf; the mDNS module named in
+    // nsswitch.conf is not in the static binary and is skipped.
+    std::fs::write(etc.join("resolv.conf"), format!("nameserver {router}\n")).unwrap();
+    std::fs::write(
+        etc.join("nsswitch.conf"),
+        "hosts: files mdns4_minimal [NOTFOUND=return] dns\n",
+    )
+    .unwrap();
+    let mut agent = start("ws://relay.camera.test:8080/tunnel", &[]);
+    agent.wait_for_line(ONLINE).await.unwrap();
+    agent.kill().await.unwrap();
+    dns.wait_for_line(&format!("relay.camera.test from {}", camera_ip(0)))
+        .await
+        .unwrap();
+
+    // No /etc/resolv.conf: glibc asks 127.0.0.1, where nothing answers.
+    std::fs::remove_file(etc.join("resolv.conf")).unwrap();
+    let mut agent = start("ws://relay.camera.test:8080/tunnel", &[]);
+    let said = agent
+        .wait_for_line("cannot resolve relay.camera.test")
+        .await
+        .unwrap();
+    assert!(
+        said.contains("no /etc/resolv.conf") && said.contains("network.fallback_nameservers"),
+        "{said}"
+    );
+    agent.kill().await.unwrap();
+    assert_eq!(agent.count_lines(ONLINE), 0);
+    let mut agent = start("ws://relay.camera.test:8080/tunnel", &[&router]);
+    let said = agent
+        .wait_for_line("through network.fallback_nameservers")
+        .await
+        .unwrap();
+    assert!(
+        said.contains("this camera has no /etc/resolv.conf"),
+        "{said}"
+    );
+    agent.wait_for_line(ONLINE).await.unwrap();
+    agent.kill().await.unwrap();
+
+    // No randomness: a clear error and status 1.
+    std::fs::remove_file(root.join("dev/urandom")).unwrap();
+    let mut agent = start(&relay.url(), &[]);
+    assert_eq!(agent.wait().await.unwrap().code(), Some(1));
+    assert!(
+        agent
+            .output()
+            .iter()
+            .any(|line| line.contains("gives no random numbers") && line.contains("/dev/urandom")),
+        "{:?}",
+        agent.output()
+    );
     drop(relay);
 }
