@@ -22,6 +22,7 @@ demo: build
 ## and the package, so they are built first.
 test: build
 	@CAMERA=dahua-2449s-il ./scripts/firmware.sh
+	@CAMERA=generic-aarch64 ./scripts/firmware.sh
 	$(CARGO) test --workspace --locked
 
 ## Fuzz the control-message and stream-header decoders, FUZZ_SECONDS each, growing the

@@ -53,10 +53,12 @@ if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.85\.'; then
     "libstd-rust-web-dev=$RUST_VERSION" "libstd-rust-web-1.85=$RUST_VERSION"
 fi
 
-# 2. Linker, static C library, emulator.
-if ! command -v "$GNU-gcc" >/dev/null || ! command -v "$QEMU" >/dev/null; then
-  log "installing gcc-$GNU and qemu-user-static"
-  apt_install "gcc-$GNU" qemu-user-static
+# 2. Linker, static C library (only a Recommends of gcc-<triple>, so named here: without
+#    it C code such as ring's finds no target headers), emulator.
+if ! command -v "$GNU-gcc" >/dev/null || ! command -v "$QEMU" >/dev/null \
+    || [ ! -f "/usr/$GNU/lib/libc.a" ]; then
+  log "installing gcc-$GNU, libc6-dev-$ARCH-cross and qemu-user-static"
+  apt_install "gcc-$GNU" "libc6-dev-$ARCH-cross" qemu-user-static
 fi
 
 # 3. The architecture, for apt-get download.

@@ -1,9 +1,11 @@
 //! The camera package really works: unpacked into a minimal ARM root (Debian's
 //! busybox-static for armhf), `install.sh` runs there under qemu-arm, the installed
 //! agent (the static armv7 binary, under qemu) tunnels the camera simulator to a relay,
-//! a Watcher decodes frames, and `uninstall.sh` leaves nothing behind.
+//! a Watcher decodes frames, and `uninstall.sh` leaves nothing behind. In the same
+//! emulated root the static binary finds the relay by name (hosts file, resolv.conf,
+//! fallback nameserver); the aarch64 package carries a stream under qemu-aarch64.
 //!
-//! `make test` builds the package first (`scripts/firmware.sh`, which also fetches the
+//! `make test` builds both packages first (`scripts/firmware.sh`, which also fetches the
 //! busybox package). This machine has no binfmt_misc, so every ARM program is started
 //! through `qemu-arm-static` explicitly, and install.sh uses only shell builtins and
 //! busybox's no-exec applets.
@@ -267,4 +269,50 @@ async fn the_static_agent_finds_the_relay_by_name_on_an_emulated_camera() {
         agent.output()
     );
     drop(relay);
+}
+
+/// The aarch64 profile's package (newer cameras): its static binary, under
+/// qemu-aarch64, carries a stream the Watcher decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aarch64_package_tunnels_video_under_emulation() {
+    const NEWER: &str = "generic-aarch64";
+    let package = repo().join(format!("firmware/dist/{NEWER}/{NEWER}_firmware.tar.gz"));
+    assert!(
+        package.is_file(),
+        "{} missing: run `make firmware CAMERA={NEWER}` (make test does)",
+        package.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    run(StdCommand::new("tar")
+        .arg("xzf")
+        .arg(&package)
+        .arg("-C")
+        .arg(dir.path()));
+    let unpacked = dir.path().join(format!("{NEWER}_firmware"));
+    let described = run(StdCommand::new("file").arg(unpacked.join("camera-agent")));
+    assert!(
+        described.contains("ARM aarch64") && described.contains("statically linked"),
+        "{described}"
+    );
+
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ports = free_ports(2);
+    let relay = RelayProcess::start(ports[0], ports[1], "fw-token")
+        .await
+        .unwrap();
+    let config = agent_config_json("fw-a64", &relay.url(), "fw-token", ports[1], camera.port);
+    std::fs::write(unpacked.join("config.json"), config.to_string()).unwrap();
+    let mut cmd = tokio::process::Command::new("qemu-aarch64-static");
+    cmd.arg(unpacked.join("camera-agent"))
+        .arg("--config")
+        .arg(unpacked.join("config.json"));
+    let mut agent = Child::spawn("a64-agent", cmd).unwrap();
+    agent
+        .wait_for_line("online: the relay serves this camera")
+        .await
+        .unwrap();
+    let probe = ffprobe(rtsp_url(ports[1], SUB_STREAM), 10).await.unwrap();
+    assert_eq!(probe.codec, "h264");
+    assert!(probe.frames >= 10, "{probe:?}");
+    agent.kill().await.unwrap();
 }
