@@ -58,6 +58,19 @@ fn tree(root: &Path) -> Vec<String> {
     paths
 }
 
+/// Waits for `agent` to come online, then a Watcher decodes the sub stream from the
+/// relay's `port`; the agent is stopped after.
+async fn carries_a_stream(mut agent: Child, port: u16) {
+    agent
+        .wait_for_line("online: the relay serves this camera")
+        .await
+        .unwrap();
+    let probe = ffprobe(rtsp_url(port, SUB_STREAM), 10).await.unwrap();
+    assert_eq!(probe.codec, "h264");
+    assert!(probe.frames >= 10, "{probe:?}");
+    agent.kill().await.unwrap();
+}
+
 /// The package built by `make firmware CAMERA=dahua-2449s-il`, and Debian's busybox.
 fn package_and_busybox() -> (PathBuf, PathBuf) {
     let package = repo().join(format!("firmware/dist/{CAMERA}/{CAMERA}_firmware.tar.gz"));
@@ -148,15 +161,7 @@ async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera
         .arg("/usr/bin/qemu-arm-static")
         .arg(format!("{PREFIX}/camera-agent"))
         .args(["--config", &format!("{PREFIX}/config.json")]);
-    let mut agent = Child::spawn("arm-agent", cmd).unwrap();
-    agent
-        .wait_for_line("online: the relay serves this camera")
-        .await
-        .unwrap();
-    let probe = ffprobe(rtsp_url(ports[1], SUB_STREAM), 10).await.unwrap();
-    assert_eq!(probe.codec, "h264");
-    assert!(probe.frames >= 10, "{probe:?}");
-    agent.kill().await.unwrap();
+    carries_a_stream(Child::spawn("arm-agent", cmd).unwrap(), ports[1]).await;
 
     // Uninstall: the root is as it was before the package came (its unpacked copy aside).
     let said = arm_sh(&root, &format!("{PREFIX}/uninstall.sh"), &[]);
@@ -306,13 +311,5 @@ async fn the_aarch64_package_tunnels_video_under_emulation() {
     cmd.arg(unpacked.join("camera-agent"))
         .arg("--config")
         .arg(unpacked.join("config.json"));
-    let mut agent = Child::spawn("a64-agent", cmd).unwrap();
-    agent
-        .wait_for_line("online: the relay serves this camera")
-        .await
-        .unwrap();
-    let probe = ffprobe(rtsp_url(ports[1], SUB_STREAM), 10).await.unwrap();
-    assert_eq!(probe.codec, "h264");
-    assert!(probe.frames >= 10, "{probe:?}");
-    agent.kill().await.unwrap();
+    carries_a_stream(Child::spawn("a64-agent", cmd).unwrap(), ports[1]).await;
 }
