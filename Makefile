@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all setup build demo test lint fuzz firmware clean
+.PHONY: all setup build demo test bench lint fuzz firmware clean
 
 all: build
 
@@ -24,6 +24,13 @@ test: build
 	@CAMERA=dahua-2449s-il ./scripts/firmware.sh
 	@CAMERA=generic-aarch64 ./scripts/firmware.sh
 	$(CARGO) test --workspace --locked
+
+## Our tunnel against direct TCP, rathole, bore and rusnel, in one run (release
+## builds; peers installed once into ~/.cache/camera-relay-bench). Short by default;
+## BENCH_ARGS="--long" for the long run, "--paths direct,ours" for a subset.
+bench: setup
+	$(CARGO) build --release --locked -p relay -p agent -p bench
+	./target/release/bench run --out bench/results $(BENCH_ARGS)
 
 ## Fuzz the control-message and stream-header decoders, FUZZ_SECONDS each, growing the
 ## corpus in fuzz/corpus (which `make test` replays). cargo-fuzz needs nightly-only

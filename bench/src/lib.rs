@@ -1,0 +1,9 @@
+//! The bench harness: our tunnel against direct TCP, rathole, bore and rusnel, measured
+//! in one run on the same machine (docs/benchmarks.md).
+
+pub mod paths;
+pub mod peers;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod traffic;

@@ -1,0 +1,152 @@
+//! `bench`: run the comparison (`bench run`), or one of its parts: the target server
+//! that stands in for the camera, the measuring client that stands in for the Watcher,
+//! the peers' installation.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use bench::{paths::PathKind, peers::Tools, report, run, traffic};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Our camera tunnel against direct TCP and other tunnels"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Every scenario through every path; writes results.md, results.json and SVG charts.
+    Run {
+        /// Where the results go.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Paths to compare (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        paths: Vec<PathKind>,
+        /// More samples, more data, more streams (tens of minutes).
+        #[arg(long)]
+        long: bool,
+        /// Do not install missing peers; report them as not measured.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Installs the peers into the cache (once).
+    Peers,
+    /// The target server (the camera's stand-in); prints `READY <address>`.
+    Target {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+    /// One measurement from the Watcher's side; prints `RESULT <json>`.
+    Client {
+        #[command(subcommand)]
+        measure: Measure,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Measure {
+    /// Round trips of small messages on one session.
+    Latency {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 5000)]
+        count: u64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Connect → first byte from the target, sessions one after another.
+    Setup {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        count: u64,
+    },
+    /// Bytes through one session, camera→Watcher unless --up.
+    Throughput {
+        addr: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long)]
+        up: bool,
+    },
+    /// Paced camera-like streams, one per address, all at once.
+    Streams {
+        addrs: Vec<SocketAddr>,
+        #[arg(long)]
+        bits_per_sec: u64,
+        #[arg(long)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run {
+            out,
+            paths,
+            long,
+            offline,
+        } => {
+            let paths = if paths.is_empty() {
+                PathKind::ALL.to_vec()
+            } else {
+                paths
+            };
+            let tools = Tools::install(offline).await;
+            let plan = if long {
+                run::Plan::long(paths)
+            } else {
+                run::Plan::quick(paths)
+            };
+            e2e::set_echo(false);
+            let scenarios = run::run(&plan, &tools).await?;
+            report::write(&out, &report::Machine::here(), &scenarios)?;
+            print!("{}", report::markdown(&report::Machine::here(), &scenarios));
+            eprintln!("bench: results in {}", out.display());
+        }
+        Cmd::Peers => {
+            let tools = Tools::install(false).await;
+            for peer in bench::peers::PEERS {
+                match tools.path(peer.binary) {
+                    Ok(path) => println!("{}: {}", peer.binary, path.display()),
+                    Err(e) => println!("{e}"),
+                }
+            }
+        }
+        Cmd::Target { listen } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("READY {}", listener.local_addr()?);
+            traffic::serve(listener).await?;
+        }
+        Cmd::Client { measure } => match measure {
+            Measure::Latency { addr, count, size } => {
+                result(&traffic::latency(addr, size, count, 500).await?)
+            }
+            Measure::Setup { addr, count } => result(&traffic::setup(addr, count).await?),
+            Measure::Throughput { addr, bytes, up } => {
+                result(&traffic::throughput(addr, bytes, up).await?)
+            }
+            Measure::Streams {
+                addrs,
+                bits_per_sec,
+                seconds,
+            } => {
+                result(&traffic::streams(&addrs, bits_per_sec, Duration::from_secs(seconds)).await?)
+            }
+        },
+    }
+    Ok(())
+}
+
+fn result(value: &impl Serialize) {
+    println!(
+        "RESULT {}",
+        serde_json::to_string(value).unwrap_or_default()
+    );
+}

@@ -1,0 +1,458 @@
+//! One bench run: every scenario through every path, in the same run, so each figure
+//! stands next to direct TCP and the peers measured on the same machine at the same
+//! time.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use e2e::Child;
+use serde::Serialize;
+
+use crate::{
+    paths::{self, Net, PathKind, Role},
+    peers::Tools,
+    procstat::{Meter, Usage},
+    traffic::{Percentiles, StreamReport, Throughput},
+};
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Paths to compare.
+    pub paths: Vec<PathKind>,
+    /// Round trips per latency measurement.
+    pub round_trips: u64,
+    /// Sessions per setup measurement.
+    pub sessions: u64,
+    /// Bytes per throughput measurement.
+    pub bytes: u64,
+    /// Concurrent paced streams.
+    pub streams: usize,
+    /// Bit rate of each paced stream.
+    pub stream_bits_per_sec: u64,
+    /// How long the paced streams run.
+    pub stream_time: Duration,
+}
+
+impl Plan {
+    /// The default run: short enough for `make bench` on 2 cores.
+    pub fn quick(paths: Vec<PathKind>) -> Self {
+        Plan {
+            paths,
+            round_trips: 5_000,
+            sessions: 200,
+            bytes: 256 << 20,
+            streams: 8,
+            stream_bits_per_sec: 4_000_000,
+            stream_time: Duration::from_secs(15),
+        }
+    }
+
+    /// `--long`: more samples, more data, more streams.
+    pub fn long(paths: Vec<PathKind>) -> Self {
+        Plan {
+            paths,
+            round_trips: 50_000,
+            sessions: 1_000,
+            bytes: 2 << 30,
+            streams: 32,
+            stream_bits_per_sec: 4_000_000,
+            stream_time: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One path's figures in one scenario (or why there are none).
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// The path.
+    pub path: PathKind,
+    /// Named figures.
+    pub figures: BTreeMap<String, f64>,
+    /// Why the path has no figures (not installed, failed).
+    pub error: Option<String>,
+}
+
+/// One scenario's rows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    /// Short id (file names).
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// What was done.
+    pub method: String,
+    /// Columns of the table: (figure name, heading).
+    pub columns: Vec<(String, String)>,
+    /// The figure charted.
+    pub chart: String,
+    /// One row per path.
+    pub rows: Vec<Row>,
+}
+
+/// Runs the plan; a path that fails in a scenario is reported in its row.
+pub async fn run(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
+    let net = Net::loopback();
+    let exe = std::env::current_exe()?;
+    let mut target = net.camera.command(&exe);
+    target.args(["target", "--listen", "127.0.0.1:0"]);
+    let mut target = Child::spawn("target", target)?;
+    let ready = target.wait_for_line("READY ").await?;
+    let target_addr: SocketAddr = ready
+        .trim_start_matches("READY ")
+        .trim()
+        .parse()
+        .with_context(|| format!("bad READY line {ready:?}"))?;
+
+    let mut latency = scenario(
+        "latency",
+        "Latency: 64-byte request/response",
+        &format!(
+            "{} round trips of 64 bytes, one at a time, on one session (after 500 unrecorded), loopback.",
+            plan.round_trips
+        ),
+        &[
+            ("p50_us", "p50 µs"),
+            ("p90_us", "p90 µs"),
+            ("p99_us", "p99 µs"),
+            ("p999_us", "p99.9 µs"),
+            ("added_p50_us", "added p50 µs"),
+        ],
+        "p50_us",
+    );
+    let mut setup = scenario(
+        "setup",
+        "Session setup: TCP connect → first byte from the target",
+        &format!(
+            "{} sessions one after another, loopback; the target speaks first.",
+            plan.sessions
+        ),
+        &[
+            ("p50_us", "p50 µs"),
+            ("p99_us", "p99 µs"),
+            ("max_us", "max µs"),
+        ],
+        "p50_us",
+    );
+    let mut throughput = scenario(
+        "throughput",
+        "Throughput: one session",
+        &format!(
+            "{} MiB through one session, each direction, loopback; CPU seconds of the relay and agent sides per GB moved.",
+            plan.bytes >> 20
+        ),
+        &[
+            ("down_mbit_s", "camera→Watcher Mbit/s"),
+            ("up_mbit_s", "Watcher→camera Mbit/s"),
+            ("relay_cpu_s_per_gb", "relay CPU s/GB"),
+            ("agent_cpu_s_per_gb", "agent CPU s/GB"),
+        ],
+        "down_mbit_s",
+    );
+    let streams_title = |cameras: &str| {
+        format!(
+            "{} paced streams of {} Mbit/s ({} fps frames) for {} s {cameras}, loopback. A stream keeps pace when it receives ≥ 95 % of its frames; a stall is a gap over 200 ms between frames.",
+            plan.streams,
+            plan.stream_bits_per_sec / 1_000_000,
+            crate::traffic::FPS,
+            plan.stream_time.as_secs()
+        )
+    };
+    let stream_columns = [
+        ("kept_pace", "streams keeping pace"),
+        ("delay_p99_ms", "frame delay p99 ms"),
+        ("gap_max_ms", "longest gap ms"),
+        ("stalls", "stalls"),
+        ("relay_cpu_s", "relay CPU s"),
+        ("agent_cpu_s", "agent CPU s"),
+        ("relay_rss_mib", "relay RSS MiB"),
+        ("agent_rss_mib", "agent RSS MiB"),
+    ];
+    let mut one_camera = scenario(
+        "streams-one-camera",
+        "Many streams through one camera",
+        &streams_title("through one camera (one agent)"),
+        &stream_columns,
+        "delay_p99_ms",
+    );
+    let mut many_cameras = scenario(
+        "streams-many-cameras",
+        "Many streams through many cameras",
+        &streams_title("through as many cameras (one agent each)"),
+        &stream_columns,
+        "delay_p99_ms",
+    );
+
+    for &kind in &plan.paths {
+        eprintln!("bench: {}", kind.name());
+        match one_path(kind, plan, tools, &net, target_addr, &exe).await {
+            Ok(figures) => {
+                for (scenario, figures) in [
+                    (&mut latency, figures.latency),
+                    (&mut setup, figures.setup),
+                    (&mut throughput, figures.throughput),
+                    (&mut one_camera, figures.one_camera),
+                    (&mut many_cameras, figures.many_cameras),
+                ] {
+                    scenario.rows.push(row(kind, figures));
+                }
+            }
+            Err(e) => {
+                eprintln!("bench: {}: {e:#}", kind.name());
+                for scenario in [
+                    &mut latency,
+                    &mut setup,
+                    &mut throughput,
+                    &mut one_camera,
+                    &mut many_cameras,
+                ] {
+                    scenario.rows.push(Row {
+                        path: kind,
+                        figures: BTreeMap::new(),
+                        error: Some(format!("{e:#}")),
+                    });
+                }
+            }
+        }
+    }
+    added_over_direct(&mut latency, "p50_us", "added_p50_us");
+    drop(target);
+    Ok(vec![latency, setup, throughput, one_camera, many_cameras])
+}
+
+fn scenario(
+    id: &str,
+    title: &str,
+    method: &str,
+    columns: &[(&str, &str)],
+    chart: &str,
+) -> Scenario {
+    Scenario {
+        id: id.into(),
+        title: title.into(),
+        method: method.into(),
+        columns: columns
+            .iter()
+            .map(|(k, h)| (k.to_string(), h.to_string()))
+            .collect(),
+        chart: chart.into(),
+        rows: Vec::new(),
+    }
+}
+
+fn row(path: PathKind, figures: anyhow::Result<BTreeMap<String, f64>>) -> Row {
+    match figures {
+        Ok(figures) => Row {
+            path,
+            figures,
+            error: None,
+        },
+        Err(e) => Row {
+            path,
+            figures: BTreeMap::new(),
+            error: Some(format!("{e:#}")),
+        },
+    }
+}
+
+fn added_over_direct(scenario: &mut Scenario, figure: &str, added: &str) {
+    let direct = scenario
+        .rows
+        .iter()
+        .find(|r| r.path == PathKind::Direct)
+        .and_then(|r| r.figures.get(figure).copied());
+    if let Some(direct) = direct {
+        for row in &mut scenario.rows {
+            if let Some(&value) = row.figures.get(figure) {
+                row.figures.insert(added.into(), value - direct);
+            }
+        }
+    }
+}
+
+type Figures = anyhow::Result<BTreeMap<String, f64>>;
+
+struct PathFigures {
+    latency: Figures,
+    setup: Figures,
+    throughput: Figures,
+    one_camera: Figures,
+    many_cameras: Figures,
+}
+
+async fn one_path(
+    kind: PathKind,
+    plan: &Plan,
+    tools: &Tools,
+    net: &Net,
+    target: SocketAddr,
+    exe: &PathBuf,
+) -> anyhow::Result<PathFigures> {
+    let path = paths::start(kind, &[target], tools, net).await?;
+    let entry = path.entries[0];
+    let latency = async {
+        let p: Percentiles = client(
+            net,
+            exe,
+            &[
+                "latency",
+                &entry.to_string(),
+                "--count",
+                &plan.round_trips.to_string(),
+            ],
+        )
+        .await?;
+        Ok(BTreeMap::from([
+            ("p50_us".into(), p.p50),
+            ("p90_us".into(), p.p90),
+            ("p99_us".into(), p.p99),
+            ("p999_us".into(), p.p999),
+        ]))
+    }
+    .await;
+    let setup = async {
+        let p: Percentiles = client(
+            net,
+            exe,
+            &[
+                "setup",
+                &entry.to_string(),
+                "--count",
+                &plan.sessions.to_string(),
+            ],
+        )
+        .await?;
+        Ok(BTreeMap::from([
+            ("p50_us".into(), p.p50),
+            ("p99_us".into(), p.p99),
+            ("max_us".into(), p.max),
+        ]))
+    }
+    .await;
+    let throughput = async {
+        let meters =
+            [Role::Relay, Role::Agent].map(|role| Meter::start(pids(&path.processes, role)));
+        let bytes = plan.bytes.to_string();
+        let down: Throughput = client(
+            net,
+            exe,
+            &["throughput", &entry.to_string(), "--bytes", &bytes],
+        )
+        .await?;
+        let up: Throughput = client(
+            net,
+            exe,
+            &["throughput", &entry.to_string(), "--bytes", &bytes, "--up"],
+        )
+        .await?;
+        let [relay, agent] = meters.map(|m| m.stop());
+        let gb = 2.0 * plan.bytes as f64 / 1e9;
+        let mut figures = BTreeMap::from([
+            ("down_mbit_s".into(), down.bits_per_sec / 1e6),
+            ("up_mbit_s".into(), up.bits_per_sec / 1e6),
+        ]);
+        if kind != PathKind::Direct {
+            figures.insert("relay_cpu_s_per_gb".into(), relay.cpu_seconds / gb);
+            figures.insert("agent_cpu_s_per_gb".into(), agent.cpu_seconds / gb);
+        }
+        Ok(figures)
+    }
+    .await;
+    let one_camera = paced(net, exe, plan, &path, &vec![entry; plan.streams]).await;
+    drop(path);
+
+    let many_cameras = async {
+        let path = paths::start(kind, &vec![target; plan.streams], tools, net).await?;
+        let entries = path.entries.clone();
+        paced(net, exe, plan, &path, &entries).await
+    }
+    .await;
+    Ok(PathFigures {
+        latency,
+        setup,
+        throughput,
+        one_camera,
+        many_cameras,
+    })
+}
+
+async fn paced(
+    net: &Net,
+    exe: &PathBuf,
+    plan: &Plan,
+    path: &paths::Running,
+    entries: &[SocketAddr],
+) -> Figures {
+    let meters = [Role::Relay, Role::Agent].map(|role| Meter::start(pids(&path.processes, role)));
+    let mut args = vec![
+        "streams".to_string(),
+        "--bits-per-sec".into(),
+        plan.stream_bits_per_sec.to_string(),
+        "--seconds".into(),
+        plan.stream_time.as_secs().to_string(),
+    ];
+    args.extend(entries.iter().map(ToString::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let reports: Vec<StreamReport> = client(net, exe, &args).await?;
+    let [relay, agent]: [Usage; 2] = meters.map(|m| m.stop());
+    let kept = reports
+        .iter()
+        .filter(|r| r.frames * 100 >= r.frames_expected * 95)
+        .count();
+    let worst = |f: fn(&StreamReport) -> f64| reports.iter().map(f).fold(0.0, f64::max);
+    let mut figures = BTreeMap::from([
+        ("kept_pace".into(), kept as f64),
+        ("delay_p99_ms".into(), worst(|r| r.delay.p99) / 1000.0),
+        ("gap_max_ms".into(), worst(|r| r.gaps.max) / 1000.0),
+        (
+            "stalls".into(),
+            reports.iter().map(|r| r.stalls).sum::<u64>() as f64,
+        ),
+    ]);
+    // Direct TCP has no tunnel processes to measure.
+    if !path.processes.is_empty() {
+        figures.extend([
+            ("relay_cpu_s".into(), relay.cpu_seconds),
+            ("agent_cpu_s".into(), agent.cpu_seconds),
+            ("relay_rss_mib".into(), relay.rss_kib as f64 / 1024.0),
+            ("agent_rss_mib".into(), agent.rss_kib as f64 / 1024.0),
+        ]);
+    }
+    Ok(figures)
+}
+
+fn pids(processes: &[(Role, Child)], role: Role) -> Vec<u32> {
+    processes
+        .iter()
+        .filter(|(r, _)| *r == role)
+        .filter_map(|(_, c)| c.pid())
+        .collect()
+}
+
+/// Runs `bench client <args>` on the Watchers' side and parses its result line.
+async fn client<T: serde::de::DeserializeOwned>(
+    net: &Net,
+    exe: &PathBuf,
+    args: &[&str],
+) -> anyhow::Result<T> {
+    let out = net
+        .relay
+        .command(exe)
+        .arg("client")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let result = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .with_context(|| {
+            format!(
+                "bench client {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+    Ok(serde_json::from_str(result)?)
+}
