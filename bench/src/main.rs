@@ -31,6 +31,9 @@ enum Cmd {
         /// More samples, more data, more streams (tens of minutes).
         #[arg(long)]
         long: bool,
+        /// Which scenarios: all, loopback, impaired.
+        #[arg(long, value_enum, default_value = "all")]
+        part: run::Part,
         /// Do not install missing peers; report them as not measured.
         #[arg(long)]
         offline: bool,
@@ -42,6 +45,17 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+    },
+    /// Delays and drops the packets of an NFQUEUE (run in the NAT router's namespace).
+    Impair {
+        #[arg(long, default_value_t = 0)]
+        queue: u16,
+        /// Delay each way, milliseconds.
+        #[arg(long)]
+        delay_ms: u64,
+        /// Fraction of packets dropped, e.g. 0.02.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
     },
     /// One measurement from the Watcher's side; prints `RESULT <json>`.
     Client {
@@ -91,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             out,
             paths,
             long,
+            part,
             offline,
         } => {
             let paths = if paths.is_empty() {
@@ -100,9 +115,9 @@ async fn main() -> anyhow::Result<()> {
             };
             let tools = Tools::install(offline).await;
             let plan = if long {
-                run::Plan::long(paths)
+                run::Plan::long(part, paths)
             } else {
-                run::Plan::quick(paths)
+                run::Plan::quick(part, paths)
             };
             e2e::set_echo(false);
             let scenarios = run::run(&plan, &tools).await?;
@@ -124,6 +139,11 @@ async fn main() -> anyhow::Result<()> {
             println!("READY {}", listener.local_addr()?);
             traffic::serve(listener).await?;
         }
+        Cmd::Impair {
+            queue,
+            delay_ms,
+            loss,
+        } => bench::impair::run(queue, Duration::from_millis(delay_ms), loss)?,
         Cmd::Client { measure } => match measure {
             Measure::Latency { addr, count, size } => {
                 result(&traffic::latency(addr, size, count, 500).await?)

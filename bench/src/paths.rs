@@ -88,6 +88,9 @@ pub struct Net {
     pub relay_ip: String,
     /// The camera's side: agents and targets.
     pub camera: Place,
+    /// The camera's NAT router and its public address, where direct TCP goes through
+    /// a port forward (None on loopback, where the Watcher reaches the target itself).
+    pub router: Option<(Place, String)>,
 }
 
 impl Net {
@@ -97,6 +100,7 @@ impl Net {
             relay: Place::host(),
             relay_ip: "127.0.0.1".into(),
             camera: Place::host(),
+            router: None,
         }
     }
 }
@@ -114,7 +118,39 @@ pub async fn start(
     let mut processes = Vec::new();
     let relay_ip = &net.relay_ip;
     let entries: Vec<SocketAddr> = match kind {
-        PathKind::Direct => targets.to_vec(),
+        PathKind::Direct => match &net.router {
+            None => targets.to_vec(),
+            Some((router, public_ip)) => {
+                // A port forward on the camera's router, as for direct access today.
+                for target in targets {
+                    let port = target.port().to_string();
+                    e2e::netns::run(
+                        router,
+                        "iptables",
+                        &[
+                            "-t",
+                            "nat",
+                            "-A",
+                            "PREROUTING",
+                            "-d",
+                            public_ip,
+                            "-p",
+                            "tcp",
+                            "--dport",
+                            &port,
+                            "-j",
+                            "DNAT",
+                            "--to-destination",
+                            &target.to_string(),
+                        ],
+                    )?;
+                }
+                targets
+                    .iter()
+                    .map(|t| Ok(SocketAddr::new(public_ip.parse()?, t.port())))
+                    .collect::<anyhow::Result<_>>()?
+            }
+        },
         PathKind::Ours => {
             let control = free_ports(1)[0];
             // The relay's camera ports are a run starting at --tunnel-port.
@@ -153,7 +189,9 @@ pub async fn start(
                     .wait_for_line("online: the relay serves this camera")
                     .await?;
                 processes.push((Role::Agent, agent));
-                entries.push(SocketAddr::new(relay_ip.parse()?, port));
+                // The relay serves cameras on its own host's loopback, as for a VMS
+                // next to it.
+                entries.push(SocketAddr::from(([127, 0, 0, 1], port)));
             }
             entries
         }

@@ -18,6 +18,8 @@ use crate::{
 /// How much to measure.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// Which scenarios.
+    pub part: Part,
     /// Paths to compare.
     pub paths: Vec<PathKind>,
     /// Round trips per latency measurement.
@@ -32,12 +34,17 @@ pub struct Plan {
     pub stream_bits_per_sec: u64,
     /// How long the paced streams run.
     pub stream_time: Duration,
+    /// Sessions per setup measurement over the delayed link.
+    pub delayed_sessions: u64,
+    /// How long the paced streams run over the lossy link.
+    pub loss_time: Duration,
 }
 
 impl Plan {
     /// The default run: short enough for `make bench` on 2 cores.
-    pub fn quick(paths: Vec<PathKind>) -> Self {
+    pub fn quick(part: Part, paths: Vec<PathKind>) -> Self {
         Plan {
+            part,
             paths,
             round_trips: 5_000,
             sessions: 200,
@@ -45,12 +52,15 @@ impl Plan {
             streams: 8,
             stream_bits_per_sec: 4_000_000,
             stream_time: Duration::from_secs(15),
+            delayed_sessions: 30,
+            loss_time: Duration::from_secs(30),
         }
     }
 
     /// `--long`: more samples, more data, more streams.
-    pub fn long(paths: Vec<PathKind>) -> Self {
+    pub fn long(part: Part, paths: Vec<PathKind>) -> Self {
         Plan {
+            part,
             paths,
             round_trips: 50_000,
             sessions: 1_000,
@@ -58,6 +68,8 @@ impl Plan {
             streams: 32,
             stream_bits_per_sec: 4_000_000,
             stream_time: Duration::from_secs(60),
+            delayed_sessions: 200,
+            loss_time: Duration::from_secs(180),
         }
     }
 }
@@ -92,17 +104,46 @@ pub struct Scenario {
 
 /// Runs the plan; a path that fails in a scenario is reported in its row.
 pub async fn run(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
-    let net = Net::loopback();
-    let exe = std::env::current_exe()?;
-    let mut target = net.camera.command(&exe);
-    target.args(["target", "--listen", "127.0.0.1:0"]);
+    let mut scenarios = Vec::new();
+    if plan.part != Part::Impaired {
+        scenarios.extend(loopback(plan, tools).await?);
+    }
+    if plan.part != Part::Loopback {
+        scenarios.extend(impaired(plan, tools).await?);
+    }
+    Ok(scenarios)
+}
+
+/// Which scenarios run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Every scenario.
+    All,
+    /// Only those on loopback (latency, setup, throughput, streams).
+    Loopback,
+    /// Only those over the impaired camera link (delayed setup, loss).
+    Impaired,
+}
+
+/// Starts `bench target` on the camera's side, listening on `ip`.
+async fn start_target(net: &Net, exe: &PathBuf, ip: &str) -> anyhow::Result<(Child, SocketAddr)> {
+    let mut target = net.camera.command(exe);
+    target.args(["target", "--listen", &format!("{ip}:0")]);
     let mut target = Child::spawn("target", target)?;
     let ready = target.wait_for_line("READY ").await?;
-    let target_addr: SocketAddr = ready
+    let addr = ready
         .trim_start_matches("READY ")
         .trim()
         .parse()
         .with_context(|| format!("bad READY line {ready:?}"))?;
+    Ok((target, addr))
+}
+
+/// The scenarios on this host's loopback: the tunnels' own costs, nothing else in the way.
+async fn loopback(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
+    let net = Net::loopback();
+    let exe = std::env::current_exe()?;
+    let (target, target_addr) = start_target(&net, &exe, "127.0.0.1").await?;
 
     let mut latency = scenario(
         "latency",
@@ -218,6 +259,127 @@ pub async fn run(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
     added_over_direct(&mut latency, "p50_us", "added_p50_us");
     drop(target);
     Ok(vec![latency, setup, throughput, one_camera, many_cameras])
+}
+
+/// Link delay each way on the impaired camera link.
+const DELAY: Duration = Duration::from_millis(25);
+/// Packet loss on the lossy camera link.
+const LOSS: f64 = 0.02;
+
+/// The scenarios over a bad camera link: the camera behind a NAT router in network
+/// namespaces, the router delaying (and dropping) packets in userspace.
+async fn impaired(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
+    let exe = std::env::current_exe()?;
+    let lab = e2e::Lab::new(1)?;
+    let net = Net {
+        relay: lab.relay(),
+        relay_ip: e2e::netns::RELAY_IP.into(),
+        camera: lab.camera(0),
+        router: Some((lab.nat(), e2e::netns::NAT_PUBLIC_IP.into())),
+    };
+    e2e::netns::run(
+        &lab.nat(),
+        "iptables",
+        &["-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0"],
+    )?;
+    let (_target, target) = start_target(&net, &exe, &e2e::netns::camera_ip(0)).await?;
+    let rtt_ms = 2.0 * DELAY.as_secs_f64() * 1000.0;
+
+    let mut setup = scenario(
+        "setup-delayed",
+        "Session setup over a camera link with 25 ms each way",
+        &format!(
+            "{} sessions one after another from the relay's side; the camera behind NAT, its link delayed {} ms each way (round trip {rtt_ms} ms) in userspace (NFQUEUE). Direct TCP goes through a port forward on the camera's router. In round trips of that link, the physical minimum is 1.",
+            plan.delayed_sessions,
+            DELAY.as_millis()
+        ),
+        &[
+            ("p50_ms", "p50 ms"),
+            ("p50_rtts", "p50 round trips"),
+            ("p99_rtts", "p99 round trips"),
+        ],
+        "p50_rtts",
+    );
+    let mut impair = start_impair(&lab, &exe, DELAY, 0.0).await?;
+    for &kind in &plan.paths {
+        eprintln!("bench: {} over the delayed link", kind.name());
+        let figures = async {
+            let path = paths::start(kind, &[target], tools, &net).await?;
+            let p: Percentiles = client(
+                &net,
+                &exe,
+                &[
+                    "setup",
+                    &path.entries[0].to_string(),
+                    "--count",
+                    &plan.delayed_sessions.to_string(),
+                ],
+            )
+            .await?;
+            Ok(BTreeMap::from([
+                ("p50_ms".into(), p.p50 / 1000.0),
+                ("p50_rtts".into(), p.p50 / 1000.0 / rtt_ms),
+                ("p99_rtts".into(), p.p99 / 1000.0 / rtt_ms),
+            ]))
+        }
+        .await;
+        setup.rows.push(row(kind, figures));
+    }
+    // Gone before the next one binds the same queue.
+    impair.kill().await?;
+
+    let mut lossy = scenario(
+        "loss",
+        "Streams over a lossy camera link: 2 % loss, 25 ms each way",
+        &format!(
+            "{} paced streams of {} Mbit/s for {} s through one camera whose link drops 2 % of packets and delays the rest {} ms each way (NFQUEUE). A stall is a gap over 200 ms between frames; with one TCP connection carrying every stream, one lost packet holds up all of them.",
+            plan.streams,
+            plan.stream_bits_per_sec / 1_000_000,
+            plan.loss_time.as_secs(),
+            DELAY.as_millis()
+        ),
+        &[
+            ("kept_pace", "streams keeping pace"),
+            ("stalls", "stalls"),
+            ("gap_p99_ms", "gap p99 ms (worst stream)"),
+            ("gap_max_ms", "longest gap ms"),
+            ("delay_p99_ms", "frame delay p99 ms"),
+        ],
+        "gap_p99_ms",
+    );
+    let mut impair = start_impair(&lab, &exe, DELAY, LOSS).await?;
+    let lossy_plan = Plan {
+        stream_time: plan.loss_time,
+        ..plan.clone()
+    };
+    for &kind in &plan.paths {
+        eprintln!("bench: {} over the lossy link", kind.name());
+        let figures = async {
+            let path = paths::start(kind, &[target], tools, &net).await?;
+            let entries = vec![path.entries[0]; plan.streams];
+            paced(&net, &exe, &lossy_plan, &path, &entries).await
+        }
+        .await;
+        lossy.rows.push(row(kind, figures));
+    }
+    // Gone before the next one binds the same queue.
+    impair.kill().await?;
+    Ok(vec![setup, lossy])
+}
+
+/// Starts `bench impair` in the router's namespace.
+async fn start_impair(
+    lab: &e2e::Lab,
+    exe: &PathBuf,
+    delay: Duration,
+    loss: f64,
+) -> anyhow::Result<Child> {
+    let mut cmd = lab.nat().command(exe);
+    cmd.args(["impair", "--delay-ms", &delay.as_millis().to_string()])
+        .args(["--loss", &loss.to_string()]);
+    let mut impair = Child::spawn("impair", cmd)?;
+    impair.wait_for_line("READY impair").await?;
+    Ok(impair)
 }
 
 fn scenario(
@@ -404,6 +566,7 @@ async fn paced(
         ("kept_pace".into(), kept as f64),
         ("delay_p99_ms".into(), worst(|r| r.delay.p99) / 1000.0),
         ("gap_max_ms".into(), worst(|r| r.gaps.max) / 1000.0),
+        ("gap_p99_ms".into(), worst(|r| r.gaps.p99) / 1000.0),
         (
             "stalls".into(),
             reports.iter().map(|r| r.stalls).sum::<u64>() as f64,

@@ -134,6 +134,12 @@ fn transport(max_streams: u32) -> TransportConfig {
     t.keep_alive_interval(Some(QUIC_KEEP_ALIVE));
     t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // BBR, not quinn's default CUBIC: every Watcher session of a camera shares this one
+    // connection, and on a lossy uplink (bench: 2 % loss, 25 ms each way, 8 streams of
+    // 4 Mbit/s) CUBIC's backoff on every random loss starved all of them (0 of 8 kept
+    // pace, frames minutes late), while BBR, which paces by measured bandwidth and RTT
+    // rather than loss, kept all 8 at pace with one stall (docs/benchmarks.md).
+    t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     t
 }
 
