@@ -3,10 +3,7 @@
 //! bore, and rusnel. A path carries one or more cameras (targets); each camera gets
 //! its own client process (agent), as each real camera runs its own.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::{net::SocketAddr, path::Path};
 
 use anyhow::{bail, Context as _};
 use e2e::{bin, free_port_run, free_ports, Child, Place};
@@ -324,7 +321,7 @@ async fn rathole(
 }
 
 /// A fresh Noise key pair from `rathole --genkey`.
-async fn rathole_keys(exe: &PathBuf) -> anyhow::Result<(String, String)> {
+async fn rathole_keys(exe: &Path) -> anyhow::Result<(String, String)> {
     let out = tokio::process::Command::new(exe)
         .arg("--genkey")
         .output()

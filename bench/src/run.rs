@@ -2,7 +2,7 @@
 //! stands next to direct TCP and the peers measured on the same machine at the same
 //! time.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::Context as _;
 use e2e::Child;
@@ -126,7 +126,7 @@ pub enum Part {
 }
 
 /// Starts `bench target` on the camera's side, listening on `ip`.
-async fn start_target(net: &Net, exe: &PathBuf, ip: &str) -> anyhow::Result<(Child, SocketAddr)> {
+async fn start_target(net: &Net, exe: &Path, ip: &str) -> anyhow::Result<(Child, SocketAddr)> {
     let mut target = net.camera.command(exe);
     target.args(["target", "--listen", &format!("{ip}:0")]);
     let mut target = Child::spawn("target", target)?;
@@ -305,17 +305,8 @@ async fn impaired(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
         eprintln!("bench: {} over the delayed link", kind.name());
         let figures = async {
             let path = paths::start(kind, &[target], tools, &net).await?;
-            let p: Percentiles = client(
-                &net,
-                &exe,
-                &[
-                    "setup",
-                    &path.entries[0].to_string(),
-                    "--count",
-                    &plan.delayed_sessions.to_string(),
-                ],
-            )
-            .await?;
+            let p =
+                percentiles(&net, &exe, "setup", path.entries[0], plan.delayed_sessions).await?;
             Ok(BTreeMap::from([
                 ("p50_ms".into(), p.p50 / 1000.0),
                 ("p50_rtts".into(), p.p50 / 1000.0 / rtt_ms),
@@ -370,7 +361,7 @@ async fn impaired(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
 /// Starts `bench impair` in the router's namespace.
 async fn start_impair(
     lab: &e2e::Lab,
-    exe: &PathBuf,
+    exe: &Path,
     delay: Duration,
     loss: f64,
 ) -> anyhow::Result<Child> {
@@ -448,22 +439,12 @@ async fn one_path(
     tools: &Tools,
     net: &Net,
     target: SocketAddr,
-    exe: &PathBuf,
+    exe: &Path,
 ) -> anyhow::Result<PathFigures> {
     let path = paths::start(kind, &[target], tools, net).await?;
     let entry = path.entries[0];
     let latency = async {
-        let p: Percentiles = client(
-            net,
-            exe,
-            &[
-                "latency",
-                &entry.to_string(),
-                "--count",
-                &plan.round_trips.to_string(),
-            ],
-        )
-        .await?;
+        let p = percentiles(net, exe, "latency", entry, plan.round_trips).await?;
         Ok(BTreeMap::from([
             ("p50_us".into(), p.p50),
             ("p90_us".into(), p.p90),
@@ -473,17 +454,7 @@ async fn one_path(
     }
     .await;
     let setup = async {
-        let p: Percentiles = client(
-            net,
-            exe,
-            &[
-                "setup",
-                &entry.to_string(),
-                "--count",
-                &plan.sessions.to_string(),
-            ],
-        )
-        .await?;
+        let p = percentiles(net, exe, "setup", entry, plan.sessions).await?;
         Ok(BTreeMap::from([
             ("p50_us".into(), p.p50),
             ("p99_us".into(), p.p99),
@@ -540,7 +511,7 @@ async fn one_path(
 
 async fn paced(
     net: &Net,
-    exe: &PathBuf,
+    exe: &Path,
     plan: &Plan,
     path: &paths::Running,
     entries: &[SocketAddr],
@@ -592,10 +563,22 @@ fn pids(processes: &[(Role, Child)], role: Role) -> Vec<u32> {
         .collect()
 }
 
+/// `bench client <measure> <entry> --count <count>`: a latency or setup distribution.
+async fn percentiles(
+    net: &Net,
+    exe: &Path,
+    measure: &str,
+    entry: SocketAddr,
+    count: u64,
+) -> anyhow::Result<Percentiles> {
+    let (entry, count) = (entry.to_string(), count.to_string());
+    client(net, exe, &[measure, &entry, "--count", &count]).await
+}
+
 /// Runs `bench client <args>` on the Watchers' side and parses its result line.
 async fn client<T: serde::de::DeserializeOwned>(
     net: &Net,
-    exe: &PathBuf,
+    exe: &Path,
     args: &[&str],
 ) -> anyhow::Result<T> {
     let out = net

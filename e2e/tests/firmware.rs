@@ -71,23 +71,21 @@ async fn carries_a_stream(mut agent: Child, port: u16) {
     agent.kill().await.unwrap();
 }
 
-/// The package built by `make firmware CAMERA=dahua-2449s-il`, and Debian's busybox.
-fn package_and_busybox() -> (PathBuf, PathBuf) {
-    let package = repo().join(format!("firmware/dist/{CAMERA}/{CAMERA}_firmware.tar.gz"));
+/// Debian's busybox for armhf, fetched by `make firmware CAMERA=dahua-2449s-il`.
+fn busybox() -> PathBuf {
     let busybox = repo().join("firmware/.toolchain/busybox-static_armhf.deb");
     assert!(
-        package.is_file() && busybox.is_file(),
-        "{} or {} missing: run `make firmware CAMERA={CAMERA}` (make test does)",
-        package.display(),
+        busybox.is_file(),
+        "{} missing: run `make firmware CAMERA={CAMERA}` (make test does)",
         busybox.display()
     );
-    (package, busybox)
+    busybox
 }
 
 /// A minimal camera root under `dir`: busybox and its applets, the device nodes every
 /// camera has (randomness for TLS, QUIC and backoff jitter), qemu to run ARM programs.
 fn camera_root(dir: &Path) -> PathBuf {
-    let (_, busybox) = package_and_busybox();
+    let busybox = busybox();
     let root = dir.join("root");
     run(StdCommand::new("dpkg").arg("-x").arg(&busybox).arg(&root));
     for sub in ["usr/bin", "tmp", "dev", "etc"] {
@@ -113,14 +111,27 @@ fn camera_root(dir: &Path) -> PathBuf {
     root
 }
 
-/// Unpacks the package into the root's /tmp; returns where, as the camera sees it.
-fn unpack_package(root: &Path) -> String {
-    let (package, _) = package_and_busybox();
+/// Unpacks `camera`'s package (built by `make firmware`) into `dir`; returns the
+/// unpacked directory.
+fn unpack_package(camera: &str, dir: &Path) -> PathBuf {
+    let package = repo().join(format!("firmware/dist/{camera}/{camera}_firmware.tar.gz"));
+    assert!(
+        package.is_file(),
+        "{} missing: run `make firmware CAMERA={camera}` (make test does)",
+        package.display()
+    );
     run(StdCommand::new("tar")
         .arg("xzf")
         .arg(&package)
         .arg("-C")
-        .arg(root.join("tmp")));
+        .arg(dir));
+    dir.join(format!("{camera}_firmware"))
+}
+
+/// [`unpack_package`] of this camera into the root's /tmp; returns where, as the
+/// camera sees it.
+fn unpack_into_root(root: &Path) -> String {
+    unpack_package(CAMERA, &root.join("tmp"));
     format!("/tmp/{CAMERA}_firmware")
 }
 
@@ -131,7 +142,7 @@ async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera
     let before = tree(&root);
 
     // Install from the unpacked package, as over SSH (not started: no init here).
-    let unpacked = unpack_package(&root);
+    let unpacked = unpack_into_root(&root);
     run(StdCommand::new("sha256sum")
         .args(["-c", "SHA256SUMS"])
         .current_dir(root.join(&unpacked[1..])));
@@ -181,7 +192,7 @@ async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera
 async fn the_static_agent_finds_the_relay_by_name_on_an_emulated_camera() {
     let dir = tempfile::tempdir().unwrap();
     let root = camera_root(dir.path());
-    let agent_bin = format!("{}/camera-agent", unpack_package(&root));
+    let agent_bin = format!("{}/camera-agent", unpack_into_root(&root));
     let lab = Lab::new(1).unwrap();
     let relay = RelayProcess::start_in(&lab.relay(), RELAY_IP, 8080, 8554, "fw-token", &[])
         .await
@@ -281,19 +292,8 @@ async fn the_static_agent_finds_the_relay_by_name_on_an_emulated_camera() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aarch64_package_tunnels_video_under_emulation() {
     const NEWER: &str = "generic-aarch64";
-    let package = repo().join(format!("firmware/dist/{NEWER}/{NEWER}_firmware.tar.gz"));
-    assert!(
-        package.is_file(),
-        "{} missing: run `make firmware CAMERA={NEWER}` (make test does)",
-        package.display()
-    );
     let dir = tempfile::tempdir().unwrap();
-    run(StdCommand::new("tar")
-        .arg("xzf")
-        .arg(&package)
-        .arg("-C")
-        .arg(dir.path()));
-    let unpacked = dir.path().join(format!("{NEWER}_firmware"));
+    let unpacked = unpack_package(NEWER, dir.path());
     let described = run(StdCommand::new("file").arg(unpacked.join("camera-agent")));
     assert!(
         described.contains("ARM aarch64") && described.contains("statically linked"),
