@@ -225,25 +225,34 @@ pub async fn start(
             let exe = tools.path("rusnel")?;
             let ports = free_ports(1 + targets.len());
             let control = format!("{relay_ip}:{}", ports[0]);
+            // Its own advice: BBR where the link has delay or loss.
+            let congestion = if net.router.is_some() { "bbr" } else { "cubic" };
             let mut server = net.relay.command(&exe);
             server
-                .args([
-                    "server",
-                    "--host",
-                    relay_ip,
-                    "--port",
-                    &ports[0].to_string(),
-                ])
-                .arg("--allow-reverse");
+                .args(["server", "--host", relay_ip])
+                .args(["--port", &ports[0].to_string()])
+                .args(["--allow-reverse", "--no-admin-socket", "--congestion", congestion])
+                // A self-signed identity the clients pin, as ours pins its relay.
+                .args(["--tls-self-signed", "--tls-state-dir"])
+                .arg(dir.path().join("rusnel"));
             let mut server = Child::spawn("rusnel-server", server)?;
-            server.wait_for_line("listening").await?;
+            let line = server.wait_for_line("server cert fingerprint").await?;
+            let fingerprint = line
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("fingerprint="))
+                .with_context(|| format!("no fingerprint in rusnel's line {line:?}"))?
+                .to_string();
+            server.wait_for_line("server listening").await?;
             processes.push((Role::Relay, server));
             let mut entries = Vec::new();
             for (i, target) in targets.iter().enumerate() {
                 let remote = format!("R:{relay_ip}:{}:{target}", ports[1 + i]);
                 let mut client = net.camera.command(&exe);
-                client.args(["client", &control, &remote]);
-                let client = Child::spawn(&format!("rusnel-{i}"), client)?;
+                client
+                    .args(["client", "--tls-fingerprint", &fingerprint])
+                    .args(["--congestion", congestion, &control, &remote]);
+                let mut client = Child::spawn(&format!("rusnel-{i}"), client)?;
+                client.wait_for_line("tunnel registered").await?;
                 processes.push((Role::Agent, client));
                 let entry = SocketAddr::new(relay_ip.parse()?, ports[1 + i]);
                 wait_listening(net, entry).await?;
