@@ -29,7 +29,7 @@ test: build
 ## builds; peers installed once into ~/.cache/camera-relay-bench). Short by default;
 ## BENCH_ARGS="--long" for the long run, "--paths direct,ours" for a subset.
 bench: setup
-	$(CARGO) build --release --locked -p relay -p agent -p bench
+	$(CARGO) build --release --locked -p relay -p agent -p certs -p bench
 	./target/release/bench run --out bench/results $(BENCH_ARGS)
 
 ## Fuzz the control-message and stream-header decoders, FUZZ_SECONDS each, growing the

@@ -7,7 +7,8 @@ use common::tls;
 
 use common::protocol::{
     decode_control, encode_control, AgentMessage, CameraInfo, Command, Register, Registered,
-    RelayMessage, ServiceRequest, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION, SERVICE_RTSP,
+    RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
+    SERVICE_RTSP,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
@@ -45,7 +46,9 @@ pub(crate) async fn connect(
     let attempt = async {
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(MAX_CONTROL_MESSAGE))
-            .max_frame_size(Some(MAX_CONTROL_MESSAGE));
+            .max_frame_size(Some(MAX_CONTROL_MESSAGE))
+            .read_buffer_size(CONTROL_READ_BUFFER)
+            .write_buffer_size(0);
         let tcp = dial(config).await?;
         let (mut socket, _response) = tokio_tungstenite::client_async_tls_with_config(
             config.relay.url.as_str(),

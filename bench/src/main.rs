@@ -31,7 +31,7 @@ enum Cmd {
         /// More samples, more data, more streams (tens of minutes).
         #[arg(long)]
         long: bool,
-        /// Which scenarios: all, loopback, impaired.
+        /// Which scenarios: all, loopback, scale, impaired.
         #[arg(long, value_enum, default_value = "all")]
         part: run::Part,
         /// Do not install missing peers; report them as not measured.
@@ -56,6 +56,25 @@ enum Cmd {
         /// Fraction of packets dropped, e.g. 0.02.
         #[arg(long, default_value_t = 0.0)]
         loss: f64,
+    },
+    /// Many idle cameras (real agents) in this one process; prints `READY <seconds>`
+    /// once all are online, then keeps them until killed.
+    Fleet {
+        /// The relay's control URL.
+        #[arg(long)]
+        relay: String,
+        /// The shared registration token.
+        #[arg(long)]
+        token: String,
+        /// The relay certificate's SHA-256 fingerprint.
+        #[arg(long)]
+        fingerprint: String,
+        /// How many cameras.
+        #[arg(long)]
+        count: usize,
+        /// Seconds to wait for all of them to come online.
+        #[arg(long, default_value_t = 120)]
+        deadline_secs: u64,
     },
     /// One measurement from the Watcher's side; prints `RESULT <json>`.
     Client {
@@ -144,6 +163,22 @@ async fn main() -> anyhow::Result<()> {
             delay_ms,
             loss,
         } => bench::impair::run(queue, Duration::from_millis(delay_ms), loss)?,
+        Cmd::Fleet {
+            relay,
+            token,
+            fingerprint,
+            count,
+            deadline_secs,
+        } => {
+            bench::fleet::run(bench::fleet::FleetConfig {
+                relay_url: relay,
+                token,
+                fingerprint,
+                count,
+                deadline: Duration::from_secs(deadline_secs),
+            })
+            .await?
+        }
         Cmd::Client { measure } => match measure {
             Measure::Latency { addr, count, size } => {
                 result(&traffic::latency(addr, size, count, 500).await?)

@@ -102,7 +102,8 @@ impl Net {
     }
 }
 
-const TOKEN: &str = "bench-token-0123456789abcdef";
+/// The registration token every tunnel of the bench uses.
+pub(crate) const TOKEN: &str = "bench-token-0123456789abcdef";
 
 /// Starts `kind` for cameras at `targets`.
 pub async fn start(
@@ -231,7 +232,12 @@ pub async fn start(
             server
                 .args(["server", "--host", relay_ip])
                 .args(["--port", &ports[0].to_string()])
-                .args(["--allow-reverse", "--no-admin-socket", "--congestion", congestion])
+                .args([
+                    "--allow-reverse",
+                    "--no-admin-socket",
+                    "--congestion",
+                    congestion,
+                ])
                 // A self-signed identity the clients pin, as ours pins its relay.
                 .args(["--tls-self-signed", "--tls-state-dir"])
                 .arg(dir.path().join("rusnel"));

@@ -38,6 +38,10 @@ pub struct Plan {
     pub delayed_sessions: u64,
     /// How long the paced streams run over the lossy link.
     pub loss_time: Duration,
+    /// Idle cameras connected to one relay in the scale scenario.
+    pub fleet: usize,
+    /// How long the idle fleet is watched (at least one heartbeat period).
+    pub idle_time: Duration,
 }
 
 impl Plan {
@@ -54,6 +58,8 @@ impl Plan {
             stream_time: Duration::from_secs(15),
             delayed_sessions: 30,
             loss_time: Duration::from_secs(30),
+            fleet: 1_000,
+            idle_time: Duration::from_secs(35),
         }
     }
 
@@ -70,6 +76,8 @@ impl Plan {
             stream_time: Duration::from_secs(60),
             delayed_sessions: 200,
             loss_time: Duration::from_secs(180),
+            fleet: 5_000,
+            idle_time: Duration::from_secs(120),
         }
     }
 }
@@ -105,10 +113,13 @@ pub struct Scenario {
 /// Runs the plan; a path that fails in a scenario is reported in its row.
 pub async fn run(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
     let mut scenarios = Vec::new();
-    if plan.part != Part::Impaired {
+    if matches!(plan.part, Part::All | Part::Loopback) {
         scenarios.extend(loopback(plan, tools).await?);
     }
-    if plan.part != Part::Loopback {
+    if matches!(plan.part, Part::All | Part::Scale) && plan.paths.contains(&PathKind::Ours) {
+        scenarios.push(scale(plan).await);
+    }
+    if matches!(plan.part, Part::All | Part::Impaired) {
         scenarios.extend(impaired(plan, tools).await?);
     }
     Ok(scenarios)
@@ -121,6 +132,8 @@ pub enum Part {
     All,
     /// Only those on loopback (latency, setup, throughput, streams).
     Loopback,
+    /// Only the idle fleet on one relay (ours).
+    Scale,
     /// Only those over the impaired camera link (delayed setup, loss).
     Impaired,
 }
@@ -259,6 +272,112 @@ async fn loopback(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
     added_over_direct(&mut latency, "p50_us", "added_p50_us");
     drop(target);
     Ok(vec![latency, setup, throughput, one_camera, many_cameras])
+}
+
+/// The scale scenario: one relay, a fleet of idle cameras (real agents, many per
+/// process), over TLS on both links as deployed. What an idle camera costs the relay.
+async fn scale(plan: &Plan) -> Scenario {
+    let mut scenario = scenario(
+        "scale",
+        "Scale: idle cameras on one relay",
+        &format!(
+            "{} agents (the agent crate's own session loop, many in one process) register with one relay over wss:// and QUIC, pinning its certificate, then idle for {} s with the default 30 s heartbeat, loopback. Memory per camera is the relay's growth from its empty state divided by the cameras.",
+            plan.fleet,
+            plan.idle_time.as_secs()
+        ),
+        &[
+            ("cameras", "cameras online"),
+            ("online_s", "all online after s"),
+            ("relay_rss_mib", "relay RSS MiB"),
+            ("relay_kib_per_camera", "relay KiB per camera"),
+            ("relay_idle_cpu_pct", "relay idle CPU %"),
+            ("agent_kib_per_camera", "agent KiB per camera"),
+        ],
+        "relay_kib_per_camera",
+    );
+    eprintln!("bench: {} idle cameras", plan.fleet);
+    let figures = fleet(plan).await;
+    scenario.rows.push(row(PathKind::Ours, figures));
+    scenario
+}
+
+async fn fleet(plan: &Plan) -> Figures {
+    let dir = tempfile::tempdir()?;
+    let certs = e2e::bin("certs")?;
+    let made = tokio::process::Command::new(&certs)
+        .args(["relay", "--ip", "127.0.0.1", "--out"])
+        .arg(dir.path())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        made.status.success(),
+        "certs relay failed: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let printed = tokio::process::Command::new(&certs)
+        .arg("fingerprint")
+        .arg(dir.path().join("relay.crt"))
+        .output()
+        .await?;
+    let fingerprint = String::from_utf8_lossy(&printed.stdout).trim().to_string();
+    let control = e2e::free_ports(1)[0];
+    let first = e2e::free_port_run(u16::try_from(plan.fleet)?);
+    let config = format!(
+        "listen = \"127.0.0.1:{control}\"\n\
+         camera_ports = \"{first}-{last}\"\n\
+         shared_token = \"{token}\"\n\
+         [tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+         [limits]\nmax_agents = {max}\n",
+        last = first as usize + plan.fleet - 1,
+        cert = dir.path().join("relay.crt").display(),
+        key = dir.path().join("relay.key").display(),
+        max = plan.fleet,
+        token = paths::TOKEN,
+    );
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, config)?;
+    let mut relay = tokio::process::Command::new(e2e::bin("relay")?);
+    relay
+        .arg("--config")
+        .arg(&file)
+        .env("RELAY_LOG", "warn,relay=info");
+    let mut relay = Child::spawn("relay", relay)?;
+    relay.wait_for_line("relay ready").await?;
+    let relay_pid = relay.pid().context("relay exited")?;
+    let empty = crate::procstat::rss_kib(relay_pid).context("relay exited")?;
+
+    let mut fleet = tokio::process::Command::new(std::env::current_exe()?);
+    fleet
+        .arg("fleet")
+        .args(["--relay", &format!("wss://127.0.0.1:{control}/tunnel")])
+        .args(["--token", paths::TOKEN, "--fingerprint", &fingerprint])
+        .args(["--count", &plan.fleet.to_string()]);
+    let mut fleet = Child::spawn("fleet", fleet)?;
+    let ready = fleet
+        .wait_for_line_within("READY ", Duration::from_secs(150))
+        .await?;
+    let online = crate::fleet::parse_ready(&ready)?;
+    let fleet_pid = fleet.pid().context("fleet exited")?;
+
+    let meter = Meter::start(vec![relay_pid]);
+    tokio::time::sleep(plan.idle_time).await;
+    let idle = meter.stop();
+    let fleet_rss = crate::procstat::rss_kib(fleet_pid).context("fleet exited")?;
+    let cameras = plan.fleet as f64;
+    Ok(BTreeMap::from([
+        ("cameras".into(), cameras),
+        ("online_s".into(), online.as_secs_f64()),
+        ("relay_rss_mib".into(), idle.rss_kib as f64 / 1024.0),
+        (
+            "relay_kib_per_camera".into(),
+            idle.rss_kib.saturating_sub(empty) as f64 / cameras,
+        ),
+        (
+            "relay_idle_cpu_pct".into(),
+            100.0 * idle.cpu_seconds / plan.idle_time.as_secs_f64(),
+        ),
+        ("agent_kib_per_camera".into(), fleet_rss as f64 / cameras),
+    ]))
 }
 
 /// Link delay each way on the impaired camera link.

@@ -35,6 +35,11 @@ pub const ALPN: &[u8] = b"camtunnel/1";
 /// Largest control message either side accepts, in bytes.
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 
+/// Read buffer of a control link's WebSocket. Control messages are small and few;
+/// tungstenite's default of 128 KiB per connection was most of what an idle camera
+/// cost the relay (bench scale scenario). Larger messages still arrive, in more reads.
+pub const CONTROL_READ_BUFFER: usize = 4 * 1024;
+
 /// Largest frame on a QUIC stream (hello, stream header, status), in bytes.
 pub const MAX_STREAM_FRAME: usize = 4 * 1024;
 

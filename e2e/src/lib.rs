@@ -53,13 +53,20 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 }
 
 /// The first of `n` consecutive TCP ports free on 127.0.0.1 right now, for a relay's
-/// camera port range.
+/// camera port range. Taken below Linux's ephemeral range (32768 up), as a relay's
+/// camera ports should be: there, the outgoing connections of a run (a thousand
+/// agents dialing the relay) cannot take one before the relay binds it.
 pub fn free_port_run(n: u16) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    const LOW: u16 = 10_000;
+    const EPHEMERAL: u16 = 32_768;
+    assert!(n < EPHEMERAL - LOW, "{n} ports do not fit below 32768");
     for _ in 0..1000 {
-        let base = free_ports(1)[0];
-        if base.checked_add(n).is_none() {
-            continue;
-        }
+        // A random start, so parallel tests do not race for the same run.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let base = LOW + (random % u64::from(EPHEMERAL - LOW - n)) as u16;
         let held: Vec<_> = (base..base + n)
             .map_while(|p| TcpListener::bind(("127.0.0.1", p)).ok())
             .collect();
@@ -386,7 +393,26 @@ impl Child {
 
     /// Waits until `n` output lines contain `needle`; returns the last.
     pub async fn wait_for_nth_line(&mut self, needle: &str, n: usize) -> anyhow::Result<String> {
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        self.wait_for_nth_line_within(needle, n, READY_TIMEOUT)
+            .await
+    }
+
+    /// [`Child::wait_for_line`] for something slower than [`READY_TIMEOUT`].
+    pub async fn wait_for_line_within(
+        &mut self,
+        needle: &str,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        self.wait_for_nth_line_within(needle, 1, within).await
+    }
+
+    async fn wait_for_nth_line_within(
+        &mut self,
+        needle: &str,
+        n: usize,
+        within: Duration,
+    ) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let notified = self.new_line.notified();
             if let Some(line) = lock(&self.lines)
@@ -397,13 +423,15 @@ impl Child {
                 return Ok(line.clone());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("{} exited ({status}) before printing {needle:?}", self.name);
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let output = lock(&self.lines);
+                let last = output[output.len().saturating_sub(5)..].join("\n");
                 bail!(
-                    "{} did not print {needle:?} within {READY_TIMEOUT:?}",
+                    "{} exited ({status}) before printing {needle:?}; its last words:\n{last}",
                     self.name
                 );
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                bail!("{} did not print {needle:?} within {within:?}", self.name);
             }
         }
     }

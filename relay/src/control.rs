@@ -15,7 +15,7 @@ use axum::{
 use common::protocol::{
     decode_control, encode_control, peek_register_version, AgentMessage, CloseReason,
     CommandOutput, GrantedService, Register, Registered, Rejection, RelayMessage,
-    MAX_CONTROL_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
+    CONTROL_READ_BUFFER, MAX_CONTROL_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
@@ -83,6 +83,9 @@ fn accept(
     let tracker = shared.tracker.clone();
     ws.max_message_size(MAX_CONTROL_MESSAGE)
         .max_frame_size(MAX_CONTROL_MESSAGE)
+        .read_buffer_size(CONTROL_READ_BUFFER)
+        // Every message is flushed at once anyway.
+        .write_buffer_size(0)
         .on_upgrade(move |socket| {
             tracker.track_future(serve(socket, caller, shared, path_id).instrument(span))
         })
