@@ -8,7 +8,9 @@
 # - the Watchers: ffprobe/ffmpeg, and GStreamer's rtspsrc (gst-launch-1.0, with the
 #   libav decoders);
 # - the test network: iproute2 (network namespaces, veth), iptables (the NAT router
-#   in front of the cameras' LANs) and curl (a client of the relay's HTTP side);
+#   in front of the cameras' LANs), conntrack (the router forgets its UDP mappings,
+#   so the camera's public port changes: NAT rebinding) and curl (a client of the
+#   relay's HTTP side);
 # - dnsmasq (only the binary, dnsmasq-base: no service), the home router's DNS server
 #   when the firmware test resolves the relay's name on the emulated camera;
 # - promtool, from the prometheus package, to check the relay's metrics, and Python's
@@ -50,6 +52,9 @@ if ! have_camera_sim || ! have_watchers; then
 fi
 if ! command -v ip >/dev/null || ! command -v iptables >/dev/null || ! command -v curl >/dev/null; then
   missing+=(iproute2 iptables curl)
+fi
+if ! command -v conntrack >/dev/null; then
+  missing+=(conntrack)
 fi
 if [ ! -x /usr/sbin/dnsmasq ]; then
   missing+=(dnsmasq-base)

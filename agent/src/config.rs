@@ -56,6 +56,10 @@ pub struct AgentConfig {
     pub reconnect_interval: Duration,
     /// Heartbeat period (`network.heartbeat_interval`).
     pub heartbeat_interval: Duration,
+    /// How often an idle QUIC connection sends a keep-alive
+    /// (`network.quic_keepalive_interval`): what holds the camera's UDP mapping open
+    /// in its NAT. Below the QUIC idle timeout.
+    pub quic_keepalive: Duration,
     /// Nameservers asked when the system resolver cannot find the relay
     /// (`network.fallback_nameservers`, port 53 unless given), e.g. on a camera with no
     /// /etc/resolv.conf.
@@ -273,6 +277,7 @@ struct RawNetwork {
     connection_timeout: Option<f64>,
     reconnect_interval: Option<f64>,
     heartbeat_interval: Option<f64>,
+    quic_keepalive_interval: Option<f64>,
     fallback_nameservers: Option<OneOrMany<String>>,
 }
 
@@ -375,6 +380,20 @@ impl AgentConfig {
             seconds(network.reconnect_interval, "network.reconnect_interval", 10)?;
         let heartbeat_interval =
             seconds(network.heartbeat_interval, "network.heartbeat_interval", 30)?;
+        let quic_keepalive = seconds(
+            network.quic_keepalive_interval,
+            "network.quic_keepalive_interval",
+            common::tls::QUIC_KEEP_ALIVE.as_secs(),
+        )?;
+        if quic_keepalive >= common::tls::QUIC_IDLE_TIMEOUT {
+            return Err(field_error(
+                "network.quic_keepalive_interval",
+                format!(
+                    "must be below the QUIC idle timeout ({} s), or the connection dies idle",
+                    common::tls::QUIC_IDLE_TIMEOUT.as_secs()
+                ),
+            ));
+        }
         let fallback_nameservers = network
             .fallback_nameservers
             .map(OneOrMany::into_vec)
@@ -460,6 +479,7 @@ impl AgentConfig {
             connection_timeout,
             reconnect_interval,
             heartbeat_interval,
+            quic_keepalive,
             fallback_nameservers,
             max_streams,
             security,
@@ -508,6 +528,10 @@ impl AgentConfig {
             field(
                 "network.heartbeat_interval",
                 self.heartbeat_interval != newer.heartbeat_interval,
+            ),
+            field(
+                "network.quic_keepalive_interval",
+                self.quic_keepalive != newer.quic_keepalive,
             ),
             field(
                 "network.fallback_nameservers",
@@ -904,6 +928,14 @@ mod tests {
             r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "network": {"heartbeat_interval": "often"}}"#,
         );
         assert!(e.contains("network.heartbeat_interval"), "{e}");
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "network": {"quic_keepalive_interval": 30}}"#,
+        );
+        assert!(
+            e.contains("network.quic_keepalive_interval") && e.contains("idle timeout"),
+            "{e}"
+        );
 
         let e = error(
             r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ftp://r", "tunnel_server_token": "t"}}"#,

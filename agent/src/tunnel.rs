@@ -59,6 +59,7 @@ pub(crate) async fn dial(
         registered.cert_sha256,
         config.security.identity.as_deref(),
         config.max_streams,
+        config.quic_keepalive,
     )
     .map_err(|e| fail("TLS setup", &e))?;
     endpoint.set_default_client_config(client);

@@ -1,13 +1,9 @@
-//! Many idle cameras in one process (`bench fleet`): real agents — the agent crate's
-//! own session loop, control link, QUIC connection and heartbeats — sharing one
-//! runtime, so a thousand cameras cost a thousand sessions, not a thousand processes.
+//! Many idle cameras in one process (`bench fleet`), an [`e2e::Fleet`] of real agents.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use agent::{config::AgentConfig, Agent, AgentState};
-use anyhow::{bail, Context as _};
-use common::protocol::Rejection;
-use tokio_util::sync::CancellationToken;
+use agent::config::AgentConfig;
+use anyhow::Context as _;
 
 /// What each camera of the fleet is told.
 #[derive(Debug, Clone)]
@@ -27,56 +23,25 @@ pub struct FleetConfig {
 /// Starts `count` agents, prints `READY <seconds to all online>` once every one is
 /// online, then keeps them until the process is killed.
 pub async fn run(config: FleetConfig) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
     let started = tokio::time::Instant::now();
-    let mut agents = Vec::with_capacity(config.count);
-    for i in 0..config.count {
-        let json = serde_json::json!({
-            "agent": {
-                "agent_id": format!("fleet-{i}"),
-                "tunnel_server_url": config.relay_url,
-                "tunnel_server_token": config.token,
-            },
-            "security": { "relay_fingerprint": config.fingerprint },
-            "tunnel": { "tunnel_port": 0 },
-        });
-        let agent = Arc::new(Agent::new(AgentConfig::parse(
-            &json.to_string(),
-            "bench fleet",
-        )?));
-        let (runner, token) = (agent.clone(), shutdown.clone());
-        tokio::spawn(async move { runner.run(token).await });
-        agents.push(agent);
-    }
-    for (i, agent) in agents.iter().enumerate() {
-        let mut state = agent.subscribe();
-        // Online, or refused for good (a refusal other than "retry later" repeats).
-        let settled = tokio::time::timeout_at(
-            started + config.deadline,
-            state.wait_for(|s| match s {
-                AgentState::Online { .. } => true,
-                AgentState::Retrying { rejection, .. } => {
-                    !matches!(rejection, None | Some(Rejection::RetryLater { .. }))
-                }
-                _ => false,
-            }),
-        )
-        .await
-        .is_ok_and(|waited| waited.is_ok());
-        let now = state.borrow().clone();
-        if !settled || !matches!(now, AgentState::Online { .. }) {
-            let online = agents
-                .iter()
-                .filter(|a| matches!(*a.subscribe().borrow(), AgentState::Online { .. }))
-                .count();
-            bail!(
-                "{online} of {} cameras online after {:.1} s; fleet-{i} is {now:?}",
-                config.count,
-                started.elapsed().as_secs_f64()
-            );
-        }
-    }
-    println!("READY {:.3}", started.elapsed().as_secs_f64());
+    let configs = (0..config.count)
+        .map(|i| {
+            let json = serde_json::json!({
+                "agent": {
+                    "agent_id": format!("fleet-{i}"),
+                    "tunnel_server_url": config.relay_url,
+                    "tunnel_server_token": config.token,
+                },
+                "security": { "relay_fingerprint": config.fingerprint },
+                "tunnel": { "tunnel_port": 0 },
+            });
+            AgentConfig::parse(&json.to_string(), "bench fleet")
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let fleet = e2e::Fleet::start(configs);
+    let times = fleet.online_times(started, config.deadline).await?;
+    let last = times.iter().max().copied().unwrap_or_default();
+    println!("READY {:.3}", last.as_secs_f64());
     // Kept until killed, as idle cameras are.
     std::future::pending::<()>().await;
     Ok(())

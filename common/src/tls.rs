@@ -27,8 +27,9 @@ use crate::protocol::{hex, ALPN};
 /// How long a QUIC connection may stay silent before it is declared dead.
 pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How often an idle QUIC connection sends a keep-alive; well below the 30 s that
-/// common NATs keep a UDP mapping alive for.
+/// How often an idle QUIC connection sends a keep-alive by default; well below the 30 s
+/// that common NATs keep a UDP mapping alive for (the agent's
+/// `network.quic_keepalive_interval` sets its side).
 pub const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// A certificate chain and its private key.
@@ -126,12 +127,12 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Transport settings shared by both ends of the data plane. `max_streams` is how many
 /// bidirectional streams the *peer* may open at once.
-fn transport(max_streams: u32) -> TransportConfig {
+fn transport(max_streams: u32, keep_alive: Duration) -> TransportConfig {
     let mut t = TransportConfig::default();
     // Cannot fail: 30 s is far below the QUIC varint limit for milliseconds.
     #[allow(clippy::unwrap_used)]
     t.max_idle_timeout(Some(IdleTimeout::try_from(QUIC_IDLE_TIMEOUT).unwrap()));
-    t.keep_alive_interval(Some(QUIC_KEEP_ALIVE));
+    t.keep_alive_interval(Some(keep_alive));
     t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     // BBR, not quinn's default CUBIC: every Watcher session of a camera shares this one
@@ -222,7 +223,7 @@ pub fn quic_server_config(
     let crypto = QuicServerConfig::try_from(crypto).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // The agent opens exactly one stream of its own (the hello).
-    config.transport_config(Arc::new(transport(2)));
+    config.transport_config(Arc::new(transport(2, QUIC_KEEP_ALIVE)));
     // Agents behind NAT rebind; the relay must follow them to the new address.
     config.migration(true);
     Ok(config)
@@ -231,16 +232,17 @@ pub fn quic_server_config(
 /// QUIC client configuration for the agent: TLS 1.3 only, ALPN [`ALPN`], and only the
 /// certificate whose SHA-256 is `pin` is accepted; `identity` is presented if given.
 /// `max_streams` bounds the Watcher connections the relay may have open through this
-/// agent at once.
+/// agent at once; `keep_alive` is how often an idle connection says it is alive.
 pub fn quic_client_config(
     pin: [u8; 32],
     identity: Option<&Identity>,
     max_streams: u32,
+    keep_alive: Duration,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let crypto = client_config(&RelayTrust::Pin(vec![pin]), identity, ALPN)?;
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport(max_streams)));
+    config.transport_config(Arc::new(transport(max_streams, keep_alive)));
     Ok(config)
 }
 

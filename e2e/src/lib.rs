@@ -5,7 +5,10 @@
 
 #![forbid(unsafe_code)]
 
+mod fleet;
 pub mod netns;
+
+pub use fleet::Fleet;
 
 use std::{
     net::{SocketAddr, TcpListener},

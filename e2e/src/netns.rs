@@ -16,6 +16,7 @@
 
 use std::{
     ffi::OsStr,
+    ops::RangeInclusive,
     process::{Command as StdCommand, Stdio},
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -172,6 +173,40 @@ impl Lab {
         )
         .context("cannot set up NAT; is iptables installed? (`make test` installs it)")?;
         Ok(lab)
+    }
+
+    /// NAT rebinding: the router forgets its UDP mappings and maps the cameras' next
+    /// datagrams from a port range not used before, so every camera's public UDP
+    /// source port changes (as a home router's does after a reboot of its NAT table or
+    /// a mobile uplink's carrier NAT). TCP mappings are kept. `generation` (1, 2, …)
+    /// picks the range; call it with a new one each time. Returns the new range.
+    pub fn rebind_udp(&self, generation: u16) -> anyhow::Result<RangeInclusive<u16>> {
+        let router = self.nat();
+        let range = |generation: u16| {
+            let first = 20_000 + 1_000 * (generation % 40);
+            first..=first + 999
+        };
+        let to = |r: &RangeInclusive<u16>| format!("{NAT_PUBLIC_IP}:{}-{}", r.start(), r.end());
+        let new = range(generation);
+        let rule = |action: &str, to: &str| {
+            let mut args = vec!["-t", "nat", action, "POSTROUTING"];
+            if action == "-I" {
+                args.push("1");
+            }
+            args.extend(["-o", "wan", "-p", "udp", "-j", "SNAT", "--to-source", to]);
+            run(&router, "iptables", &args)
+        };
+        rule("-I", &to(&new))?;
+        if generation > 1 {
+            rule("-D", &to(&range(generation - 1)))?;
+        }
+        // conntrack exits 1 when it deleted nothing; that is fine here.
+        let _ = router
+            .std_command("conntrack")
+            .args(["-D", "-p", "udp"])
+            .output()
+            .context("cannot run conntrack (`make test` installs it)")?;
+        Ok(new)
     }
 
     /// The relay's side of the internet, where Watchers run too.

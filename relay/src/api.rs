@@ -195,6 +195,8 @@ async fn agent_view(shared: &Shared, id: &str) -> Value {
         "agent_version": session.agent_version,
         "remote_addr": session.remote.to_string(),
         "quic_rtt_ms": session.current_tunnel().map(|c| c.rtt().as_secs_f64() * 1000.0),
+        // Follows the camera's NAT: QUIC migrates when its public UDP port changes.
+        "quic_remote_addr": session.current_tunnel().map(|c| c.remote_address().to_string()),
         "ports": [session.port],
         "registered_secs_ago": session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
         "client_certificate": session.certified,

@@ -138,6 +138,10 @@ pub struct Limits {
     /// Longest wait imposed on an address after failed registrations; the wait starts
     /// at 1 s and doubles with each further failure.
     pub max_registration_backoff: Duration,
+    /// Registrations admitted a second (a second's worth at once); cameras beyond that
+    /// are told when to come back, each a later slot, so a fleet returning after a
+    /// restart arrives spread out.
+    pub registrations_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -157,6 +161,7 @@ impl Default for Limits {
             command_timeout: Duration::from_secs(10),
             failed_registrations: 10,
             max_registration_backoff: Duration::from_secs(300),
+            registrations_per_sec: 100,
         }
     }
 }
@@ -257,6 +262,7 @@ struct FileLimits {
     command_timeout_secs: Option<f64>,
     failed_registrations: Option<u32>,
     max_registration_backoff_secs: Option<f64>,
+    registrations_per_sec: Option<u32>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -535,6 +541,17 @@ impl RelayConfig {
                 "max_registration_backoff_secs",
                 defaults.max_registration_backoff,
             )?,
+            registrations_per_sec: match l.registrations_per_sec {
+                Some(0) => {
+                    return Err(invalid(
+                        origin,
+                        "limits.registrations_per_sec",
+                        "must be at least 1",
+                    ))
+                }
+                Some(n) => n,
+                None => defaults.registrations_per_sec,
+            },
         };
 
         Ok(RelayConfig {

@@ -20,7 +20,9 @@ use common::protocol::{
 use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
 
-use crate::{api, forward, http::ClientCertificate, registry::AgentSession, Shared};
+use crate::{
+    admission::Verdict, api, forward, http::ClientCertificate, registry::AgentSession, Shared,
+};
 
 /// Longest wait for one control message to be written to a slow agent.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -157,6 +159,22 @@ async fn serve(
             secs: wait.as_secs_f64().ceil() as u32,
             why: "too many failed registrations from this address (limits.failed_registrations)"
                 .into(),
+        };
+        return refuse_counted(&shared, &mut socket, rejection).await;
+    }
+    let verdict = shared
+        .admission
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .check(&register.agent_id, std::time::Instant::now());
+    if let Verdict::Later(wait) = verdict {
+        let rejection = Rejection::RetryLater {
+            secs: wait.as_secs_f64().ceil() as u32,
+            why: format!(
+                "the relay admits {} registrations a second (limits.registrations_per_sec) and \
+                 keeps this camera a place",
+                limits.registrations_per_sec
+            ),
         };
         return refuse_counted(&shared, &mut socket, rejection).await;
     }

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admission;
 mod api;
 pub mod config;
 mod control;
@@ -49,6 +50,8 @@ pub(crate) struct Shared {
     api: config::ApiConfig,
     /// Backoff for addresses whose registrations keep failing.
     throttle: throttle::Throttle,
+    /// The pace of registrations (`limits.registrations_per_sec`).
+    admission: std::sync::Mutex<admission::Admission>,
     quic_port: u16,
     cert_sha256: [u8; 32],
     /// Every task the relay spawns, so shutdown can wait for them.
@@ -126,6 +129,9 @@ impl Relay {
                     config.limits.failed_registrations,
                     config.limits.max_registration_backoff,
                 ),
+                admission: std::sync::Mutex::new(admission::Admission::new(
+                    config.limits.registrations_per_sec,
+                )),
                 limits: config.limits,
                 api: config.api,
                 quic_port,

@@ -1,0 +1,129 @@
+//! Sessions that survive the network: the camera's NAT rebinding its UDP port in the
+//! middle of a stream, in the NAT lab (network namespaces, a real iptables NAT).
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+use std::time::Duration;
+
+use e2e::{agent_config_json, bin, ffprobe_with, metric, AgentProcess, Child, NatRig, MAIN_STREAM};
+
+const TCP: &[&str] = &["-rtsp_transport", "tcp"];
+
+/// Where the relay sees agent `id`'s QUIC datagrams come from now.
+async fn quic_remote(rig: &NatRig, id: &str) -> String {
+    let body = rig.http_get(&format!("/agents/{id}")).await.unwrap();
+    let agent: serde_json::Value = serde_json::from_str(&body).unwrap();
+    agent["quic_remote_addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no quic_remote_addr in {agent}"))
+        .to_string()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().trim().parse().unwrap()
+}
+
+/// Polls the relay's /metrics until `series` reaches `at_least`.
+async fn wait_metric(rig: &NatRig, series: &str, at_least: f64) {
+    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+    loop {
+        let exposition = rig.http_get("/metrics").await.unwrap();
+        if metric(&exposition, series).unwrap_or(0.0) >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} never reached {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rebinds the camera's NAT and waits until the relay follows the camera to its new
+/// public port (QUIC connection migration), which must be from the new range.
+async fn rebind_and_follow(rig: &NatRig, id: &str, generation: u16) {
+    let before = quic_remote(rig, id).await;
+    let range = rig.lab.rebind_udp(generation).unwrap();
+    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+    loop {
+        let now = quic_remote(rig, id).await;
+        if now != before {
+            assert!(
+                range.contains(&port_of(&now)),
+                "the camera's new mapping {now} is not from the rebound range {range:?} (was {before})"
+            );
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never saw the camera's new port (still {before})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nat_rebinding_mid_stream_migrates_and_the_watcher_keeps_decoding() {
+    let rig = NatRig::start(&[&[]]).await.unwrap();
+    let camera = NatRig::agent_id(0);
+
+    // 300 frames at 20 fps: about 15 s of video, rebound in the middle.
+    let (watchers, url) = (rig.watchers(), rig.camera_url(0, MAIN_STREAM));
+    let probe = tokio::spawn(async move { ffprobe_with(&watchers, url, 300, TCP).await });
+    let frames = format!("camera_relay_video_frames_total{{camera=\"{camera}\"}}");
+    wait_metric(&rig, &frames, 20.0).await;
+    rebind_and_follow(&rig, &camera, 1).await;
+    // Media still arrives at the relay after the move.
+    let exposition = rig.http_get("/metrics").await.unwrap();
+    let moved_at = metric(&exposition, &frames).unwrap();
+    wait_metric(&rig, &frames, moved_at + 40.0).await;
+
+    let probe = probe.await.unwrap().unwrap();
+    assert!(probe.frames >= 300, "{probe:?}");
+    // One session all along: no reconnect of the agent, one Watcher session.
+    let exposition = rig.http_get("/metrics").await.unwrap();
+    let sessions = format!("camera_relay_watcher_sessions_total{{camera=\"{camera}\"}}");
+    assert_eq!(metric(&exposition, &sessions), Some(1.0));
+    assert_eq!(
+        rig.agents[0]
+            .process
+            .count_lines("online: the relay serves"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_cross_two_rebindings_exactly() {
+    let rig = NatRig::start(&[&[]]).await.unwrap();
+    let tool = bin("e2e-bytes").unwrap();
+
+    // An echo server on the camera, behind an agent of its own.
+    let camera = rig.lab.camera(0);
+    let mut echo = camera.command(&tool);
+    echo.args(["echo", "--listen", "127.0.0.1:0"]);
+    let mut echo = Child::spawn("echo", echo).unwrap();
+    let echo_port = port_of(&echo.wait_for_line("READY ").await.unwrap());
+    let id = "echo-1";
+    let relay_port = NatRig::camera_port(50);
+    let config = agent_config_json(id, &rig.relay.url(), NatRig::TOKEN, relay_port, echo_port);
+    let _agent = AgentProcess::start_in(&camera, "echo-agent", &config)
+        .await
+        .unwrap();
+
+    // 24 MiB each way over about 12 s, the camera's NAT rebound twice meanwhile.
+    let mut send = rig.watchers().command(&tool);
+    send.args(["send", "--to", &format!("127.0.0.1:{relay_port}")])
+        .args(["--bytes", &(24 << 20).to_string(), "--seconds", "12"]);
+    let mut send = Child::spawn("send", send).unwrap();
+    let echoed =
+        format!("camera_relay_watcher_bytes_total{{camera=\"{id}\",direction=\"to_watcher\"}}");
+    wait_metric(&rig, &echoed, f64::from(1 << 20)).await;
+    rebind_and_follow(&rig, id, 1).await;
+    wait_metric(&rig, &echoed, f64::from(8 << 20)).await;
+    rebind_and_follow(&rig, id, 2).await;
+
+    let result = send.wait_for_line("RESULT ").await.unwrap();
+    let expected = format!("sent={0} received={0} first_difference=none", 24 << 20);
+    assert!(result.ends_with(&expected), "{result}");
+    assert_eq!(send.wait().await.unwrap().code(), Some(0));
+}
