@@ -127,3 +127,68 @@ async fn bytes_cross_two_rebindings_exactly() {
     assert!(result.ends_with(&expected), "{result}");
     assert_eq!(send.wait().await.unwrap().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_link_is_found_on_both_sides_and_healed_when_it_returns() {
+    let mut rig = NatRig::start(&[&[]]).await.unwrap();
+    let watchers = rig.watchers();
+    ffprobe_with(&watchers, rig.camera_url(0, MAIN_STREAM), 10, TCP)
+        .await
+        .unwrap();
+
+    // Every packet through the camera's router vanishes, both ways, without a reset:
+    // the link is dead and nobody says so. (The rig's agents send heartbeats every
+    // second; the relay allows 3 missed.)
+    let router = rig.lab.nat();
+    let black_hole = ["FORWARD", "-j", "DROP"];
+    e2e::netns::run(&router, "iptables", &[&["-I"][..], &black_hole].concat()).unwrap();
+    let cut = tokio::time::Instant::now();
+    rig.agents[0]
+        .process
+        .wait_for_line("the relay did not answer for")
+        .await
+        .unwrap();
+    let agent_noticed = cut.elapsed();
+    rig.relay
+        .process
+        .wait_for_line("heard no heartbeat")
+        .await
+        .unwrap();
+    let relay_noticed = cut.elapsed();
+    // The relay freed the camera: offline, its port closed.
+    wait_metric_below(&rig, "camera_relay_agents_online", 1.0).await;
+    let refused = ffprobe_with(&watchers, rig.camera_url(0, MAIN_STREAM), 1, TCP).await;
+    assert!(refused.is_err(), "the port of an offline camera answered");
+    eprintln!("dead link noticed by the agent after {agent_noticed:?}, by the relay after {relay_noticed:?}");
+    // Three 1 s heartbeat intervals, and one more for the check's own tick.
+    for noticed in [agent_noticed, relay_noticed] {
+        assert!(
+            noticed <= Duration::from_secs(4) + Duration::from_secs(10),
+            "{noticed:?}"
+        );
+    }
+
+    // The link returns: the agent dials again, and Watchers get video again.
+    e2e::netns::run(&router, "iptables", &[&["-D"][..], &black_hole].concat()).unwrap();
+    rig.agents[0].online(2).await.unwrap();
+    let probe = ffprobe_with(&watchers, rig.camera_url(0, MAIN_STREAM), 10, TCP)
+        .await
+        .unwrap();
+    assert!(probe.frames >= 10, "{probe:?}");
+}
+
+/// Polls the relay's /metrics until `series` is below `limit`.
+async fn wait_metric_below(rig: &NatRig, series: &str, limit: f64) {
+    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+    loop {
+        let exposition = rig.http_get("/metrics").await.unwrap();
+        if metric(&exposition, series).unwrap_or(0.0) < limit {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} stayed at {limit} or more"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
