@@ -192,3 +192,34 @@ async fn wait_metric_below(rig: &NatRig, series: &str, limit: f64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_that_restarts_its_rtsp_server_is_served_again_on_the_same_link() {
+    let mut rig = NatRig::start(&[&[]]).await.unwrap();
+    let watchers = rig.watchers();
+    let url = rig.camera_url(0, MAIN_STREAM);
+    ffprobe_with(&watchers, &url, 10, TCP).await.unwrap();
+
+    // The camera's RTSP server goes away (a firmware watchdog restarting it): Watchers
+    // are refused promptly, and the agent's link to the relay stays up.
+    let port = rig.cameras[0].port;
+    rig.cameras[0].process.kill().await.unwrap();
+    let refused = ffprobe_with(&watchers, &url, 1, TCP).await;
+    assert!(refused.is_err(), "a stream from a camera that is down");
+
+    // Back on the same port: the next Watcher decodes, through the same agent session.
+    let port_arg = port.to_string();
+    rig.cameras[0] = e2e::CameraSim::start_in(&rig.lab.camera(0), &["--port", &port_arg])
+        .await
+        .unwrap();
+    assert_eq!(rig.cameras[0].port, port);
+    let probe = ffprobe_with(&watchers, &url, 10, TCP).await.unwrap();
+    assert!(probe.frames >= 10, "{probe:?}");
+    assert_eq!(
+        rig.agents[0]
+            .process
+            .count_lines("online: the relay serves"),
+        1
+    );
+    assert_eq!(rig.agents[0].process.count_lines("retrying in"), 0);
+}
