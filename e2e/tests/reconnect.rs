@@ -112,9 +112,17 @@ async fn a_second_connection_with_the_same_id_takes_over_and_the_first_is_told_w
 async fn sigterm_stops_relay_and_agent_cleanly_and_the_relay_tells_its_agents() {
     let mut rig = rig().await;
     let mut agent = AgentProcess::start("agent", &rig.config).await.unwrap();
+    // A Watcher in the middle of a long stream when the relay is told to stop.
+    let url = rtsp_url(rig.camera_port, MAIN_STREAM);
+    let watcher = tokio::spawn(async move { ffprobe(url, 100_000).await });
+    rig.camera.process.wait_for_line("SETUP").await.unwrap();
 
     let status = rig.relay.process.terminate().await.unwrap();
     assert!(status.success(), "relay exited with {status}");
+    // Its session was closed, not left hanging: ffprobe ends long before its
+    // 100,000 frames (at 20 fps, over an hour).
+    let ended = tokio::time::timeout(Duration::from_secs(30), watcher).await;
+    assert!(ended.is_ok(), "the Watcher's session outlived the relay");
     agent
         .process
         .wait_for_line("the relay closed the session: the relay is shutting down")
