@@ -108,6 +108,20 @@ impl Relay {
             })?),
             None => None,
         };
+        let cameras = config.camera_ports.len().min(config.limits.max_agents);
+        if let Some(limit) = open_file_limit() {
+            // Each camera holds its control connection and its listener; each Watcher
+            // one more.
+            let needed = 2 * cameras as u64 + 256;
+            if limit < needed {
+                tracing::warn!(
+                    "this process may open {limit} files, and serving {cameras} cameras \
+                     (camera_ports) takes about {needed} before any Watcher: raise the limit \
+                     (ulimit -n, or LimitNOFILE= in the systemd unit) or cameras will be \
+                     refused with \"too many open files\""
+                );
+            }
+        }
         tracing::info!(
             cert_sha256 = %hex(&cert_sha256),
             control = if control_tls.is_some() { "wss" } else { "ws" },
@@ -218,5 +232,39 @@ impl Relay {
         endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
         Ok(())
+    }
+}
+
+/// The soft limit on open files (`Max open files` in /proc/self/limits), if known.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_open_file_limit(&limits)
+}
+
+fn parse_open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95534                95534                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_file_limit(limits), Some(1024));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_open_file_limit(unlimited), None);
+        assert!(open_file_limit().is_some(), "this test runs on Linux");
     }
 }
