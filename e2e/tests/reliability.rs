@@ -23,17 +23,18 @@ fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().trim().parse().unwrap()
 }
 
-/// Polls the relay's /metrics until `series` reaches `at_least`.
-async fn wait_metric(rig: &NatRig, series: &str, at_least: f64) {
+/// Polls the relay's /metrics until `series` (0 while absent) satisfies `done`.
+async fn wait_metric(rig: &NatRig, series: &str, what: &str, done: impl Fn(f64) -> bool) {
     let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
     loop {
         let exposition = rig.http_get("/metrics").await.unwrap();
-        if metric(&exposition, series).unwrap_or(0.0) >= at_least {
+        let value = metric(&exposition, series).unwrap_or(0.0);
+        if done(value) {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{series} never reached {at_least}"
+            "{series} never {what} (still {value})"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -71,12 +72,12 @@ async fn a_nat_rebinding_mid_stream_migrates_and_the_watcher_keeps_decoding() {
     let (watchers, url) = (rig.watchers(), rig.camera_url(0, MAIN_STREAM));
     let probe = tokio::spawn(async move { ffprobe_with(&watchers, url, 300, TCP).await });
     let frames = format!("camera_relay_video_frames_total{{camera=\"{camera}\"}}");
-    wait_metric(&rig, &frames, 20.0).await;
+    wait_metric(&rig, &frames, "reached 20", |v| v >= 20.0).await;
     rebind_and_follow(&rig, &camera, 1).await;
     // Media still arrives at the relay after the move.
     let exposition = rig.http_get("/metrics").await.unwrap();
     let moved_at = metric(&exposition, &frames).unwrap();
-    wait_metric(&rig, &frames, moved_at + 40.0).await;
+    wait_metric(&rig, &frames, "grew by 40", |v| v >= moved_at + 40.0).await;
 
     let probe = probe.await.unwrap().unwrap();
     assert!(probe.frames >= 300, "{probe:?}");
@@ -117,9 +118,9 @@ async fn bytes_cross_two_rebindings_exactly() {
     let mut send = Child::spawn("send", send).unwrap();
     let echoed =
         format!("camera_relay_watcher_bytes_total{{camera=\"{id}\",direction=\"to_watcher\"}}");
-    wait_metric(&rig, &echoed, f64::from(1 << 20)).await;
+    wait_metric(&rig, &echoed, "reached 1 MiB", |v| v >= f64::from(1 << 20)).await;
     rebind_and_follow(&rig, id, 1).await;
-    wait_metric(&rig, &echoed, f64::from(8 << 20)).await;
+    wait_metric(&rig, &echoed, "reached 8 MiB", |v| v >= f64::from(8 << 20)).await;
     rebind_and_follow(&rig, id, 2).await;
 
     let result = send.wait_for_line("RESULT ").await.unwrap();
@@ -156,7 +157,7 @@ async fn a_black_holed_link_is_found_on_both_sides_and_healed_when_it_returns() 
         .unwrap();
     let relay_noticed = cut.elapsed();
     // The relay freed the camera: offline, its port closed.
-    wait_metric_below(&rig, "camera_relay_agents_online", 1.0).await;
+    wait_metric(&rig, "camera_relay_agents_online", "fell to 0", |v| v < 1.0).await;
     let refused = ffprobe_with(&watchers, rig.camera_url(0, MAIN_STREAM), 1, TCP).await;
     assert!(refused.is_err(), "the port of an offline camera answered");
     eprintln!("dead link noticed by the agent after {agent_noticed:?}, by the relay after {relay_noticed:?}");
@@ -175,22 +176,6 @@ async fn a_black_holed_link_is_found_on_both_sides_and_healed_when_it_returns() 
         .await
         .unwrap();
     assert!(probe.frames >= 10, "{probe:?}");
-}
-
-/// Polls the relay's /metrics until `series` is below `limit`.
-async fn wait_metric_below(rig: &NatRig, series: &str, limit: f64) {
-    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
-    loop {
-        let exposition = rig.http_get("/metrics").await.unwrap();
-        if metric(&exposition, series).unwrap_or(0.0) < limit {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stayed at {limit} or more"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
