@@ -38,16 +38,6 @@ impl Fleet {
         }
     }
 
-    /// How many agents.
-    pub fn len(&self) -> usize {
-        self.agents.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.agents.is_empty()
-    }
-
     /// Each agent's relay port while online (None while not).
     pub fn ports(&self) -> Vec<Option<u16>> {
         self.agents
