@@ -147,6 +147,18 @@ impl RelayUrl {
     }
 }
 
+impl RelayUrl {
+    /// The URL of the data plane's TCP fallback: the control URL with `/data` appended
+    /// to its path (`wss://relay/tunnel` → `wss://relay/tunnel/data`), so a reverse proxy
+    /// in front of the relay needs no rule of its own.
+    pub fn fallback_url(&self) -> String {
+        let (path, query) = self
+            .url
+            .split_at(self.url.find('?').unwrap_or(self.url.len()));
+        format!("{}/data{query}", path.trim_end_matches('/'))
+    }
+}
+
 fn host_for_url(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
@@ -778,6 +790,21 @@ mod tests {
             ]
         );
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_fallback_url_follows_the_control_url() {
+        let fallback = |url: &str| RelayUrl::parse(url).unwrap().fallback_url();
+        assert_eq!(fallback("wss://relay"), "wss://relay:443/tunnel/data");
+        assert_eq!(
+            fallback("ws://r:8080/agent/cam-1"),
+            "ws://r:8080/agent/cam-1/data"
+        );
+        assert_eq!(
+            fallback("wss://r/proxy/tunnel/?x=1"),
+            "wss://r:443/proxy/tunnel/data?x=1"
+        );
+        assert_eq!(fallback("ws://[::1]:9/tunnel"), "ws://[::1]:9/tunnel/data");
     }
 
     #[test]

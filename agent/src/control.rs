@@ -19,7 +19,8 @@ use tokio_tungstenite::{
 
 use crate::{config::AgentConfig, resolve::resolve, stats::Stats, Handled, SessionError};
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A WebSocket to the relay.
+pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A registered control connection.
 #[derive(Debug)]
@@ -41,29 +42,20 @@ pub(crate) async fn connect(
              which is only as trustworthy as this link"
         );
     }
-    let tls = tls::client_config(&security.relay_trust, security.identity.as_deref(), b"")
-        .map_err(|e| SessionError::Connect(format!("TLS setup for the control link: {e}")))?;
     let attempt = async {
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(MAX_CONTROL_MESSAGE))
             .max_frame_size(Some(MAX_CONTROL_MESSAGE))
             .read_buffer_size(CONTROL_READ_BUFFER)
             .write_buffer_size(0);
-        let tcp = dial(config).await?;
-        let (mut socket, _response) = tokio_tungstenite::client_async_tls_with_config(
-            config.relay.url.as_str(),
-            tcp,
-            Some(ws_config),
-            Some(Connector::Rustls(Arc::new(tls))),
-        )
-        .await
-        .map_err(|e| {
-            SessionError::Connect(format!(
-                "cannot open the control link to {}: {}",
-                config.relay.url,
-                explain_connect_error(&e, &security.trust_source)
-            ))
-        })?;
+        let mut socket = open(config, &config.relay.url, ws_config)
+            .await
+            .map_err(|e| {
+                SessionError::Connect(format!(
+                    "cannot open the control link to {}: {e}",
+                    config.relay.url
+                ))
+            })?;
         let register = AgentMessage::Register(Register {
             version: PROTOCOL_VERSION,
             agent_id: config.agent_id.clone(),
@@ -102,12 +94,32 @@ pub(crate) async fn connect(
         })?
 }
 
+/// A WebSocket to `url` on the relay's control port, over TLS unless it is `ws://`. The
+/// error says why in words an operator can act on.
+pub(crate) async fn open(
+    config: &AgentConfig,
+    url: &str,
+    ws_config: WebSocketConfig,
+) -> Result<Socket, String> {
+    let security = &config.security;
+    let tls = tls::client_config(&security.relay_trust, security.identity.as_deref(), b"")
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let tcp = dial(config).await?;
+    let (socket, _response) = tokio_tungstenite::client_async_tls_with_config(
+        url,
+        tcp,
+        Some(ws_config),
+        Some(Connector::Rustls(Arc::new(tls))),
+    )
+    .await
+    .map_err(|e| explain_connect_error(&e, &security.trust_source))?;
+    Ok(socket)
+}
+
 /// A TCP connection to the relay's control port: each of its addresses in turn.
-async fn dial(config: &AgentConfig) -> Result<TcpStream, SessionError> {
+async fn dial(config: &AgentConfig) -> Result<TcpStream, String> {
     let relay = &config.relay;
-    let addrs = resolve(&relay.host, relay.port, &config.fallback_nameservers)
-        .await
-        .map_err(SessionError::Connect)?;
+    let addrs = resolve(&relay.host, relay.port, &config.fallback_nameservers).await?;
     let mut failures = Vec::new();
     for addr in addrs {
         match TcpStream::connect(addr).await {
@@ -119,11 +131,10 @@ async fn dial(config: &AgentConfig) -> Result<TcpStream, SessionError> {
             Err(e) => failures.push(format!("{addr}: {e}")),
         }
     }
-    Err(SessionError::Connect(format!(
-        "cannot connect to the relay's control port ({}): {}",
-        relay.url,
+    Err(format!(
+        "cannot connect to the relay's control port: {}",
         failures.join("; ")
-    )))
+    ))
 }
 
 impl ControlLink {
@@ -176,11 +187,6 @@ impl ControlLink {
                 return end;
             }
         }
-    }
-
-    /// Closes the link politely, without waiting long for the relay.
-    pub(crate) async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.close(None)).await;
     }
 }
 

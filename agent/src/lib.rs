@@ -5,9 +5,10 @@
 //! - **Relay**: the public server the agent dials; it exposes the camera as a local port.
 //! - **Control link**: WebSocket to the relay: register, heartbeats, commands.
 //! - **Tunnel**: QUIC connection to the relay; each Watcher connection is one stream.
+//! - **Fallback link**: a second WebSocket carrying the streams while UDP is blocked.
 //! - **Watcher**: the VMS or player pulling RTSP from the relay.
 //!
-//! [`Agent::run`] keeps a session (control link + tunnel) up, re-registering with
+//! [`Agent::run`] keeps a session (control link + tunnel or fallback) up, re-registering with
 //! exponential backoff and full jitter whenever the relay goes away.
 
 #![forbid(unsafe_code)]
@@ -45,10 +46,12 @@ const CLOSE_REASON_GRACE: Duration = Duration::from_secs(2);
 pub enum AgentState {
     /// Dialing the relay.
     Connecting,
-    /// Registered, tunnel up: the camera is reachable at `port` on the relay host.
+    /// Registered, data plane up: the camera is reachable at `port` on the relay host.
     Online {
         /// The relay port granted to the camera.
         port: u16,
+        /// The link that carries new Watcher streams.
+        link: DataLink,
     },
     /// The last session failed or ended; the agent retries after a backoff.
     Retrying {
@@ -59,6 +62,15 @@ pub enum AgentState {
     },
     /// The agent stopped.
     Stopped,
+}
+
+/// The link that carries a camera's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataLink {
+    /// The QUIC tunnel.
+    Quic,
+    /// The TCP fallback, while QUIC cannot reach the relay (UDP blocked).
+    Tcp,
 }
 
 /// Why a session with the relay ended.
@@ -223,43 +235,58 @@ impl Agent {
             .first()
             .map(|g| g.port)
             .unwrap_or_default();
-        let tunnel = match tunnel::dial(config, &registered).await {
-            Ok(tunnel) => tunnel,
-            Err(e) => {
-                control.close().await;
-                return e;
-            }
-        };
-        *was_online = true;
-        tracing::info!(
+        let quic = std::sync::Mutex::new(None);
+        let published = tunnel::Published {
+            state: &self.state,
             port,
-            rtt_ms = tunnel.rtt().as_millis() as u64,
-            target = %config.rtsp_target,
-            "online: the relay serves this camera on port {port}"
-        );
-        self.state.send_replace(AgentState::Online { port });
-        let ended = {
-            let handle = |command: Command| self.handle(command, config, tunnel.rtt());
-            let control_run = control.run(config.heartbeat_interval, &self.stats, &handle);
-            tokio::pin!(control_run);
-            tokio::select! {
-                ended = &mut control_run => ended,
-                ended = tunnel.serve(config, &self.stats, tracker) => {
-                    // The relay ends both links at once, and its Closing message (which
-                    // says why) may arrive just after the tunnel's close; give it a moment.
-                    match tokio::time::timeout(CLOSE_REASON_GRACE, &mut control_run).await {
-                        Ok(closed @ SessionError::Closed(_)) => closed,
-                        _ => ended,
-                    }
+            quic: &quic,
+        };
+        let quic_rtt = || {
+            quic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(quinn::Connection::rtt)
+        };
+        let handle = |command: Command| self.handle(command, config, quic_rtt());
+        // Heartbeats flow while the data plane connects: finding that UDP is blocked
+        // takes longer than the relay waits for a heartbeat.
+        let control_run = control.run(config.heartbeat_interval, &self.stats, &handle);
+        tokio::pin!(control_run);
+        let data = async {
+            let plane = match tunnel::connect(config, &registered).await {
+                Ok(plane) => plane,
+                Err(e) => return e,
+            };
+            *was_online = true;
+            tracing::info!(
+                port,
+                target = %config.rtsp_target,
+                "online: the relay serves this camera on port {port}"
+            );
+            plane
+                .serve(config, &registered, &self.stats, tracker, &published)
+                .await
+        };
+        tokio::select! {
+            ended = &mut control_run => ended,
+            ended = data => {
+                // The relay ends both links at once, and its Closing message (which
+                // says why) may arrive just after the tunnel's close; give it a moment.
+                match tokio::time::timeout(CLOSE_REASON_GRACE, &mut control_run).await {
+                    Ok(closed @ SessionError::Closed(_)) => closed,
+                    _ => ended,
                 }
             }
-        };
-        tunnel.close();
-        ended
+        }
     }
 
     /// Carries out one operator command.
-    fn handle(&self, command: Command, config: &AgentConfig, quic_rtt: Duration) -> Handled {
+    fn handle(
+        &self,
+        command: Command,
+        config: &AgentConfig,
+        quic_rtt: Option<Duration>,
+    ) -> Handled {
         let answer = |output: CommandOutput| Handled {
             result: Ok(output),
             then: None,
@@ -269,7 +296,7 @@ impl Agent {
                 unix_millis: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
-                quic_rtt_micros: Some(quic_rtt.as_micros() as u64),
+                quic_rtt_micros: quic_rtt.map(|rtt| rtt.as_micros() as u64),
             }),
             Command::Stats => answer(CommandOutput::Stats(self.stats.snapshot())),
             Command::Reconnect => Handled {

@@ -1,41 +1,64 @@
-//! The agent's QUIC tunnel: dial the relay, prove the registration, then serve every
-//! stream the relay opens by connecting it to the camera.
+//! The agent's data plane: the QUIC tunnel to the relay, or, when UDP is blocked, the
+//! TCP fallback link ([`common::mux`]); either way every stream the relay opens is
+//! connected to the camera.
+//!
+//! A session first tries QUIC for [`QUIC_FIRST_TRY`]. If that fails it carries the
+//! streams over the fallback and re-probes QUIC with backoff; once QUIC works, new
+//! streams take it and the fallback closes when its last stream ends.
 
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
 use common::{
+    backoff::Backoff,
+    mux::{self, AgentEnd, WsBytes},
     protocol::{
         read_frame, write_frame, DataHello, HelloReply, Registered, StreamOpen, StreamStatus,
         SERVICE_RTSP,
     },
     splice::splice,
+    stream::{RecvHalf, SendHalf},
     tls,
 };
-use tokio::net::TcpStream;
-use tokio_util::task::TaskTracker;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch};
+use tokio_tungstenite::{tungstenite::protocol::WebSocketConfig, MaybeTlsStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::{config::AgentConfig, resolve::resolve, stats::Stats, SessionError};
+use crate::{
+    config::AgentConfig, control, resolve::resolve, stats::Stats, AgentState, DataLink,
+    SessionError,
+};
+
+/// How long a session's first QUIC attempt may take before the agent falls back to
+/// TCP: where UDP is blocked, Watchers must not wait out a whole connection timeout.
+/// (Later probes get `network.connection_timeout`.)
+const QUIC_FIRST_TRY: Duration = Duration::from_secs(3);
+
+/// First wait before QUIC is probed again from the fallback; it doubles up to
+/// `network.reconnect_interval`.
+const PROBE_BASE: Duration = Duration::from_secs(2);
 
 /// Time the relay has to send a stream's header after opening it.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A live tunnel to the relay.
+/// A live tunnel to the relay; closed when dropped.
 #[derive(Debug)]
 pub(crate) struct Tunnel {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
 }
 
-/// Dials the relay's QUIC endpoint named in `registered` and proves the registration.
-pub(crate) async fn dial(
+/// Dials the relay's QUIC endpoint named in `registered` and proves the registration,
+/// all within `timeout`.
+async fn dial(
     config: &AgentConfig,
     registered: &Registered,
+    timeout: Duration,
 ) -> Result<Tunnel, SessionError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| SessionError::Tunnel(format!("{what}: {e}"));
     let relay = resolve(
@@ -92,25 +115,20 @@ pub(crate) async fn dial(
             ))),
         }
     };
-    let conn = tokio::time::timeout(config.connection_timeout, handshake)
+    let conn = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| {
             SessionError::Tunnel(format!(
-                "no QUIC tunnel to {relay} within {:?}; is UDP port {} reachable?",
-                config.connection_timeout, registered.quic_port
+                "no QUIC tunnel to {relay} within {timeout:?}; is UDP port {} reachable?",
+                registered.quic_port
             ))
         })??;
     Ok(Tunnel { endpoint, conn })
 }
 
 impl Tunnel {
-    /// Round-trip time of the tunnel.
-    pub(crate) fn rtt(&self) -> Duration {
-        self.conn.rtt()
-    }
-
     /// Serves the relay's streams until the tunnel ends; returns why it ended.
-    pub(crate) async fn serve(
+    async fn serve(
         &self,
         config: &Arc<AgentConfig>,
         stats: &Arc<Stats>,
@@ -123,13 +141,15 @@ impl Tunnel {
             };
             let span = tracing::info_span!("stream", id = %send.id(), conn = tracing::field::Empty);
             let (config, stats) = (config.clone(), stats.clone());
+            let (send, recv) = (SendHalf::Quic(send), RecvHalf::Quic(recv));
             tracker
                 .spawn(async move { stream(send, recv, &config, &stats).await }.instrument(span));
         }
     }
+}
 
-    /// Closes the tunnel and its UDP socket.
-    pub(crate) fn close(self) {
+impl Drop for Tunnel {
+    fn drop(&mut self) {
         self.conn
             .close(quinn::VarInt::from_u32(0), b"agent closing");
         self.endpoint
@@ -137,13 +157,203 @@ impl Tunnel {
     }
 }
 
-/// One stream: read the header, connect to the camera, answer, splice.
-async fn stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+/// The TCP fallback link, hello done.
+#[derive(Debug)]
+pub(crate) struct Fallback {
+    end: AgentEnd<MaybeTlsStream<TcpStream>>,
+}
+
+/// Opens the TCP fallback link (a WebSocket to the control URL plus `/data`) and
+/// proves the registration on it, all within `network.connection_timeout`.
+async fn dial_fallback(
     config: &AgentConfig,
-    stats: &Stats,
-) {
+    registered: &Registered,
+) -> Result<Fallback, SessionError> {
+    let url = config.relay.fallback_url();
+    let fail = |e: &dyn std::fmt::Display| {
+        SessionError::Tunnel(format!("TCP fallback link to {url}: {e}"))
+    };
+    let attempt = async {
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(mux::MAX_MESSAGE))
+            .max_frame_size(Some(mux::MAX_MESSAGE))
+            .read_buffer_size(mux::READ_BUFFER);
+        let socket = control::open(config, &url, ws_config)
+            .await
+            .map_err(|e| fail(&e))?;
+        let mut link = WsBytes::new(socket);
+        let hello = DataHello {
+            agent_id: config.agent_id.clone(),
+            session_key: registered.session_key,
+        };
+        write_frame(&mut link, &hello).await.map_err(|e| fail(&e))?;
+        link.flush().await.map_err(|e| fail(&e))?;
+        match read_frame(&mut link).await.map_err(|e| fail(&e))? {
+            HelloReply::Accepted => Ok(Fallback {
+                end: AgentEnd::new(link),
+            }),
+            HelloReply::Refused(why) => Err(fail(&format!("the relay refused it: {why}"))),
+        }
+    };
+    tokio::time::timeout(config.connection_timeout, attempt)
+        .await
+        .map_err(|_| fail(&format!("no answer within {:?}", config.connection_timeout)))?
+}
+
+impl Fallback {
+    /// Serves the relay's streams until the link ends, or `stop`, or (once `drain` is
+    /// cancelled) its last stream ends; returns why it ended.
+    async fn serve(
+        mut self,
+        config: Arc<AgentConfig>,
+        stats: Arc<Stats>,
+        drain: CancellationToken,
+        stop: CancellationToken,
+    ) -> SessionError {
+        let streams = TaskTracker::new();
+        let drained = async {
+            drain.cancelled().await;
+            streams.close();
+            streams.wait().await;
+        };
+        tokio::pin!(drained);
+        let ended = loop {
+            tokio::select! {
+                next = self.end.accept() => match next {
+                    Some(Ok((send, recv))) => {
+                        let span = tracing::info_span!("stream", link = "tcp", conn = tracing::field::Empty);
+                        let (config, stats) = (config.clone(), stats.clone());
+                        streams.spawn(async move { stream(send, recv, &config, &stats).await }.instrument(span));
+                    }
+                    Some(Err(e)) => break SessionError::Lost(format!("TCP fallback link failed: {e}")),
+                    None => break SessionError::Lost("the relay closed the TCP fallback link".into()),
+                },
+                _ = &mut drained => {
+                    tracing::info!("TCP fallback link closed: its last stream ended and QUIC carries new ones");
+                    break SessionError::Lost("TCP fallback link drained".into());
+                }
+                _ = stop.cancelled() => break SessionError::Lost("session ended".into()),
+            }
+        };
+        self.end.close().await;
+        ended
+    }
+}
+
+/// Which link carries the session's new streams, for the agent's state and commands.
+#[derive(Debug)]
+pub(crate) struct Published<'a> {
+    pub(crate) state: &'a watch::Sender<AgentState>,
+    pub(crate) port: u16,
+    /// The QUIC connection while it carries new streams, for its round-trip time.
+    pub(crate) quic: &'a Mutex<Option<quinn::Connection>>,
+}
+
+impl Published<'_> {
+    fn link(&self, link: DataLink, quic: Option<&quinn::Connection>) {
+        *self.quic.lock().unwrap_or_else(|e| e.into_inner()) = quic.cloned();
+        self.state.send_replace(AgentState::Online {
+            port: self.port,
+            link,
+        });
+    }
+}
+
+/// The session's data plane, connected.
+#[derive(Debug)]
+pub(crate) enum Plane {
+    Quic(Tunnel),
+    /// Boxed: a yamux connection is large, and moved around once.
+    Fallback(Box<Fallback>),
+}
+
+/// Connects the data plane: QUIC if it comes up within [`QUIC_FIRST_TRY`], else the
+/// TCP fallback.
+pub(crate) async fn connect(
+    config: &AgentConfig,
+    registered: &Registered,
+) -> Result<Plane, SessionError> {
+    let quic = match dial(
+        config,
+        registered,
+        QUIC_FIRST_TRY.min(config.connection_timeout),
+    )
+    .await
+    {
+        Ok(tunnel) => return Ok(Plane::Quic(tunnel)),
+        Err(e) => e,
+    };
+    match dial_fallback(config, registered).await {
+        Ok(fallback) => {
+            tracing::warn!(
+                "{quic}; carrying the camera's streams over the TCP link instead, and trying \
+                 QUIC again from time to time"
+            );
+            Ok(Plane::Fallback(Box::new(fallback)))
+        }
+        Err(tcp) => Err(SessionError::Tunnel(format!("{quic}; {tcp}"))),
+    }
+}
+
+impl Plane {
+    /// Serves the relay's streams until the data plane is lost; returns why. On the
+    /// fallback, QUIC is re-probed with backoff and takes over new streams once it
+    /// works.
+    pub(crate) async fn serve(
+        self,
+        config: &Arc<AgentConfig>,
+        registered: &Registered,
+        stats: &Arc<Stats>,
+        tracker: &TaskTracker,
+        published: &Published<'_>,
+    ) -> SessionError {
+        let fallback = match self {
+            Plane::Quic(tunnel) => {
+                published.link(DataLink::Quic, Some(&tunnel.conn));
+                return tunnel.serve(config, stats, tracker).await;
+            }
+            Plane::Fallback(fallback) => fallback,
+        };
+        published.link(DataLink::Tcp, None);
+        // The fallback closes with the session, whichever way this returns.
+        let stop = CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        let drain = CancellationToken::new();
+        let mut link = tracker.spawn((*fallback).serve(
+            config.clone(),
+            stats.clone(),
+            drain.clone(),
+            stop.clone(),
+        ));
+        let mut backoff = Backoff::new(PROBE_BASE, config.reconnect_interval);
+        let tunnel = loop {
+            let wait = backoff.next_delay();
+            let probe = async {
+                tokio::time::sleep(wait).await;
+                dial(config, registered, config.connection_timeout).await
+            };
+            tokio::select! {
+                ended = &mut link => {
+                    return ended.unwrap_or_else(|e| SessionError::Lost(format!("TCP fallback link failed: {e}")));
+                }
+                probed = probe => match probed {
+                    Ok(tunnel) => break tunnel,
+                    Err(e) => tracing::debug!("QUIC still unreachable: {e}"),
+                },
+            }
+        };
+        tracing::info!(
+            rtt_ms = tunnel.conn.rtt().as_millis() as u64,
+            "QUIC reaches the relay again: new streams take it; the TCP fallback closes once its streams end"
+        );
+        drain.cancel();
+        published.link(DataLink::Quic, Some(&tunnel.conn));
+        tunnel.serve(config, stats, tracker).await
+    }
+}
+
+/// One stream: read the header, connect to the camera, answer, splice.
+async fn stream(mut send: SendHalf, mut recv: RecvHalf, config: &AgentConfig, stats: &Stats) {
     let open: StreamOpen = match tokio::time::timeout(HEADER_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(open)) => open,
         Ok(Err(e)) => return tracing::warn!("bad stream header from the relay: {e}"),
@@ -216,11 +426,10 @@ fn target_of(open: &StreamOpen, config: &AgentConfig) -> Result<SocketAddr, Stre
     }
 }
 
-async fn answer_and_finish(mut send: quinn::SendStream, status: &StreamStatus) {
+async fn answer_and_finish(mut send: SendHalf, status: &StreamStatus) {
     if write_frame(&mut send, status).await.is_ok() {
-        let _ = send.finish();
         // Let the status reach the relay before the stream is dropped.
-        let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+        send.finish(Duration::from_secs(5)).await;
     }
 }
 

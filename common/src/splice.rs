@@ -1,4 +1,5 @@
-//! Splicing a TCP connection with a QUIC stream: the one copy loop of the product.
+//! Splicing a TCP connection with a data stream (QUIC, or the TCP fallback's): the one
+//! copy loop of the product.
 
 use std::{
     io,
@@ -13,11 +14,13 @@ use tokio::{
     net::TcpStream,
 };
 
+use crate::stream::SendHalf;
+
 /// Buffer size of each direction. Large enough for a burst of a 16 Mbit/s I-frame to
 /// move in few system calls, small enough for thousands of sessions.
 const SPLICE_BUFFER: usize = 64 * 1024;
 
-/// Application error code sent with a QUIC stream reset when the TCP side failed.
+/// Application error code sent with a QUIC stream reset when the other side failed.
 pub const RESET_CODE: u32 = 1;
 
 /// Bytes moved by one splice, as seen from the TCP side.
@@ -38,16 +41,16 @@ pub struct ByteCounters {
     pub to_tcp: AtomicU64,
 }
 
-/// Copies both ways between `tcp` and a QUIC stream until both directions are done.
+/// Copies both ways between `tcp` and a data stream until both directions are done.
 ///
-/// Half-close is preserved: a TCP FIN finishes the QUIC send stream and a QUIC stream
-/// finish shuts down TCP's write side, each direction going on until its own end. If
-/// either side fails, the QUIC stream is reset and the TCP connection is reset, so
+/// Half-close is preserved: a TCP FIN finishes the stream's sending half and the
+/// stream's finish shuts down TCP's write side, each direction going on until its own
+/// end. If either side fails, the stream is reset and the TCP connection is reset, so
 /// neither peer waits on a half-dead connection. `counters` advance as bytes move.
 pub async fn splice<R>(
     tcp: TcpStream,
-    quic_recv: R,
-    quic_send: quinn::SendStream,
+    recv: R,
+    send: SendHalf,
     counters: &ByteCounters,
 ) -> io::Result<Transfer>
 where
@@ -57,10 +60,10 @@ where
         inner: tcp,
         counters,
     };
-    let mut quic = tokio::io::join(quic_recv, quic_send);
+    let mut stream = tokio::io::join(recv, send);
     match tokio::io::copy_bidirectional_with_sizes(
         &mut tcp,
-        &mut quic,
+        &mut stream,
         SPLICE_BUFFER,
         SPLICE_BUFFER,
     )
@@ -68,9 +71,8 @@ where
     {
         Ok((from_tcp, to_tcp)) => Ok(Transfer { from_tcp, to_tcp }),
         Err(e) => {
-            let (_recv, mut send) = quic.into_inner();
-            // Already finished or reset streams refuse a reset; either way the peer knows.
-            let _ = send.reset(quinn::VarInt::from_u32(RESET_CODE));
+            let (_recv, send) = stream.into_inner();
+            send.reset();
             reset_tcp(&tcp.inner);
             Err(e)
         }

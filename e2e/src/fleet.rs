@@ -43,7 +43,7 @@ impl Fleet {
         self.agents
             .iter()
             .map(|a| match *a.subscribe().borrow() {
-                AgentState::Online { port } => Some(port),
+                AgentState::Online { port, .. } => Some(port),
                 _ => None,
             })
             .collect()

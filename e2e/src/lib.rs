@@ -223,7 +223,7 @@ impl AgentHandle {
             .wait_for("online", |s| matches!(s, AgentState::Online { .. }))
             .await?
         {
-            AgentState::Online { port } => Ok(port),
+            AgentState::Online { port, .. } => Ok(port),
             other => bail!("unexpected state {other:?}"),
         }
     }
@@ -855,7 +855,17 @@ impl NatRig {
     /// Starts one camera per entry of `cameras` (simulator arguments), a relay, and every
     /// camera's agent; returns once all agents are online.
     pub async fn start(cameras: &[&[&str]]) -> anyhow::Result<Self> {
+        Self::start_prepared(cameras, |_| Ok(())).await
+    }
+
+    /// [`NatRig::start`], with `prepare` done to the lab before anything starts in it
+    /// (blocking UDP, say).
+    pub async fn start_prepared(
+        cameras: &[&[&str]],
+        prepare: impl FnOnce(&Lab) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
         let lab = Lab::new(cameras.len())?;
+        prepare(&lab)?;
         let shared = Self::SHARED_PORT.to_string();
         let relay_side = lab.relay();
         let extra = [

@@ -209,6 +209,17 @@ impl Lab {
         Ok(new)
     }
 
+    /// Blocks (or unblocks) every UDP datagram through the cameras' router, as a
+    /// network that allows only TCP does: QUIC cannot reach the relay.
+    pub fn block_udp(&self, blocked: bool) -> anyhow::Result<()> {
+        let action = if blocked { "-I" } else { "-D" };
+        run(
+            &self.nat(),
+            "iptables",
+            &[action, "FORWARD", "-p", "udp", "-j", "DROP"],
+        )
+    }
+
     /// The relay's side of the internet, where Watchers run too.
     pub fn relay(&self) -> Place {
         Place {

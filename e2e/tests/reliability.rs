@@ -1,5 +1,6 @@
-//! Sessions that survive the network: the camera's NAT rebinding its UDP port in the
-//! middle of a stream, in the NAT lab (network namespaces, a real iptables NAT).
+//! Sessions that survive the network, in the NAT lab (network namespaces, a real
+//! iptables NAT): the camera's NAT rebinding its UDP port mid-stream, UDP blocked,
+//! black-holed links, a camera's RTSP server restarting.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
@@ -17,6 +18,13 @@ async fn quic_remote(rig: &NatRig, id: &str) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no quic_remote_addr in {agent}"))
         .to_string()
+}
+
+/// The link the relay opens agent `id`'s new streams on (`quic`, `tcp`), if any.
+async fn data_link(rig: &NatRig, id: &str) -> Option<String> {
+    let body = rig.http_get(&format!("/agents/{id}")).await.unwrap();
+    let agent: serde_json::Value = serde_json::from_str(&body).unwrap();
+    agent["data_link"].as_str().map(str::to_string)
 }
 
 fn port_of(addr: &str) -> u16 {
@@ -200,6 +208,67 @@ async fn a_camera_that_restarts_its_rtsp_server_is_served_again_on_the_same_link
     assert_eq!(rig.cameras[0].port, port);
     let probe = ffprobe_with(&watchers, &url, 10, TCP).await.unwrap();
     assert!(probe.frames >= 10, "{probe:?}");
+    assert_eq!(
+        rig.agents[0]
+            .process
+            .count_lines("online: the relay serves"),
+        1
+    );
+    assert_eq!(rig.agents[0].process.count_lines("retrying in"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_blocked_streams_ride_the_tcp_link_and_move_to_quic_once_it_works() {
+    // The camera's network lets no UDP out: QUIC cannot reach the relay.
+    let mut rig = NatRig::start_prepared(&[&[]], |lab| lab.block_udp(true))
+        .await
+        .unwrap();
+    let camera = NatRig::agent_id(0);
+    let (watchers, url) = (rig.watchers(), rig.camera_url(0, MAIN_STREAM));
+    assert_eq!(data_link(&rig, &camera).await.as_deref(), Some("tcp"));
+
+    // The Watcher sees no difference.
+    let probe = ffprobe_with(&watchers, &url, 10, TCP).await.unwrap();
+    assert!(probe.frames >= 10, "{probe:?}");
+    let over = |link: &str| format!("camera_relay_streams_opened_total{{link=\"{link}\"}}");
+    let exposition = rig.http_get("/metrics").await.unwrap();
+    assert_eq!(metric(&exposition, &over("tcp")), Some(1.0));
+    assert_eq!(metric(&exposition, &over("quic")), None);
+
+    // A long session on the fallback (600 frames at 20 fps: 30 s); UDP comes back
+    // while it plays.
+    let long = {
+        let (watchers, url) = (watchers.clone(), url.clone());
+        tokio::spawn(async move { ffprobe_with(&watchers, url, 600, TCP).await })
+    };
+    wait_metric(&rig, &over("tcp"), "reached 2", |v| v >= 2.0).await;
+    rig.lab.block_udp(false).unwrap();
+    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+    while data_link(&rig, &camera).await.as_deref() != Some("quic") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never moved to QUIC after UDP came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !long.is_finished(),
+        "the fallback's session ended before the move to QUIC; nothing was shown"
+    );
+
+    // New Watchers take QUIC; the session on the fallback goes on to its end, and then
+    // the fallback closes. One agent session all along.
+    let probe = ffprobe_with(&watchers, &url, 10, TCP).await.unwrap();
+    assert!(probe.frames >= 10, "{probe:?}");
+    let exposition = rig.http_get("/metrics").await.unwrap();
+    assert_eq!(metric(&exposition, &over("quic")), Some(1.0));
+    let long = long.await.unwrap().unwrap();
+    assert!(long.frames >= 600, "{long:?}");
+    rig.agents[0]
+        .process
+        .wait_for_line("TCP fallback link closed")
+        .await
+        .unwrap();
     assert_eq!(
         rig.agents[0]
             .process

@@ -197,6 +197,7 @@ async fn agent_view(shared: &Shared, id: &str) -> Value {
         "quic_rtt_ms": session.current_tunnel().map(|c| c.rtt().as_secs_f64() * 1000.0),
         // Follows the camera's NAT: QUIC migrates when its public UDP port changes.
         "quic_remote_addr": session.current_tunnel().map(|c| c.remote_address().to_string()),
+        "data_link": session.current_link().map(|link| link.transport()),
         "ports": [session.port],
         "registered_secs_ago": session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
         "client_certificate": session.certified,

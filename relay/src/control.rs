@@ -21,7 +21,7 @@ use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
 
 use crate::{
-    admission::Verdict, api, forward, http::ClientCertificate, registry::AgentSession, Shared,
+    admission::Verdict, api, data, forward, http::ClientCertificate, registry::AgentSession, Shared,
 };
 
 /// Longest wait for one control message to be written to a slow agent.
@@ -33,6 +33,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let open = Router::new()
         .route("/tunnel", get(upgrade))
         .route("/agent/{id}", get(upgrade_as))
+        .route("/tunnel/data", get(data::fallback))
+        .route("/agent/{id}/data", get(data::fallback))
         .route("/health", get(api::health));
     let metrics = Router::new().route("/metrics", get(api::metrics));
     let app = if shared.api.public_metrics {

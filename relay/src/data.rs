@@ -1,18 +1,41 @@
-//! The QUIC endpoint: agents dial in, prove which registration they belong to, and
-//! their connection becomes that camera's tunnel.
+//! The data plane's entry points: the QUIC endpoint, where agents dial in, prove which
+//! registration they belong to, and their connection becomes that camera's tunnel; and
+//! the TCP fallback (`/tunnel/data`, see [`common::mux`]) for agents whose UDP is
+//! blocked, where the same hello makes a WebSocket the camera's fallback link.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use common::protocol::{read_frame, write_frame, DataHello, HelloReply};
-use common::tls::peer_common_name;
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, Request, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    Extension,
+};
+use common::{
+    mux::{self, RelayEnd, WsBytes},
+    protocol::{read_frame, write_frame, DataHello, HelloReply},
+    tls::peer_common_name,
+};
+use hyper_util::rt::TokioIo;
 use quinn::VarInt;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    io::AsyncWriteExt as _,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tokio_tungstenite::{
+    tungstenite::{
+        handshake::derive_accept_key,
+        protocol::{Role, WebSocketConfig},
+    },
+    WebSocketStream,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
-use crate::{config::Limits, Registry};
+use crate::{config::Limits, http::ClientCertificate, registry::AgentSession, Registry, Shared};
 
 /// Application close code: the hello was refused.
 const CLOSE_REFUSED: u32 = 1;
@@ -89,33 +112,17 @@ async fn tunnel(
         .peer_identity()
         .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().and_then(|leaf| peer_common_name(leaf)));
-    let session = registry
-        .get(&hello.agent_id)
-        .filter(|s| s.key_matches(&hello.session_key));
-    let refusal = match (&session, &certified) {
-        (None, _) => Some(format!(
-            "no live registration of agent {:?} with this session key",
-            hello.agent_id
-        )),
-        (Some(s), Some(name)) if *name != s.id => Some(format!(
-            "the client certificate is for agent {name:?}, not {:?}",
-            s.id
-        )),
-        (Some(s), None) if s.certified => Some(format!(
-            "agent {:?} registered with a client certificate but its QUIC connection has none",
-            s.id
-        )),
-        _ => None,
-    };
-    let (Some(session), None) = (session, refusal.clone()) else {
-        let why = refusal.unwrap_or_default();
-        let _ = write_frame(&mut send, &HelloReply::Refused(why.clone())).await;
-        let _ = send.finish();
-        // Let the reply arrive before the close, which would discard it (bounded: the
-        // close carries the reason too).
-        let _ = tokio::time::timeout(REPLY_LINGER, send.stopped()).await;
-        conn.close(VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
-        anyhow::bail!(why);
+    let session = match check_hello(registry, &hello, certified.as_deref()) {
+        Ok(session) => session,
+        Err(why) => {
+            let _ = write_frame(&mut send, &HelloReply::Refused(why.clone())).await;
+            let _ = send.finish();
+            // Let the reply arrive before the close, which would discard it (bounded:
+            // the close carries the reason too).
+            let _ = tokio::time::timeout(REPLY_LINGER, send.stopped()).await;
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
+            anyhow::bail!(why);
+        }
     };
     write_frame(&mut send, &HelloReply::Accepted).await?;
     send.finish()?;
@@ -139,5 +146,137 @@ async fn tunnel(
         }
     }
     session.detach_tunnel(&conn);
+    Ok(())
+}
+
+/// Whether `hello` proves a live registration: its session key, and the client
+/// certificate (`certified`, its common name) if the registration had one. The refusal
+/// is meant for the agent's log.
+fn check_hello(
+    registry: &Registry,
+    hello: &DataHello,
+    certified: Option<&str>,
+) -> Result<Arc<AgentSession>, String> {
+    let Some(session) = registry
+        .get(&hello.agent_id)
+        .filter(|s| s.key_matches(&hello.session_key))
+    else {
+        return Err(format!(
+            "no live registration of agent {:?} with this session key",
+            hello.agent_id
+        ));
+    };
+    match certified {
+        Some(name) if name != session.id => Err(format!(
+            "the client certificate is for agent {name:?}, not {:?}",
+            session.id
+        )),
+        None if session.certified => Err(format!(
+            "agent {:?} registered with a client certificate but its data link has none",
+            session.id
+        )),
+        _ => Ok(session),
+    }
+}
+
+/// The TCP fallback's WebSocket upgrade (`/tunnel/data`, `/agent/{id}/data`). Done here
+/// rather than with axum's `WebSocketUpgrade` so that the link is a tungstenite socket,
+/// the same type as on the agent's end ([`WsBytes`]).
+pub(crate) async fn fallback(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(cert): Extension<ClientCertificate>,
+    State(shared): State<Arc<Shared>>,
+    mut request: Request,
+) -> Response {
+    let key = request
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|_| {
+            request
+                .headers()
+                .get(header::UPGRADE)
+                .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        })
+        .map(|key| derive_accept_key(key.as_bytes()));
+    let Some(accept) = key else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this is the agents' data link: a WebSocket upgrade is expected\n",
+        )
+            .into_response();
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    let span = tracing::info_span!("fallback", %peer, agent = tracing::field::Empty);
+    let task = {
+        let shared = shared.clone();
+        async move {
+            let upgraded = match upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => return tracing::warn!("fallback link upgrade failed: {e}"),
+            };
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(mux::MAX_MESSAGE))
+                .max_frame_size(Some(mux::MAX_MESSAGE))
+                .read_buffer_size(mux::READ_BUFFER);
+            let socket = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
+            if let Err(e) = fallback_link(WsBytes::new(socket), &shared, cert).await {
+                tracing::warn!("fallback link refused: {e:#}");
+            }
+        }
+        .instrument(span)
+    };
+    shared.tracker.spawn(task);
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Checks a fallback link's hello and keeps the link as the camera's fallback while
+/// it lives.
+async fn fallback_link<S>(
+    mut link: WsBytes<S>,
+    shared: &Shared,
+    cert: ClientCertificate,
+) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let timeout = shared.limits.handshake_timeout;
+    let hello: DataHello = tokio::time::timeout(timeout, read_frame(&mut link))
+        .await
+        .with_context(|| format!("no hello within {timeout:?} (limits.handshake_timeout_secs)"))?
+        .context("bad hello")?;
+    tracing::Span::current().record("agent", hello.agent_id.as_str());
+    let session = match check_hello(&shared.registry, &hello, cert.0.as_deref()) {
+        Ok(session) => session,
+        Err(why) => {
+            let _ = write_frame(&mut link, &HelloReply::Refused(why.clone())).await;
+            let _ = tokio::time::timeout(REPLY_LINGER, link.shutdown()).await;
+            anyhow::bail!(why);
+        }
+    };
+    write_frame(&mut link, &HelloReply::Accepted).await?;
+    link.flush().await?;
+
+    tracing::info!("fallback link up: the camera's streams ride its TCP connection");
+    let (end, opener) = RelayEnd::new(link);
+    session.attach_fallback(opener.clone());
+    tokio::select! {
+        _ = session.cancelled() => {}
+        ended = end.drive() => match ended {
+            Ok(()) => tracing::info!("fallback link closed"),
+            Err(e) => tracing::info!("fallback link lost: {e}"),
+        },
+    }
+    session.detach_fallback(&opener);
     Ok(())
 }

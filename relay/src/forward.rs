@@ -1,6 +1,7 @@
 //! The Watcher listeners: every TCP connection a Watcher makes to a camera's own port,
 //! or to the shared port naming the camera as `/<agent-id>/…`, rides a fresh
-//! bidirectional stream on that camera's QUIC tunnel.
+//! bidirectional stream on that camera's QUIC tunnel (or, while UDP is blocked, on its
+//! TCP fallback link).
 
 use std::{
     future::Future,
@@ -249,13 +250,18 @@ async fn carry(
     }
     tracing::debug!(camera = %session.id, "Watcher connected");
 
-    let conn = session
-        .tunnel(limits.tunnel_wait)
+    let link = session
+        .link(limits.tunnel_wait)
         .await
         .ok_or(Unreached::NoTunnel(limits.tunnel_wait))?;
-    let (mut send, recv) = tokio::time::timeout(limits.tunnel_wait, conn.open_bi())
+    let (mut send, recv) = tokio::time::timeout(limits.tunnel_wait, link.open())
         .await
         .map_err(|_| Unreached::NoStream)??;
+    registry
+        .metrics()
+        .streams_opened_total
+        .with_label_values(&[link.transport()])
+        .inc();
     let header = StreamOpen {
         service: SERVICE_RTSP.to_string(),
         connection_id,

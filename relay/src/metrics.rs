@@ -32,6 +32,8 @@ pub struct Metrics {
     pub control_messages_total: IntCounterVec,
     /// Watcher connections that never reached the camera, by reason.
     pub stream_open_failures_total: IntCounterVec,
+    /// Streams opened to agents, by the link that carries them (`quic`, `tcp`).
+    pub streams_opened_total: IntCounterVec,
     /// From a Watcher's connect to the first byte back from the camera.
     pub session_setup_seconds: Histogram,
 }
@@ -186,6 +188,17 @@ impl Metrics {
                         "Watcher connections that never reached the camera, by reason.",
                     ),
                     &["reason"],
+                )?,
+            )?,
+            streams_opened_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "streams_opened_total",
+                        "Streams opened to agents for Watcher connections, by the link that \
+                         carries them: quic (the tunnel) or tcp (the fallback when UDP is blocked).",
+                    ),
+                    &["link"],
                 )?,
             )?,
             session_setup_seconds: registered(

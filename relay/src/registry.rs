@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    io,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -14,12 +15,14 @@ use std::{
 };
 
 use common::{
+    mux::Opener,
     protocol::{
         check_agent_id, AgentStats, CameraInfo, CloseReason, Command, CommandOutput, Register,
         Rejection, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP, SESSION_KEY_LEN,
     },
     secret::constant_time_eq,
     splice::ByteCounters,
+    stream::{RecvHalf, SendHalf},
 };
 use rand::RngCore;
 use tokio::{
@@ -34,6 +37,55 @@ use crate::{
     ports::PortPolicy,
     MediaStats,
 };
+
+/// The links of one agent that can carry its camera's streams.
+#[derive(Debug, Default)]
+struct Links {
+    /// The QUIC tunnel.
+    quic: Option<quinn::Connection>,
+    /// The TCP fallback, used while there is no tunnel.
+    fallback: Option<Opener>,
+}
+
+impl Links {
+    fn preferred(&self) -> Option<Link> {
+        match (&self.quic, &self.fallback) {
+            (Some(conn), _) => Some(Link::Quic(conn.clone())),
+            (None, Some(opener)) => Some(Link::Fallback(opener.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A link that carries a camera's streams.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// The agent's QUIC tunnel.
+    Quic(quinn::Connection),
+    /// The agent's TCP fallback, when UDP is blocked.
+    Fallback(Opener),
+}
+
+impl Link {
+    /// Opens a stream to the agent.
+    pub async fn open(&self) -> io::Result<(SendHalf, RecvHalf)> {
+        match self {
+            Link::Quic(conn) => {
+                let (send, recv) = conn.open_bi().await?;
+                Ok((SendHalf::Quic(send), RecvHalf::Quic(recv)))
+            }
+            Link::Fallback(opener) => opener.open().await,
+        }
+    }
+
+    /// `quic` or `tcp`, for metrics and the API.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Link::Quic(_) => "quic",
+            Link::Fallback(_) => "tcp",
+        }
+    }
+}
 
 /// Commands waiting for one agent's control loop; more are refused as busy.
 const COMMAND_QUEUE: usize = 16;
@@ -146,9 +198,9 @@ pub struct AgentSession {
     cancel: CancellationToken,
     /// Why the session was ended from outside, for the control loop to tell the agent.
     close_reason: Mutex<Option<CloseReason>>,
-    /// The agent's QUIC connection once its hello proved it owns this registration;
-    /// Watcher connections that arrive before that wait on it.
-    tunnel: watch::Sender<Option<quinn::Connection>>,
+    /// The links that carry the camera's streams, once the agent's hello proved it
+    /// owns this registration; Watcher connections that arrive before that wait.
+    links: watch::Sender<Links>,
     /// Last heartbeat: when, and the stats it carried.
     heartbeat: Mutex<Option<(Instant, AgentStats)>>,
     /// The camera listener's task; a takeover awaits it so the port is free to bind.
@@ -266,7 +318,7 @@ impl Registry {
             session_key,
             cancel: parent.child_token(),
             close_reason: Mutex::new(None),
-            tunnel: watch::Sender::new(None),
+            links: watch::Sender::new(Links::default()),
             heartbeat: Mutex::new(None),
             listener: Mutex::new(None),
             media: watch::Sender::new(None),
@@ -452,30 +504,50 @@ impl AgentSession {
 
     /// Makes `conn` this session's tunnel; returns the one it replaces.
     pub fn attach_tunnel(&self, conn: quinn::Connection) -> Option<quinn::Connection> {
-        self.tunnel.send_replace(Some(conn))
+        let mut old = None;
+        self.links
+            .send_modify(|links| old = links.quic.replace(conn));
+        old
     }
 
     /// Forgets `conn` if it is still the tunnel.
     pub fn detach_tunnel(&self, conn: &quinn::Connection) {
-        self.tunnel.send_if_modified(|current| {
-            if current
+        self.links.send_if_modified(|links| {
+            let current = links
+                .quic
                 .as_ref()
-                .is_some_and(|c| c.stable_id() == conn.stable_id())
-            {
-                *current = None;
-                true
-            } else {
-                false
+                .is_some_and(|c| c.stable_id() == conn.stable_id());
+            if current {
+                links.quic = None;
             }
+            current
         });
     }
 
-    /// The tunnel, waiting up to `wait` for the agent to bring it up.
-    pub async fn tunnel(&self, wait: Duration) -> Option<quinn::Connection> {
-        let mut rx = self.tunnel.subscribe();
-        let ready = tokio::time::timeout(wait, rx.wait_for(|c| c.is_some())).await;
+    /// Makes `opener`'s link this session's TCP fallback, in place of any earlier one.
+    pub fn attach_fallback(&self, opener: Opener) {
+        self.links
+            .send_modify(|links| links.fallback = Some(opener));
+    }
+
+    /// Forgets `opener`'s link if it is still the fallback.
+    pub fn detach_fallback(&self, opener: &Opener) {
+        self.links.send_if_modified(|links| {
+            let current = links.fallback.as_ref().is_some_and(|o| o.same_link(opener));
+            if current {
+                links.fallback = None;
+            }
+            current
+        });
+    }
+
+    /// The link a new stream should take, waiting up to `wait` for the agent to bring
+    /// one up: the QUIC tunnel if it is up, else the TCP fallback.
+    pub async fn link(&self, wait: Duration) -> Option<Link> {
+        let mut rx = self.links.subscribe();
+        let ready = tokio::time::timeout(wait, rx.wait_for(|l| l.preferred().is_some())).await;
         match ready {
-            Ok(Ok(conn)) => conn.clone(),
+            Ok(Ok(links)) => links.preferred(),
             _ => None,
         }
     }
@@ -526,7 +598,12 @@ impl AgentSession {
 
     /// The QUIC tunnel, if it is up.
     pub fn current_tunnel(&self) -> Option<quinn::Connection> {
-        self.tunnel.borrow().clone()
+        self.links.borrow().quic.clone()
+    }
+
+    /// The link new streams take right now, if any.
+    pub fn current_link(&self) -> Option<Link> {
+        self.links.borrow().preferred()
     }
 
     /// Keeps the camera listener's task, so a takeover can wait for the port.

@@ -17,7 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::splice::{reset_tcp, ByteCounters, Transfer, RESET_CODE};
+use common::{
+    splice::{reset_tcp, ByteCounters, Transfer},
+    stream::SendHalf,
+};
 use prometheus::IntCounter;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
@@ -83,8 +86,8 @@ pub(crate) struct Watcher {
 /// Media that stops for `stall_after` while playing is a stall.
 pub(crate) async fn proxy<R>(
     watcher: Watcher,
-    mut quic_recv: R,
-    mut quic_send: quinn::SendStream,
+    mut camera_recv: R,
+    mut camera_send: SendHalf,
     observed: Observed<'_>,
     stall_after: Duration,
 ) -> Outcome
@@ -115,7 +118,7 @@ where
     let mut media = Media::new(started, metrics);
     let up = upstream(
         &mut watcher_rd,
-        &mut quic_send,
+        &mut camera_send,
         answers_tx,
         naming,
         &playing,
@@ -127,7 +130,7 @@ where
         playing: &playing,
     };
     let down = downstream(
-        &mut quic_recv,
+        &mut camera_recv,
         &mut watcher_wr,
         answers_rx,
         naming,
@@ -138,8 +141,7 @@ where
     let result = match tokio::try_join!(up, down) {
         Ok((from_tcp, to_tcp)) => Ok(Transfer { from_tcp, to_tcp }),
         Err(e) => {
-            // Already finished or reset streams refuse a reset; either way the peer knows.
-            let _ = quic_send.reset(quinn::VarInt::from_u32(RESET_CODE));
+            camera_send.reset();
             reset_tcp(watcher_wr.as_ref());
             Err(e)
         }
@@ -189,7 +191,7 @@ where
 /// `prefix`), everything else passes.
 async fn upstream<R>(
     watcher: &mut R,
-    camera: &mut quinn::SendStream,
+    camera: &mut SendHalf,
     answers: mpsc::Sender<Vec<u8>>,
     naming: Naming<'_>,
     playing: &AtomicBool,
@@ -209,7 +211,7 @@ where
             if let Some(partial) = scanner.finish() {
                 camera.write_all(&partial).await?;
             }
-            camera.finish().map_err(io::Error::other)?;
+            camera.shutdown().await?;
             return Ok(total);
         }
         total += n as u64;
