@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all setup build demo test bench lint fuzz firmware clean
+.PHONY: all setup build demo test bench soak lint fuzz firmware clean
 
 all: build
 
@@ -31,6 +31,16 @@ test: build
 bench: setup
 	$(CARGO) build --release --locked -p relay -p agent -p certs -p bench
 	./target/release/bench run --out bench/results $(BENCH_ARGS)
+
+## The soak: four cameras' Watcher sessions through the NAT lab's impaired camera link
+## (25 ms each way, 1 % loss, NAT rebound every minute) for SOAK_MINUTES (default 10);
+## fails on any byte lost, a reconnect, or leaked memory, descriptors or CLOSE_WAIT
+## sockets. Report in bench/results/soak.md (docs/reliability.md). `make test` runs a
+## one-minute version.
+SOAK_MINUTES ?= 10
+soak: setup
+	$(CARGO) build --release --locked -p relay -p agent -p e2e -p bench
+	./target/release/bench soak --minutes $(SOAK_MINUTES) --out bench/results
 
 ## Fuzz the control-message and stream-header decoders, FUZZ_SECONDS each, growing the
 ## corpus in fuzz/corpus (which `make test` replays). cargo-fuzz needs nightly-only

@@ -7,12 +7,17 @@
 //! `delay` and `delay` + 0.5 ms. Without this process running the router drops
 //! everything (no `--queue-bypass`): a broken impairment fails loudly instead of
 //! measuring a clean link.
+//!
+//! [`Impairment`] puts either this or the kernel's `tc netem` on the lab's router.
 
 use std::{
     collections::VecDeque,
     io::ErrorKind,
+    path::Path,
     time::{Duration, Instant},
 };
+
+use e2e::Child;
 
 use anyhow::Context as _;
 use nfq::{Queue, Verdict};
@@ -83,4 +88,90 @@ mod tests {
         let lost = (0..100_000).filter(|_| r.next_f64() < 0.02).count();
         assert!((1_800..2_200).contains(&lost), "{lost}");
     }
+}
+
+/// Delay and loss on the camera's router, both ways.
+#[derive(Debug)]
+pub enum Impairment {
+    /// The kernel's netem qdisc on the router's interfaces (named).
+    Netem(Vec<String>),
+    /// `bench impair` on NFQUEUE 0, where the kernel has no `sch_netem`.
+    Nfqueue(Box<Child>),
+}
+
+/// The iptables rule sending forwarded packets to `bench impair`.
+const TO_QUEUE: [&str; 5] = ["FORWARD", "-j", "NFQUEUE", "--queue-num", "0"];
+
+impl Impairment {
+    /// `tc netem` where the kernel has it, else NFQUEUE through `bench impair` (`exe`),
+    /// on the links between the relay and the lab's first `cameras` cameras.
+    pub async fn start(
+        lab: &e2e::Lab,
+        exe: &Path,
+        cameras: usize,
+        delay: Duration,
+        loss: f64,
+    ) -> anyhow::Result<Self> {
+        let router = lab.nat();
+        let links = router_links(cameras);
+        let netem = |link: &str| {
+            let delay = format!("{}ms", delay.as_millis());
+            let loss = format!("{}%", loss * 100.0);
+            e2e::netns::run(
+                &router,
+                "tc",
+                &[
+                    "qdisc", "replace", "dev", link, "root", "netem", "delay", &delay, "loss",
+                    &loss,
+                ],
+            )
+        };
+        if links.iter().all(|link| netem(link).is_ok()) {
+            return Ok(Impairment::Netem(links));
+        }
+        for link in &links {
+            let _ = e2e::netns::run(&router, "tc", &["qdisc", "del", "dev", link, "root"]);
+        }
+        e2e::netns::run(&router, "iptables", &[&["-A"][..], &TO_QUEUE].concat())?;
+        let mut cmd = router.command(exe);
+        cmd.args(["impair", "--delay-ms", &delay.as_millis().to_string()])
+            .args(["--loss", &loss.to_string()]);
+        let mut impair = Child::spawn("impair", cmd)?;
+        impair.wait_for_line("READY impair").await?;
+        Ok(Impairment::Nfqueue(Box::new(impair)))
+    }
+
+    /// How the link is impaired, in words.
+    pub fn how(&self) -> &'static str {
+        match self {
+            Impairment::Netem(_) => "tc netem",
+            Impairment::Nfqueue(_) => "NFQUEUE (bench impair): this kernel has no sch_netem",
+        }
+    }
+
+    /// Takes the impairment off, so the next one starts from a clean link.
+    pub async fn stop(self, lab: &e2e::Lab) -> anyhow::Result<()> {
+        let router = lab.nat();
+        match self {
+            Impairment::Netem(links) => {
+                for link in &links {
+                    e2e::netns::run(&router, "tc", &["qdisc", "del", "dev", link, "root"])?;
+                }
+            }
+            Impairment::Nfqueue(mut impair) => {
+                // The rule first: with it and no reader, every packet would be dropped.
+                e2e::netns::run(&router, "iptables", &[&["-D"][..], &TO_QUEUE].concat())?;
+                impair.kill().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The router's interfaces: towards the relay, and towards each camera (netem delays
+/// what leaves an interface, so both ends of every path are needed).
+fn router_links(cameras: usize) -> Vec<String> {
+    std::iter::once("wan".to_string())
+        .chain((0..cameras).map(|i| format!("lan{i}")))
+        .collect()
 }

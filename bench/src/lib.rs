@@ -1,5 +1,5 @@
 //! The bench harness: our tunnel against direct TCP, rathole, bore and rusnel, measured
-//! in one run on the same machine (docs/benchmarks.md).
+//! in one run on the same machine (docs/benchmarks.md); and the soak (docs/reliability.md).
 
 pub mod fleet;
 pub mod impair;
@@ -8,4 +8,5 @@ pub mod peers;
 pub mod procstat;
 pub mod report;
 pub mod run;
+pub mod soak;
 pub mod traffic;

@@ -38,6 +38,20 @@ enum Cmd {
         #[arg(long)]
         offline: bool,
     },
+    /// Several cameras' sessions through an impaired, rebinding camera link for a long
+    /// time; fails on any byte lost, a reconnect, or what leaks (memory, file
+    /// descriptors, CLOSE_WAIT). Writes soak.md and soak.json.
+    Soak {
+        /// How long the sessions run.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// How many cameras.
+        #[arg(long, default_value_t = 4)]
+        cameras: usize,
+        /// Where the report goes.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// Installs the peers into the cache (once).
     Peers,
     /// The target server (the camera's stand-in); prints `READY <address>`.
@@ -143,6 +157,32 @@ async fn main() -> anyhow::Result<()> {
             report::write(&out, &report::Machine::here(), &scenarios)?;
             print!("{}", report::markdown(&report::Machine::here(), &scenarios));
             eprintln!("bench: results in {}", out.display());
+        }
+        Cmd::Soak {
+            minutes,
+            cameras,
+            out,
+        } => {
+            let duration = Duration::from_secs_f64(minutes * 60.0);
+            let plan = bench::soak::Plan {
+                cameras,
+                ..bench::soak::Plan::new(duration)
+            };
+            e2e::set_echo(false);
+            let report = bench::soak::run(&plan, &std::env::current_exe()?).await?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("soak.md"), report.markdown())?;
+            std::fs::write(
+                out.join("soak.json"),
+                serde_json::to_string_pretty(&report)?,
+            )?;
+            print!("{}", report.markdown());
+            let failures = report.failures();
+            anyhow::ensure!(
+                failures.is_empty(),
+                "the soak failed: {}",
+                failures.join("; ")
+            );
         }
         Cmd::Peers => {
             let tools = Tools::install(false).await;

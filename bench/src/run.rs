@@ -9,6 +9,7 @@ use e2e::Child;
 use serde::Serialize;
 
 use crate::{
+    impair::Impairment,
     paths::{self, Net, PathKind, Role},
     peers::Tools,
     procstat::{Meter, Usage},
@@ -414,7 +415,7 @@ async fn impaired(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
         ],
         "p50_rtts",
     );
-    let impair = Impairment::start(&lab, &exe, DELAY, 0.0).await?;
+    let impair = Impairment::start(&lab, &exe, 1, DELAY, 0.0).await?;
     eprintln!("bench: the camera link is impaired with {}", impair.how());
     for &kind in &plan.paths {
         eprintln!("bench: {} over the delayed link", kind.name());
@@ -452,7 +453,7 @@ async fn impaired(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
         ],
         "gap_p99_ms",
     );
-    let impair = Impairment::start(&lab, &exe, DELAY, LOSS).await?;
+    let impair = Impairment::start(&lab, &exe, 1, DELAY, LOSS).await?;
     let lossy_plan = Plan {
         stream_time: plan.loss_time,
         ..plan.clone()
@@ -469,76 +470,6 @@ async fn impaired(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
     }
     impair.stop(&lab).await?;
     Ok(vec![setup, lossy])
-}
-
-/// Delay and loss on the camera's router, both ways.
-enum Impairment {
-    /// The kernel's netem qdisc on both of the router's interfaces.
-    Netem,
-    /// `bench impair` on NFQUEUE 0, where the kernel has no `sch_netem`.
-    Nfqueue(Box<Child>),
-}
-
-/// The router's interfaces: towards the relay, and towards camera 0.
-const ROUTER_LINKS: [&str; 2] = ["wan", "lan0"];
-/// The iptables rule sending forwarded packets to `bench impair`.
-const TO_QUEUE: [&str; 5] = ["FORWARD", "-j", "NFQUEUE", "--queue-num", "0"];
-
-impl Impairment {
-    /// `tc netem` where the kernel has it, else NFQUEUE through `bench impair`.
-    async fn start(lab: &e2e::Lab, exe: &Path, delay: Duration, loss: f64) -> anyhow::Result<Self> {
-        let router = lab.nat();
-        let netem = |link: &str| {
-            let delay = format!("{}ms", delay.as_millis());
-            let loss = format!("{}%", loss * 100.0);
-            e2e::netns::run(
-                &router,
-                "tc",
-                &[
-                    "qdisc", "replace", "dev", link, "root", "netem", "delay", &delay, "loss",
-                    &loss,
-                ],
-            )
-        };
-        if ROUTER_LINKS.iter().all(|link| netem(link).is_ok()) {
-            return Ok(Impairment::Netem);
-        }
-        for link in ROUTER_LINKS {
-            let _ = e2e::netns::run(&router, "tc", &["qdisc", "del", "dev", link, "root"]);
-        }
-        e2e::netns::run(&router, "iptables", &[&["-A"][..], &TO_QUEUE].concat())?;
-        let mut cmd = router.command(exe);
-        cmd.args(["impair", "--delay-ms", &delay.as_millis().to_string()])
-            .args(["--loss", &loss.to_string()]);
-        let mut impair = Child::spawn("impair", cmd)?;
-        impair.wait_for_line("READY impair").await?;
-        Ok(Impairment::Nfqueue(Box::new(impair)))
-    }
-
-    fn how(&self) -> &'static str {
-        match self {
-            Impairment::Netem => "tc netem",
-            Impairment::Nfqueue(_) => "NFQUEUE (bench impair): this kernel has no sch_netem",
-        }
-    }
-
-    /// Takes the impairment off, so the next one starts from a clean link.
-    async fn stop(self, lab: &e2e::Lab) -> anyhow::Result<()> {
-        let router = lab.nat();
-        match self {
-            Impairment::Netem => {
-                for link in ROUTER_LINKS {
-                    e2e::netns::run(&router, "tc", &["qdisc", "del", "dev", link, "root"])?;
-                }
-            }
-            Impairment::Nfqueue(mut impair) => {
-                // The rule first: with it and no reader, every packet would be dropped.
-                e2e::netns::run(&router, "iptables", &[&["-D"][..], &TO_QUEUE].concat())?;
-                impair.kill().await?;
-            }
-        }
-        Ok(())
-    }
 }
 
 fn scenario(

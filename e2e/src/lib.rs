@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -348,6 +348,9 @@ pub struct Child {
     child: tokio::process::Child,
     lines: Arc<Mutex<Vec<String>>>,
     new_line: Arc<Notify>,
+    /// Output pipes not yet at their end: a process that exited may still have lines
+    /// in them.
+    open_pipes: Arc<AtomicUsize>,
 }
 
 impl Child {
@@ -362,6 +365,7 @@ impl Child {
             .with_context(|| format!("cannot start {name}"))?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let new_line = Arc::new(Notify::new());
+        let open_pipes = Arc::new(AtomicUsize::new(2));
         let stdout = child.stdout.take().context("stdout")?;
         let stderr = child.stderr.take().context("stderr")?;
         for pipe in [
@@ -369,6 +373,7 @@ impl Child {
             Box::new(stderr),
         ] {
             let (lines, new_line, name) = (lines.clone(), new_line.clone(), name.to_string());
+            let open_pipes = open_pipes.clone();
             tokio::spawn(async move {
                 let mut reader = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
@@ -378,6 +383,7 @@ impl Child {
                     lock(&lines).push(line);
                     new_line.notify_waiters();
                 }
+                open_pipes.fetch_sub(1, Ordering::SeqCst);
                 new_line.notify_waiters();
             });
         }
@@ -386,6 +392,7 @@ impl Child {
             child,
             lines,
             new_line,
+            open_pipes,
         })
     }
 
@@ -425,7 +432,12 @@ impl Child {
             {
                 return Ok(line.clone());
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            // Exited, and everything it wrote has been read.
+            let ended = match self.child.try_wait() {
+                Ok(Some(status)) if self.open_pipes.load(Ordering::SeqCst) == 0 => Some(status),
+                _ => None,
+            };
+            if let Some(status) = ended {
                 let output = lock(&self.lines);
                 let last = output[output.len().saturating_sub(5)..].join("\n");
                 bail!(
