@@ -15,7 +15,7 @@ use std::{
 };
 
 use common::{
-    protocol::check_agent_id,
+    protocol::{check_agent_id, FALLBACK_PATH_SUFFIX},
     tls::{self, Identity, RelayTrust},
     OneOrMany, Secret,
 };
@@ -155,7 +155,10 @@ impl RelayUrl {
         let (path, query) = self
             .url
             .split_at(self.url.find('?').unwrap_or(self.url.len()));
-        format!("{}/data{query}", path.trim_end_matches('/'))
+        format!(
+            "{}{FALLBACK_PATH_SUFFIX}{query}",
+            path.trim_end_matches('/')
+        )
     }
 }
 

@@ -67,6 +67,24 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_told_at_once_spreads_over_the_whole_cap() {
+        // Even on a first attempt (whose ceiling is the base), a relay's shutdown sends
+        // each camera back at a point anywhere up to the cap: 1,000 draws fill it.
+        let b = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        let mut buckets = [0u32; 10];
+        for _ in 0..1000 {
+            let wait = b.spread();
+            assert!(wait <= Duration::from_secs(10), "{wait:?}");
+            buckets[(wait.as_secs() as usize).min(9)] += 1;
+        }
+        // Uniform: about 100 a second; far from every bucket empty or holding all.
+        assert!(
+            buckets.iter().all(|&n| (40..=200).contains(&n)),
+            "{buckets:?}"
+        );
+    }
+
+    #[test]
     fn huge_attempt_counts_do_not_overflow() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
         for _ in 0..100 {

@@ -1,6 +1,7 @@
 //! The data plane's TCP fallback, for cameras whose network blocks UDP: the agent
-//! opens a second WebSocket to the relay (its control URL with `/data` appended, over
-//! the same TCP port and TLS), proves its registration with the same hello as on QUIC,
+//! opens a second WebSocket to the relay (its control URL with
+//! [`FALLBACK_PATH_SUFFIX`](crate::protocol::FALLBACK_PATH_SUFFIX) appended, over the
+//! same TCP port and TLS), proves its registration with the same hello as on QUIC,
 //! and then the relay opens one yamux stream per Watcher connection on it, exactly as
 //! it opens QUIC streams on the tunnel. yamux runs over the WebSocket's binary messages
 //! ([`WsBytes`]); the relay is yamux's client (it opens every stream), the agent its

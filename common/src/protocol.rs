@@ -15,6 +15,14 @@
 //!
 //! A *frame* on a QUIC stream is a big-endian `u16` length followed by that many bytes
 //! of postcard, at most [`MAX_STREAM_FRAME`].
+//!
+//! # Data plane over TCP (the fallback when UDP is blocked)
+//! The agent opens a second WebSocket, to its control URL with [`FALLBACK_PATH_SUFFIX`]
+//! appended, and treats the payloads of its binary messages as one byte stream. On it,
+//! the agent writes a framed [`DataHello`] and the relay answers a framed
+//! [`HelloReply`], exactly as on QUIC; then the byte stream carries a yamux session
+//! (relay as client, agent as server, [`crate::mux`]) whose streams carry what QUIC
+//! streams do: a framed [`StreamOpen`], a framed [`StreamStatus`], raw bytes.
 
 use std::fmt;
 
@@ -31,6 +39,10 @@ pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN of the QUIC data plane; names the protocol and its version.
 pub const ALPN: &[u8] = b"camtunnel/1";
+
+/// Appended to the control URL's path for the data plane's TCP fallback
+/// (`/tunnel` → `/tunnel/data`).
+pub const FALLBACK_PATH_SUFFIX: &str = "/data";
 
 /// Largest control message either side accepts, in bytes.
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;

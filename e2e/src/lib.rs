@@ -425,6 +425,13 @@ impl Child {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let notified = self.new_line.notified();
+            // Whether it is over is settled before its lines are searched, so a last
+            // line read in between is still found. Over means exited, and everything
+            // it wrote read.
+            let ended = match self.child.try_wait() {
+                Ok(Some(status)) if self.open_pipes.load(Ordering::SeqCst) == 0 => Some(status),
+                _ => None,
+            };
             if let Some(line) = lock(&self.lines)
                 .iter()
                 .filter(|l| l.contains(needle))
@@ -432,11 +439,6 @@ impl Child {
             {
                 return Ok(line.clone());
             }
-            // Exited, and everything it wrote has been read.
-            let ended = match self.child.try_wait() {
-                Ok(Some(status)) if self.open_pipes.load(Ordering::SeqCst) == 0 => Some(status),
-                _ => None,
-            };
             if let Some(status) = ended {
                 let output = lock(&self.lines);
                 let last = output[output.len().saturating_sub(5)..].join("\n");

@@ -15,7 +15,8 @@ use axum::{
 use common::protocol::{
     decode_control, encode_control, peek_register_version, AgentMessage, CloseReason,
     CommandOutput, GrantedService, Register, Registered, Rejection, RelayMessage,
-    CONTROL_READ_BUFFER, MAX_CONTROL_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
+    CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX, MAX_CONTROL_MESSAGE, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
@@ -33,8 +34,14 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let open = Router::new()
         .route("/tunnel", get(upgrade))
         .route("/agent/{id}", get(upgrade_as))
-        .route("/tunnel/data", get(data::fallback))
-        .route("/agent/{id}/data", get(data::fallback))
+        .route(
+            &format!("/tunnel{FALLBACK_PATH_SUFFIX}"),
+            get(data::fallback),
+        )
+        .route(
+            &format!("/agent/{{id}}{FALLBACK_PATH_SUFFIX}"),
+            get(data::fallback),
+        )
         .route("/health", get(api::health));
     let metrics = Router::new().route("/metrics", get(api::metrics));
     let app = if shared.api.public_metrics {
