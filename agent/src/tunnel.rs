@@ -39,6 +39,9 @@ use crate::{
 /// (Later probes get `network.connection_timeout`.)
 const QUIC_FIRST_TRY: Duration = Duration::from_secs(3);
 
+/// Longest wait for the TCP fallback link to close politely.
+const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// First wait before QUIC is probed again from the fallback; it doubles up to
 /// `network.reconnect_interval`.
 const PROBE_BASE: Duration = Duration::from_secs(2);
@@ -235,7 +238,8 @@ impl Fallback {
                 _ = stop.cancelled() => break SessionError::Lost("session ended".into()),
             }
         };
-        self.end.close().await;
+        // Bounded: on a link that died silently the close could wait on TCP for minutes.
+        let _ = tokio::time::timeout(LINK_CLOSE_WAIT, self.end.close()).await;
         ended
     }
 }
