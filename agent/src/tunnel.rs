@@ -143,10 +143,8 @@ impl Tunnel {
                 Err(e) => return SessionError::Lost(format!("tunnel closed: {e}")),
             };
             let span = tracing::info_span!("stream", id = %send.id(), conn = tracing::field::Empty);
-            let (config, stats) = (config.clone(), stats.clone());
             let (send, recv) = (SendHalf::Quic(send), RecvHalf::Quic(recv));
-            tracker
-                .spawn(async move { stream(send, recv, &config, &stats).await }.instrument(span));
+            spawn_stream(tracker, span, send, recv, config, stats);
         }
     }
 }
@@ -225,8 +223,7 @@ impl Fallback {
                 next = self.end.accept() => match next {
                     Some(Ok((send, recv))) => {
                         let span = tracing::info_span!("stream", link = "tcp", conn = tracing::field::Empty);
-                        let (config, stats) = (config.clone(), stats.clone());
-                        streams.spawn(async move { stream(send, recv, &config, &stats).await }.instrument(span));
+                        spawn_stream(&streams, span, send, recv, &config, &stats);
                     }
                     Some(Err(e)) => break SessionError::Lost(format!("TCP fallback link failed: {e}")),
                     None => break SessionError::Lost("the relay closed the TCP fallback link".into()),
@@ -354,6 +351,19 @@ impl Plane {
         published.link(DataLink::Quic, Some(&tunnel.conn));
         tunnel.serve(config, stats, tracker).await
     }
+}
+
+/// Serves one stream the relay opened, in a task of `tracker`, in `span`.
+fn spawn_stream(
+    tracker: &TaskTracker,
+    span: tracing::Span,
+    send: SendHalf,
+    recv: RecvHalf,
+    config: &Arc<AgentConfig>,
+    stats: &Arc<Stats>,
+) {
+    let (config, stats) = (config.clone(), stats.clone());
+    tracker.spawn(async move { stream(send, recv, &config, &stats).await }.instrument(span));
 }
 
 /// One stream: read the header, connect to the camera, answer, splice.

@@ -103,6 +103,20 @@ mod tests {
         (0..n).map(|i| format!("cam-{i}")).collect()
     }
 
+    /// An admission at `per_sec` whose first second went to `burst` cameras at `t0`,
+    /// and the wait camera `id`, arriving then too, is told.
+    fn queued(per_sec: u32, burst: usize, id: &str) -> (Admission, Instant, Duration) {
+        let mut a = Admission::new(per_sec);
+        let t0 = Instant::now();
+        for other in ids(burst) {
+            a.check(&other, t0);
+        }
+        let Verdict::Later(wait) = a.check(id, t0) else {
+            panic!("{id} admitted past the burst")
+        };
+        (a, t0, wait)
+    }
+
     #[test]
     fn a_burst_of_one_second_is_admitted_and_the_rest_get_spread_slots() {
         let mut a = Admission::new(10);
@@ -127,14 +141,7 @@ mod tests {
 
     #[test]
     fn a_camera_returning_at_its_slot_is_admitted_even_while_others_queue() {
-        let mut a = Admission::new(10);
-        let t0 = Instant::now();
-        for id in ids(20) {
-            a.check(&id, t0);
-        }
-        let Verdict::Later(wait) = a.check("late", t0) else {
-            panic!("admitted past the burst")
-        };
+        let (mut a, t0, wait) = queued(10, 20, "late");
         // Others keep arriving meanwhile.
         for id in (100..150).map(|i| format!("cam-{i}")) {
             a.check(&id, t0 + wait / 2);
@@ -146,14 +153,7 @@ mod tests {
 
     #[test]
     fn back_early_keeps_its_slot_and_too_late_queues_anew() {
-        let mut a = Admission::new(1);
-        let t0 = Instant::now();
-        for id in ids(5) {
-            a.check(&id, t0);
-        }
-        let Verdict::Later(wait) = a.check("cam-9", t0) else {
-            panic!()
-        };
+        let (mut a, t0, wait) = queued(1, 5, "cam-9");
         assert_eq!(
             a.check("cam-9", t0 + Duration::from_secs(1)),
             Verdict::Later(wait - Duration::from_secs(1))
