@@ -30,6 +30,10 @@ case "$TARGET" in
   *) echo "cross-toolchain: no recipe for $TARGET (known: armv7-unknown-linux-gnueabihf, aarch64-unknown-linux-gnu)" >&2; exit 2 ;;
 esac
 
+# Downloads land here and go with the script, however it ends.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
 log() { echo "cross-toolchain: $*" >&2; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
@@ -73,16 +77,17 @@ SYSROOT="$TOOLCHAIN_DIR/sysroot-$TARGET"
 if [ ! -d "$SYSROOT/lib/rustlib/$TARGET/lib" ]; then
   log "fetching the $ARCH Rust std $RUST_VERSION"
   apt_update
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
+  std_work="$work/std"
+  mkdir -p "$std_work"
   # As root, apt warns that _apt cannot write to the temporary directory; harmless.
-  (cd "$work" && apt-get download -q \
+  (cd "$std_work" && apt-get download -q \
     "libstd-rust-web-dev:$ARCH=$RUST_VERSION" "libstd-rust-web-1.85:$ARCH=$RUST_VERSION" >&2)
-  mkdir -p "$work/root"
-  for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/root"; done
+  mkdir -p "$std_work/root"
+  for deb in "$std_work"/*.deb; do dpkg -x "$deb" "$std_work/root"; done
   mkdir -p "$SYSROOT/lib/rustlib"
   rm -rf "$SYSROOT/lib/rustlib/$TARGET"
-  cp -a "$work/root/usr/lib/rustlib/$TARGET" "$SYSROOT/lib/rustlib/$TARGET"
+  cp -a "$std_work/root/usr/lib/rustlib/$TARGET" "$SYSROOT/lib/rustlib/$TARGET"
+  rm -rf "$std_work"
 fi
 
 # 5. For the package test in `make test`: Debian's static busybox for the target, the
@@ -91,11 +96,9 @@ BUSYBOX="$TOOLCHAIN_DIR/busybox-static_$ARCH.deb"
 if [ ! -f "$BUSYBOX" ]; then
   log "fetching busybox-static:$ARCH for the emulated camera root"
   apt_update
-  work=$(mktemp -d)
   (cd "$work" && apt-get download -q "busybox-static:$ARCH" >&2)
   mkdir -p "$TOOLCHAIN_DIR"
   mv "$work"/busybox-static_*.deb "$BUSYBOX"
-  rm -rf "$work"
 fi
 
 triple_env=$(echo "$TARGET" | tr 'a-z-' 'A-Z_')
