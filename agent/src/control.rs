@@ -19,6 +19,10 @@ use tokio_tungstenite::{
 
 use crate::{config::AgentConfig, resolve::resolve, stats::Stats, Handled, SessionError};
 
+/// Longest wait for the relay to close its end after the agent closed the control link
+/// to end a session by command.
+pub(crate) const POLITE_CLOSE: Duration = Duration::from_secs(2);
+
 /// A WebSocket to the relay.
 pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -182,8 +186,15 @@ impl ControlLink {
                 return e;
             }
             if let Some(end) = handled.then {
-                // Let the answer leave before the link goes.
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.flush()).await;
+                // Close politely and wait for the relay's end of the close: it reads in
+                // order, so by then it has the answer. Dropping the link at once let the
+                // next session's registration overtake it, and the takeover ended this
+                // session with the answer still unread ("went offline before answering").
+                let _ = tokio::time::timeout(POLITE_CLOSE, async {
+                    let _ = self.socket.close(None).await;
+                    while let Some(Ok(_)) = self.socket.next().await {}
+                })
+                .await;
                 return end;
             }
         }

@@ -20,7 +20,7 @@ pub mod stats;
 mod tunnel;
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{atomic::Ordering, Arc, RwLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -37,9 +37,10 @@ pub use stats::Stats;
 /// First backoff step after a failure; later steps double up to `network.reconnect_interval`.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 
-/// How long, after the tunnel closed, the agent waits for the relay's reason on the
-/// control link (TCP and UDP may deliver out of order).
-const CLOSE_REASON_GRACE: Duration = Duration::from_secs(2);
+/// How long, after the tunnel closed, the agent waits for the session's reason on the
+/// control link (TCP and UDP may deliver out of order); longer than the control link's
+/// polite close after a command ([`control::POLITE_CLOSE`]).
+const CLOSE_REASON_GRACE: Duration = Duration::from_secs(3);
 
 /// What the agent is doing, for logs, tests and (later) the local status page.
 #[derive(Debug, Clone, PartialEq)]
@@ -206,9 +207,7 @@ impl Agent {
             // Counted after the state left Online, so whoever sees the count also sees
             // the agent is no longer online on that session.
             if was_online {
-                self.stats
-                    .reconnections
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.reconnections.fetch_add(1, Ordering::Relaxed);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -252,30 +251,24 @@ impl Agent {
         // takes longer than the relay waits for a heartbeat.
         let control_run = control.run(config.heartbeat_interval, &self.stats, &handle);
         tokio::pin!(control_run);
-        let data = async {
-            let plane = match tunnel::connect(config, &registered).await {
-                Ok(plane) => plane,
-                Err(e) => return e,
-            };
-            *was_online = true;
-            tracing::info!(
-                port,
-                target = %config.rtsp_target,
-                "online: the relay serves this camera on port {port}"
-            );
-            plane
-                .serve(config, &registered, &self.stats, tracker, &published)
-                .await
-        };
+        let data = tunnel::run(
+            config,
+            &registered,
+            &self.stats,
+            tracker,
+            &published,
+            || *was_online = true,
+        );
         tokio::select! {
             ended = &mut control_run => ended,
             ended = data => {
-                // The relay ends both links at once, and its Closing message (which
-                // says why) may arrive just after the tunnel's close; give it a moment.
-                match tokio::time::timeout(CLOSE_REASON_GRACE, &mut control_run).await {
-                    Ok(closed @ SessionError::Closed(_)) => closed,
-                    _ => ended,
-                }
+                // The relay ends both links at once, and what the control link says
+                // (its Closing message, or the operator's command this agent is closing
+                // the session for) may come just after the tunnel's close; give it a
+                // moment, and prefer it.
+                tokio::time::timeout(CLOSE_REASON_GRACE, &mut control_run)
+                    .await
+                    .unwrap_or(ended)
             }
         }
     }

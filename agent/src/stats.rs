@@ -1,4 +1,4 @@
-//! The agent's counters, reported with every heartbeat.
+//! The agent's counters, most of them reported with every heartbeat.
 
 use std::{
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
@@ -15,6 +15,9 @@ pub struct Stats {
     pub bytes: ByteCounters,
     /// Sessions with the relay that ended and had to be made again.
     pub reconnections: AtomicU64,
+    /// Data planes dialed again within a session (its tunnel was lost, its control link
+    /// was not). Not on the wire.
+    pub redials: AtomicU64,
     /// Data streams open now.
     pub active_streams: AtomicU32,
 }
@@ -25,6 +28,7 @@ impl Default for Stats {
             started: Instant::now(),
             bytes: ByteCounters::default(),
             reconnections: AtomicU64::new(0),
+            redials: AtomicU64::new(0),
             active_streams: AtomicU32::new(0),
         }
     }

@@ -4,21 +4,22 @@
 //!
 //! A session first tries QUIC for [`QUIC_FIRST_TRY`]. If that fails it carries the
 //! streams over the fallback and re-probes QUIC with backoff; once QUIC works, new
-//! streams take it and the fallback closes when its last stream ends.
+//! streams take it and the fallback closes when its last stream ends. A data plane that
+//! is lost while the session lives ([`Ended::Lost`]) is dialed again the same way.
 
 use std::{
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{atomic::Ordering, Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{
     backoff::Backoff,
     mux::{self, AgentEnd, WsBytes},
     protocol::{
-        read_frame, write_frame, DataHello, HelloReply, Registered, StreamOpen, StreamStatus,
-        SERVICE_RTSP,
+        read_frame, tunnel_close, write_frame, DataHello, HelloReply, Registered, StreamOpen,
+        StreamStatus, SERVICE_RTSP,
     },
     splice::splice,
     stream::{RecvHalf, SendHalf},
@@ -45,6 +46,14 @@ const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// First wait before QUIC is probed again from the fallback; it doubles up to
 /// `network.reconnect_interval`.
 const PROBE_BASE: Duration = Duration::from_secs(2);
+
+/// First wait before a data plane lost mid-session is dialed again; it doubles up to
+/// `network.reconnect_interval`.
+const REDIAL_BASE: Duration = Duration::from_millis(500);
+
+/// A data plane that lasted this long before it was lost counts as having worked: the
+/// next redial starts again from [`REDIAL_BASE`].
+const STABLE_DATA_PLANE: Duration = Duration::from_secs(30);
 
 /// Time the relay has to send a stream's header after opening it.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,18 +138,42 @@ async fn dial(
     Ok(Tunnel { endpoint, conn })
 }
 
+/// How a data plane ended.
+#[derive(Debug)]
+enum Ended {
+    /// Its link failed or was restarted: if the session's control link still stands,
+    /// the session goes on and dials a data plane again.
+    Lost(SessionError),
+    /// The session is over: the relay ended it (its reason follows on the control
+    /// link), or the agent did.
+    Over(SessionError),
+}
+
 impl Tunnel {
-    /// Serves the relay's streams until the tunnel ends; returns why it ended.
+    /// Serves the relay's streams until the tunnel ends; returns how it ended.
     async fn serve(
         &self,
         config: &Arc<AgentConfig>,
         stats: &Arc<Stats>,
         tracker: &TaskTracker,
-    ) -> SessionError {
+    ) -> Ended {
         loop {
             let (send, recv) = match self.conn.accept_bi().await {
                 Ok(stream) => stream,
-                Err(e) => return SessionError::Lost(format!("tunnel closed: {e}")),
+                Err(e) => {
+                    let why = SessionError::Lost(format!("tunnel closed: {e}"));
+                    return match e {
+                        quinn::ConnectionError::ApplicationClosed(close)
+                            if !tunnel_close::session_goes_on(close.error_code.into_inner()) =>
+                        {
+                            Ended::Over(why)
+                        }
+                        quinn::ConnectionError::LocallyClosed => Ended::Over(why),
+                        // Timed out (the path died, or UDP is blocked now), reset, or
+                        // restarted by an operator.
+                        _ => Ended::Lost(why),
+                    };
+                }
             };
             let span = tracing::info_span!("stream", id = %send.id(), conn = tracing::field::Empty);
             let (send, recv) = (SendHalf::Quic(send), RecvHalf::Quic(recv));
@@ -203,14 +236,14 @@ async fn dial_fallback(
 
 impl Fallback {
     /// Serves the relay's streams until the link ends, or `stop`, or (once `drain` is
-    /// cancelled) its last stream ends; returns why it ended.
+    /// cancelled) its last stream ends; returns how it ended.
     async fn serve(
         mut self,
         config: Arc<AgentConfig>,
         stats: Arc<Stats>,
         drain: CancellationToken,
         stop: CancellationToken,
-    ) -> SessionError {
+    ) -> Ended {
         let streams = TaskTracker::new();
         let drained = async {
             drain.cancelled().await;
@@ -225,14 +258,15 @@ impl Fallback {
                         let span = tracing::info_span!("stream", link = "tcp", conn = tracing::field::Empty);
                         spawn_stream(&streams, span, send, recv, &config, &stats);
                     }
-                    Some(Err(e)) => break SessionError::Lost(format!("TCP fallback link failed: {e}")),
-                    None => break SessionError::Lost("the relay closed the TCP fallback link".into()),
+                    Some(Err(e)) => break Ended::Lost(SessionError::Lost(format!("TCP fallback link failed: {e}"))),
+                    // The relay closes it when the session ends.
+                    None => break Ended::Over(SessionError::Lost("the relay closed the TCP fallback link".into())),
                 },
                 _ = &mut drained => {
                     tracing::info!("TCP fallback link closed: its last stream ended and QUIC carries new ones");
-                    break SessionError::Lost("TCP fallback link drained".into());
+                    break Ended::Over(SessionError::Lost("TCP fallback link drained".into()));
                 }
-                _ = stop.cancelled() => break SessionError::Lost("session ended".into()),
+                _ = stop.cancelled() => break Ended::Over(SessionError::Lost("session ended".into())),
             }
         };
         // Bounded: on a link that died silently the close could wait on TCP for minutes.
@@ -262,7 +296,7 @@ impl Published<'_> {
 
 /// The session's data plane, connected.
 #[derive(Debug)]
-pub(crate) enum Plane {
+enum Plane {
     Quic(Tunnel),
     /// Boxed: a yamux connection is large, and moved around once.
     Fallback(Box<Fallback>),
@@ -270,10 +304,7 @@ pub(crate) enum Plane {
 
 /// Connects the data plane: QUIC if it comes up within [`QUIC_FIRST_TRY`], else the
 /// TCP fallback.
-pub(crate) async fn connect(
-    config: &AgentConfig,
-    registered: &Registered,
-) -> Result<Plane, SessionError> {
+async fn connect(config: &AgentConfig, registered: &Registered) -> Result<Plane, SessionError> {
     let quic = match dial(
         config,
         registered,
@@ -297,17 +328,17 @@ pub(crate) async fn connect(
 }
 
 impl Plane {
-    /// Serves the relay's streams until the data plane is lost; returns why. On the
+    /// Serves the relay's streams until the data plane ends; returns how. On the
     /// fallback, QUIC is re-probed with backoff and takes over new streams once it
     /// works.
-    pub(crate) async fn serve(
+    async fn serve(
         self,
         config: &Arc<AgentConfig>,
         registered: &Registered,
         stats: &Arc<Stats>,
         tracker: &TaskTracker,
         published: &Published<'_>,
-    ) -> SessionError {
+    ) -> Ended {
         let fallback = match self {
             Plane::Quic(tunnel) => {
                 published.link(DataLink::Quic, Some(&tunnel.conn));
@@ -335,7 +366,9 @@ impl Plane {
             };
             tokio::select! {
                 ended = &mut link => {
-                    return ended.unwrap_or_else(|e| SessionError::Lost(format!("TCP fallback link failed: {e}")));
+                    return ended.unwrap_or_else(|e| {
+                        Ended::Lost(SessionError::Lost(format!("TCP fallback link failed: {e}")))
+                    });
                 }
                 probed = probe => match probed {
                     Ok(tunnel) => break tunnel,
@@ -350,6 +383,59 @@ impl Plane {
         drain.cancel();
         published.link(DataLink::Quic, Some(&tunnel.conn));
         tunnel.serve(config, stats, tracker).await
+    }
+}
+
+/// Runs a session's data plane: connects it, serves it, and, whenever it is lost while
+/// the session lives (UDP blocked mid-session, a tunnel restarted by an operator),
+/// dials it again within the session, so the camera keeps its registration and its
+/// port while the relay holds new Watchers until a link is back. Calls `online` once
+/// the first data plane is up; returns why the session ended.
+pub(crate) async fn run(
+    config: &Arc<AgentConfig>,
+    registered: &Registered,
+    stats: &Arc<Stats>,
+    tracker: &TaskTracker,
+    published: &Published<'_>,
+    online: impl FnOnce(),
+) -> SessionError {
+    let mut plane = match connect(config, registered).await {
+        Ok(plane) => plane,
+        Err(e) => return e,
+    };
+    online();
+    let port = published.port;
+    tracing::info!(
+        port,
+        target = %config.rtsp_target,
+        "online: the relay serves this camera on port {port}"
+    );
+    let mut backoff = Backoff::new(REDIAL_BASE, config.reconnect_interval);
+    loop {
+        let up = Instant::now();
+        let why = match plane
+            .serve(config, registered, stats, tracker, published)
+            .await
+        {
+            Ended::Over(why) => return why,
+            Ended::Lost(why) => why,
+        };
+        if up.elapsed() >= STABLE_DATA_PLANE {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            "{why}; the control link stands, so the session goes on: dialing its data plane \
+             again in {:.1} s",
+            delay.as_secs_f64()
+        );
+        tokio::time::sleep(delay).await;
+        plane = match connect(config, registered).await {
+            Ok(plane) => plane,
+            Err(e) => return e,
+        };
+        stats.redials.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(port, "data plane up again; same session, same port");
     }
 }
 

@@ -44,6 +44,24 @@ pub const ALPN: &[u8] = b"camtunnel/1";
 /// (`/tunnel` → `/tunnel/data`).
 pub const FALLBACK_PATH_SUFFIX: &str = "/data";
 
+/// Application close codes of a QUIC tunnel, set by the relay. They tell the agent
+/// whether its session goes on (dial the data plane again) or is over.
+pub mod tunnel_close {
+    /// The tunnel's hello was refused.
+    pub const REFUSED: u32 = 1;
+    /// The agent's session ended (its reason follows on the control link).
+    pub const SESSION_ENDED: u32 = 2;
+    /// An operator restarted the tunnel; the session goes on.
+    pub const RESTARTED: u32 = 3;
+    /// A newer link of the same session took the tunnel's place.
+    pub const SUPERSEDED: u32 = 4;
+
+    /// Whether a tunnel the relay closed with `code` leaves the agent's session alive.
+    pub fn session_goes_on(code: u64) -> bool {
+        code == u64::from(RESTARTED) || code == u64::from(SUPERSEDED)
+    }
+}
+
 /// Largest control message either side accepts, in bytes.
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
 

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use common::tls::QUIC_IDLE_TIMEOUT;
 use e2e::{agent_config_json, bin, ffprobe_with, metric, AgentProcess, Child, NatRig, MAIN_STREAM};
 
 const TCP: &[&str] = &["-rtsp_transport", "tcp"];
@@ -276,4 +277,33 @@ async fn with_udp_blocked_streams_ride_the_tcp_link_and_move_to_quic_once_it_wor
         1
     );
     assert_eq!(rig.agents[0].process.count_lines("retrying in"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_blocked_mid_session_moves_the_camera_to_the_tcp_link_in_the_same_session() {
+    let mut rig = NatRig::start(&[&[]]).await.unwrap();
+    let camera = NatRig::agent_id(0);
+    let (watchers, url) = (rig.watchers(), rig.camera_url(0, MAIN_STREAM));
+    assert_eq!(data_link(&rig, &camera).await.as_deref(), Some("quic"));
+
+    // UDP stops getting through. Neither end can tell a blocked path from a quiet one
+    // before QUIC's idle timeout; then the agent, whose control link stands, finds QUIC
+    // unreachable and brings up the TCP fallback within the same session.
+    rig.lab.block_udp(true).unwrap();
+    let deadline = tokio::time::Instant::now() + QUIC_IDLE_TIMEOUT + e2e::READY_TIMEOUT;
+    while data_link(&rig, &camera).await.as_deref() != Some("tcp") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never moved its streams to the TCP link after UDP was blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let agent = &mut rig.agents[0].process;
+    agent.wait_for_line("data plane up again").await.unwrap();
+
+    // Watchers get video again; the camera kept its session and its port.
+    let probe = ffprobe_with(&watchers, &url, 10, TCP).await.unwrap();
+    assert!(probe.frames >= 10, "{probe:?}");
+    assert_eq!(agent.count_lines("online: the relay serves"), 1);
+    assert_eq!(agent.count_lines("retrying in"), 0);
 }

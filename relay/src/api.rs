@@ -13,7 +13,7 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
-use common::protocol::{Command, CommandOutput};
+use common::protocol::{tunnel_close, Command, CommandOutput};
 use serde_json::{json, Value};
 
 use crate::{
@@ -21,9 +21,6 @@ use crate::{
     registry::{AgentSession, CommandError},
     Shared,
 };
-
-/// QUIC application close code of an operator's tunnel restart.
-const CLOSE_RESTARTED: u32 = 3;
 
 /// An API error: status and words.
 #[derive(Debug)]
@@ -376,7 +373,7 @@ async fn restart_tunnel(State(shared): State<Arc<Shared>>, Path(id): Path<String
         .count();
     tracing::info!(agent = %id, sessions = ended, "tunnel restarted by an operator");
     conn.close(
-        quinn::VarInt::from_u32(CLOSE_RESTARTED),
+        quinn::VarInt::from_u32(tunnel_close::RESTARTED),
         b"restarted by an operator",
     );
     Ok(Json(json!({ "agent": id, "closed_sessions": ended })))

@@ -15,7 +15,7 @@ use axum::{
 };
 use common::{
     mux::{self, RelayEnd, WsBytes},
-    protocol::{read_frame, write_frame, DataHello, HelloReply},
+    protocol::{read_frame, tunnel_close, write_frame, DataHello, HelloReply},
     tls::peer_common_name,
 };
 use hyper_util::rt::TokioIo;
@@ -37,12 +37,8 @@ use tracing::Instrument;
 
 use crate::{config::Limits, http::ClientCertificate, registry::AgentSession, Registry, Shared};
 
-/// Application close code: the hello was refused.
-const CLOSE_REFUSED: u32 = 1;
 /// How long a refused agent gets to read the refusal before the connection closes.
 const REPLY_LINGER: Duration = Duration::from_secs(1);
-/// Application close code: the agent's session ended.
-const CLOSE_SESSION_ENDED: u32 = 2;
 
 /// Accepts QUIC connections until `shutdown`; at most `limits.max_pending_handshakes`
 /// handshakes (with their hellos) at once, further ones are refused at once.
@@ -120,7 +116,7 @@ async fn tunnel(
             // Let the reply arrive before the close, which would discard it (bounded:
             // the close carries the reason too).
             let _ = tokio::time::timeout(REPLY_LINGER, send.stopped()).await;
-            conn.close(VarInt::from_u32(CLOSE_REFUSED), why.as_bytes());
+            conn.close(VarInt::from_u32(tunnel_close::REFUSED), why.as_bytes());
             anyhow::bail!(why);
         }
     };
@@ -130,7 +126,7 @@ async fn tunnel(
     tracing::info!(agent = %session.id, rtt_ms = conn.rtt().as_millis() as u64, "tunnel up");
     if let Some(old) = session.attach_tunnel(conn.clone()) {
         old.close(
-            VarInt::from_u32(CLOSE_SESSION_ENDED),
+            VarInt::from_u32(tunnel_close::SUPERSEDED),
             b"replaced by a newer tunnel",
         );
     }
@@ -139,7 +135,7 @@ async fn tunnel(
             let why = session
                 .close_reason()
                 .map_or_else(|| "session ended".to_string(), |r| r.to_string());
-            conn.close(VarInt::from_u32(CLOSE_SESSION_ENDED), why.as_bytes());
+            conn.close(VarInt::from_u32(tunnel_close::SESSION_ENDED), why.as_bytes());
         }
         reason = conn.closed() => {
             tracing::info!(agent = %session.id, "tunnel closed: {reason}");
@@ -269,7 +265,12 @@ where
 
     tracing::info!("fallback link up: the camera's streams ride its TCP connection");
     let (end, opener) = RelayEnd::new(link);
-    session.attach_fallback(opener.clone());
+    if let Some(stale) = session.attach_fallback(opener.clone()) {
+        stale.close(
+            VarInt::from_u32(tunnel_close::SUPERSEDED),
+            b"the agent cannot reach this tunnel and carries its streams over TCP",
+        );
+    }
     tokio::select! {
         _ = session.cancelled() => {}
         ended = end.drive() => match ended {

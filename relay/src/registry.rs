@@ -525,9 +525,16 @@ impl AgentSession {
     }
 
     /// Makes `opener`'s link this session's TCP fallback, in place of any earlier one.
-    pub fn attach_fallback(&self, opener: Opener) {
-        self.links
-            .send_modify(|links| links.fallback = Some(opener));
+    /// Returns the QUIC tunnel it supersedes: an agent opens a fallback only when QUIC
+    /// does not reach the relay, so a tunnel still held for it is dead, merely not yet
+    /// timed out; new streams must not wait on it.
+    pub fn attach_fallback(&self, opener: Opener) -> Option<quinn::Connection> {
+        let mut stale = None;
+        self.links.send_modify(|links| {
+            links.fallback = Some(opener);
+            stale = links.quic.take();
+        });
+        stale
     }
 
     /// Forgets `opener`'s link if it is still the fallback.
