@@ -786,13 +786,30 @@ impl RelayProcess {
         cmd.args(["--bind", bind, "--port", &port.to_string()])
             .args(["--tunnel-port", &first_camera_port.to_string()])
             .args(extra)
-            .env("RELAY_TOKEN", token)
-            .env("RELAY_LOG", "relay=debug,info");
+            .env("RELAY_TOKEN", token);
+        Self::ready(cmd, bind, port).await
+    }
+
+    /// Starts the relay at `place` with `--config config`, whose `listen` is
+    /// `host:port`, and waits until ready.
+    pub async fn start_from_file_in(
+        place: &Place,
+        config: &Path,
+        host: &str,
+        port: u16,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = place.command(bin("relay")?);
+        cmd.arg("--config").arg(config);
+        Self::ready(cmd, host, port).await
+    }
+
+    async fn ready(mut cmd: Command, host: &str, port: u16) -> anyhow::Result<Self> {
+        cmd.env("RELAY_LOG", "relay=debug,info");
         let mut process = Child::spawn("relay", cmd)?;
         process.wait_for_line("relay ready").await?;
         Ok(RelayProcess {
             process,
-            host: bind.to_string(),
+            host: host.to_string(),
             port,
         })
     }

@@ -1,13 +1,17 @@
 //! Sessions that survive the network, in the NAT lab (network namespaces, a real
-//! iptables NAT): the camera's NAT rebinding its UDP port mid-stream, UDP blocked,
-//! black-holed links, a camera's RTSP server restarting.
+//! iptables NAT): the camera's NAT rebinding its UDP port mid-stream, UDP blocked (from
+//! the start, mid-session, over wss:// with client certificates), black-holed links, a
+//! camera's RTSP server restarting.
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
 use std::time::Duration;
 
 use common::tls::QUIC_IDLE_TIMEOUT;
-use e2e::{agent_config_json, bin, ffprobe_with, metric, AgentProcess, Child, NatRig, MAIN_STREAM};
+use e2e::{
+    agent_config_json, bin, ffprobe_with, metric, netns, rtsp_url, AgentProcess, CameraSim, Child,
+    Lab, NatRig, RelayProcess, MAIN_STREAM,
+};
 
 const TCP: &[&str] = &["-rtsp_transport", "tcp"];
 
@@ -306,4 +310,80 @@ async fn udp_blocked_mid_session_moves_the_camera_to_the_tcp_link_in_the_same_se
     assert!(probe.frames >= 10, "{probe:?}");
     assert_eq!(agent.count_lines("online: the relay serves"), 1);
     assert_eq!(agent.count_lines("retrying in"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_link_crosses_wss_with_the_cameras_client_certificate() {
+    // A deployment as the docs advise: wss://, the relay's certificate from a private
+    // CA, a camera that proves itself with its client certificate alone. Its network
+    // lets no UDP out.
+    let lab = Lab::new(1).unwrap();
+    lab.block_udp(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let days = |n| certs::Validity::days(n).unwrap();
+    let ca = certs::ca_certificate("lab CA", days(certs::CA_DAYS)).unwrap();
+    let (ca_cert, ca_key) = certs::write_pair(dir.path(), "ca", &ca, false).unwrap();
+    let ca = certs::Ca::load(&ca_cert, &ca_key).unwrap();
+    let relay_ip = netns::RELAY_IP.parse().unwrap();
+    let pair = certs::relay_certificate(&[], &[relay_ip], days(certs::RELAY_DAYS), Some(&ca));
+    let (relay_cert, relay_key) =
+        certs::write_pair(dir.path(), "relay", &pair.unwrap(), false).unwrap();
+    let camera = NatRig::agent_id(0);
+    let pair = certs::agent_certificate(&camera, days(certs::AGENT_DAYS), &ca).unwrap();
+    let (agent_cert, agent_key) = certs::write_pair(dir.path(), &camera, &pair, false).unwrap();
+    let (port, camera_port) = (NatRig::RELAY_PORT, NatRig::camera_port(0));
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            listen = "{relay_ip}:{port}"
+            camera_ports = "{camera_port}-{camera_port}"
+
+            [tls]
+            cert = {relay_cert:?}
+            key = {relay_key:?}
+            client_ca = {ca_cert:?}
+
+            [[agents]]
+            id = "{camera}"
+            "#
+        ),
+    )
+    .unwrap();
+    let mut relay = RelayProcess::start_from_file_in(&lab.relay(), &config, netns::RELAY_IP, port)
+        .await
+        .unwrap();
+    let sim = CameraSim::start_in(&lab.camera(0), &[]).await.unwrap();
+    let mut json = agent_config_json(
+        &camera,
+        &format!("wss://{relay_ip}:{port}/tunnel"),
+        "",
+        camera_port,
+        sim.port,
+    );
+    json["security"] = serde_json::json!({
+        "ca_file": ca_cert,
+        "client_cert": agent_cert,
+        "client_key": agent_key,
+    });
+    let mut agent = AgentProcess::start_in(&lab.camera(0), "agent", &json)
+        .await
+        .unwrap();
+
+    // The fallback crossed the same TLS, and the relay took the certificate as the
+    // camera's proof on it too; Watchers get video.
+    agent
+        .process
+        .wait_for_line("carrying the camera's streams over the TCP link")
+        .await
+        .unwrap();
+    relay
+        .process
+        .wait_for_line("fallback link up")
+        .await
+        .unwrap();
+    let url = rtsp_url(camera_port, MAIN_STREAM);
+    let probe = ffprobe_with(&lab.relay(), &url, 10, TCP).await.unwrap();
+    assert!(probe.frames >= 10, "{probe:?}");
 }
