@@ -32,6 +32,18 @@ async fn data_link(rig: &NatRig, id: &str) -> Option<String> {
     agent["data_link"].as_str().map(str::to_string)
 }
 
+/// Polls until the relay opens agent `id`'s new streams on `link`, for at most `within`.
+async fn until_data_link(rig: &NatRig, id: &str, link: &str, within: Duration, when: &str) {
+    let deadline = tokio::time::Instant::now() + within;
+    while data_link(rig, id).await.as_deref() != Some(link) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never moved its streams to {link} {when}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().trim().parse().unwrap()
 }
@@ -248,14 +260,14 @@ async fn with_udp_blocked_streams_ride_the_tcp_link_and_move_to_quic_once_it_wor
     };
     wait_metric(&rig, &over("tcp"), "reached 2", |v| v >= 2.0).await;
     rig.lab.block_udp(false).unwrap();
-    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
-    while data_link(&rig, &camera).await.as_deref() != Some("quic") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent never moved to QUIC after UDP came back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_data_link(
+        &rig,
+        &camera,
+        "quic",
+        e2e::READY_TIMEOUT,
+        "after UDP came back",
+    )
+    .await;
     assert!(
         !long.is_finished(),
         "the fallback's session ended before the move to QUIC; nothing was shown"
@@ -294,14 +306,8 @@ async fn udp_blocked_mid_session_moves_the_camera_to_the_tcp_link_in_the_same_se
     // before QUIC's idle timeout; then the agent, whose control link stands, finds QUIC
     // unreachable and brings up the TCP fallback within the same session.
     rig.lab.block_udp(true).unwrap();
-    let deadline = tokio::time::Instant::now() + QUIC_IDLE_TIMEOUT + e2e::READY_TIMEOUT;
-    while data_link(&rig, &camera).await.as_deref() != Some("tcp") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the agent never moved its streams to the TCP link after UDP was blocked"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let within = QUIC_IDLE_TIMEOUT + e2e::READY_TIMEOUT;
+    until_data_link(&rig, &camera, "tcp", within, "after UDP was blocked").await;
     let agent = &mut rig.agents[0].process;
     agent.wait_for_line("data plane up again").await.unwrap();
 
