@@ -39,9 +39,35 @@ class RealMonitor(GstRtspServer.RTSPMediaFactory):
     def __init__(self, streams):
         super().__init__()
         self.streams = streams
+        self.current = {}  # the stream's cache key -> Current
         # Watchers of one stream share one encoder, as on a real camera. The default
         # media key is the full request URI, query included, so subtypes stay apart.
         self.set_shared(True)
+
+    def do_gen_key(self, url):
+        """The cache key of the stream `url` asks for; gst-rtsp-server looks the key up
+        in its cache of shared medias, and prepares what it finds for the client.
+
+        Stock gst-rtsp-server answers 503 when a client finds a media that its last
+        client is tearing down (it cannot prepare a media being unprepared). A real
+        camera's encoder never refuses a viewer for that, and tests open one client
+        right after another, so: a media torn down (or broken) gets a new key, and with
+        it the next client a new media; a live one is held prepared for a moment, so
+        that a client leaving now cannot tear it down under the one arriving (`prepare`
+        counts its callers, and the hold is one of them).
+        """
+        stream = GstRtspServer.RTSPMediaFactory.do_gen_key(self, url)
+        current = self.current.setdefault(stream, Current())
+        if current.media is not None and not current.hold():
+            self.current[stream] = current = Current(current.generation + 1)
+        return f"{stream}#{current.generation}"
+
+    def do_construct(self, url):
+        media = GstRtspServer.RTSPMediaFactory.do_construct(self, url)
+        stream = GstRtspServer.RTSPMediaFactory.do_gen_key(self, url)
+        if media is not None:
+            self.current.setdefault(stream, Current()).track(media)
+        return media
 
     def do_create_element(self, url):
         query = parse_qs(url.query or "")
@@ -51,6 +77,37 @@ class RealMonitor(GstRtspServer.RTSPMediaFactory):
             print(f"unknown subtype {subtype!r} in {url.abspath}?{url.query}", file=sys.stderr, flush=True)
             return None
         return Gst.parse_launch(launch)
+
+
+class Current:
+    """The media a stream's clients share now, and its generation (see `gen_key`)."""
+
+    def __init__(self, generation=0):
+        self.generation = generation
+        self.media = None
+        self.prepared = False
+
+    def track(self, media):
+        self.media = media
+        media.connect("prepared", lambda _media: setattr(self, "prepared", True))
+
+    def hold(self):
+        """Holds the media prepared for a second if it is live; False if it is torn
+        down or broken and must not be handed out again."""
+        status = self.media.get_status()  # waits while another client prepares it
+        if status == GstRtspServer.RTSPMediaStatus.UNPREPARED:
+            return not self.prepared  # new, the client prepares it; or torn down
+        if status not in (GstRtspServer.RTSPMediaStatus.PREPARED, GstRtspServer.RTSPMediaStatus.SUSPENDED):
+            return False  # being torn down, or failed
+        if not self.media.prepare(None):
+            return False  # its teardown began since the look above
+        GLib.timeout_add_seconds(1, self.release, self.media)
+        return True
+
+    @staticmethod
+    def release(media):
+        media.unprepare()
+        return GLib.SOURCE_REMOVE
 
 
 class LanAddressFront:
