@@ -9,7 +9,7 @@
 //! - **Watcher**: the VMS or player pulling RTSP from the relay.
 //!
 //! [`Agent::run`] keeps a session (control link + tunnel or fallback) up, re-registering with
-//! exponential backoff and full jitter whenever the relay goes away.
+//! exponential backoff and jitter whenever the relay goes away.
 
 #![forbid(unsafe_code)]
 

@@ -1,6 +1,10 @@
-//! Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff
-//! and Jitter"): each wait is uniform in `[0, min(cap, base * 2^attempt)]`, so a fleet
-//! of cameras that lost the same relay does not come back in lockstep.
+//! Exponential backoff with jitter: each wait is uniform in `[ceiling / 2, ceiling]`,
+//! the ceiling `min(cap, base * 2^attempt)` ("equal jitter", AWS architecture blog,
+//! "Exponential Backoff and Jitter"). The jitter keeps a fleet of cameras that lost the
+//! same relay from coming back in lockstep; the floor (half the ceiling, never below
+//! `base / 2`) keeps an agent that a relay refuses at once (a wrong URL answered 404, a
+//! proxy's 502) from retrying in a tight loop, which full jitter's `[0, ceiling]`
+//! allows on any attempt.
 
 use std::time::Duration;
 
@@ -24,11 +28,17 @@ impl Backoff {
         }
     }
 
-    /// The next wait, drawn at random; each call widens the window until it hits the cap.
+    /// The next wait, drawn at random from the upper half of the window; each call
+    /// doubles the window until it hits the cap.
     pub fn next_delay(&mut self) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
-        rand::rng().random_range(Duration::ZERO..=ceiling)
+        rand::rng().random_range(ceiling / 2..=ceiling)
+    }
+
+    /// The shortest wait [`Backoff::next_delay`] ever gives: half of `base`.
+    pub fn floor(&self) -> Duration {
+        self.base / 2
     }
 
     /// The upper bound of the next wait.
@@ -58,8 +68,11 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut ceilings = Vec::new();
         for _ in 0..8 {
-            ceilings.push(b.ceiling().as_millis());
-            assert!(b.next_delay() <= Duration::from_secs(2));
+            let ceiling = b.ceiling();
+            ceilings.push(ceiling.as_millis());
+            let wait = b.next_delay();
+            assert!(wait <= ceiling && wait >= ceiling / 2, "{wait:?}");
+            assert!(wait >= b.floor());
         }
         assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
         b.reset();
