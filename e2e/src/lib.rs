@@ -471,11 +471,29 @@ impl Child {
         self.child.id()
     }
 
-    /// Waits (up to [`READY_TIMEOUT`]) for the process to exit by itself.
+    /// Waits (up to [`READY_TIMEOUT`]) for the process to exit by itself, and for
+    /// everything it wrote to be read, so [`Child::output`] has its last words.
     pub async fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        Ok(tokio::time::timeout(READY_TIMEOUT, self.child.wait())
+        let status = tokio::time::timeout(READY_TIMEOUT, self.child.wait())
             .await
-            .with_context(|| format!("{} did not exit", self.name))??)
+            .with_context(|| format!("{} did not exit", self.name))??;
+        self.drained().await?;
+        Ok(status)
+    }
+
+    /// Waits until both output pipes are at their end (after the process exited; a
+    /// child it left behind holding them would make this time out).
+    async fn drained(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let notified = self.new_line.notified();
+            if self.open_pipes.load(Ordering::SeqCst) == 0 {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                bail!("{}'s output did not end after it exited", self.name);
+            }
+        }
     }
 
     /// Sends SIGKILL and waits for the process to go.
@@ -493,7 +511,9 @@ impl Child {
                 .status()
                 .await?;
         }
-        Ok(tokio::time::timeout(READY_TIMEOUT, self.child.wait()).await??)
+        let status = tokio::time::timeout(READY_TIMEOUT, self.child.wait()).await??;
+        self.drained().await?;
+        Ok(status)
     }
 }
 
@@ -1004,9 +1024,15 @@ impl AgentProcess {
 
     /// [`AgentProcess::spawn`] at `place`.
     pub fn spawn_in(place: &Place, name: &str, config: &serde_json::Value) -> anyhow::Result<Self> {
+        Self::spawn_text_in(place, name, &serde_json::to_string_pretty(config)?)
+    }
+
+    /// Starts the agent at `place` on a config file holding `text` as it is (not
+    /// waiting).
+    pub fn spawn_text_in(place: &Place, name: &str, text: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(config)?)?;
+        std::fs::write(&path, text)?;
         let mut cmd = place.command(bin("camera-agent")?);
         cmd.arg("--config").arg(&path);
         Ok(AgentProcess {
