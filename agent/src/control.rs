@@ -7,13 +7,13 @@ use common::tls;
 
 use common::protocol::{
     decode_control, encode_control, AgentMessage, CameraInfo, Command, Register, Registered,
-    RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
-    SERVICE_RTSP,
+    RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX, MAX_CONTROL_MESSAGE,
+    PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_tungstenite::{
-    tungstenite::{protocol::WebSocketConfig, Message},
+    tungstenite::{http, protocol::WebSocketConfig, Message},
     Connector, MaybeTlsStream, WebSocketStream,
 };
 
@@ -234,6 +234,9 @@ async fn next_message(socket: &mut Socket) -> Result<RelayMessage, SessionError>
 /// A connect error in words an operator can act on: certificate problems name what the
 /// agent trusted, and a certificate "not valid yet" points at the camera's clock.
 fn explain_connect_error(e: &tokio_tungstenite::tungstenite::Error, trust: &str) -> String {
+    if let tokio_tungstenite::tungstenite::Error::Http(response) = e {
+        return explain_http_answer(response);
+    }
     let text = e.to_string();
     if text.contains("NotValidYet") || text.contains("not valid yet") {
         format!("{text}: the relay's certificate is not valid yet by this camera's clock; is the camera's time set (NTP)?")
@@ -256,5 +259,91 @@ fn explain_connect_error(e: &tokio_tungstenite::tungstenite::Error, trust: &str)
         format!("{text} (the relay was checked against {trust})")
     } else {
         text
+    }
+}
+
+/// An HTTP answer where a WebSocket upgrade was expected: what the server answered and
+/// what to do about it.
+fn explain_http_answer(response: &http::Response<Option<Vec<u8>>>) -> String {
+    let status = response.status();
+    let what_to_do = match status.as_u16() {
+        404 => format!(
+            "the relay serves agents at /tunnel and /agent/<agent_id> (the TCP fallback at \
+             those plus {FALLBACK_PATH_SUFFIX}); set agent.tunnel_server_url to \
+             ws[s]://<relay>:<port>/tunnel, and check that a proxy in front of the relay \
+             forwards that path"
+        ),
+        401 | 403 => "the relay checks a camera's token or certificate after the WebSocket \
+                      opens, never with an HTTP refusal, so a proxy or another server in \
+                      front of it refused: check its access rules, or the URL"
+            .into(),
+        500..=599 => "the relay, or a proxy in front of it, failed; from a proxy this \
+                      usually means the relay behind it is not running"
+            .into(),
+        _ => "is this the relay's control port? The relay answers agents with a \
+              WebSocket upgrade"
+            .into(),
+    };
+    // A short text body may say more (a proxy's reason); an HTML page would not fit a
+    // log line.
+    let said = response
+        .body()
+        .as_deref()
+        .and_then(|body| std::str::from_utf8(body).ok())
+        .map(|body| body.trim())
+        .filter(|body| !body.is_empty() && !body.starts_with('<') && body.len() <= 200)
+        .map(|body| format!(" ({body:?})"))
+        .unwrap_or_default();
+    format!(
+        "the relay answered HTTP {} {}{said} instead of a WebSocket; {what_to_do}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, body: Option<&str>) -> String {
+        let response = http::Response::builder()
+            .status(status)
+            .body(body.map(|b| b.as_bytes().to_vec()))
+            .expect("a valid response");
+        explain_connect_error(
+            &tokio_tungstenite::tungstenite::Error::Http(Box::new(response)),
+            "ca.crt",
+        )
+    }
+
+    #[test]
+    fn http_answers_say_what_came_back_and_what_to_do() {
+        let e = answer(404, None);
+        assert!(
+            e.contains("HTTP 404 Not Found")
+                && e.contains("/tunnel and /agent/<agent_id>")
+                && e.contains("agent.tunnel_server_url"),
+            "{e}"
+        );
+        for status in [401, 403] {
+            let e = answer(status, Some("<html>denied</html>"));
+            assert!(
+                e.contains(&format!("HTTP {status}")) && e.contains("proxy"),
+                "{e}"
+            );
+            assert!(
+                !e.contains("html"),
+                "an HTML page does not fit a log line: {e}"
+            );
+        }
+        let e = answer(502, Some("upstream connect error"));
+        assert!(
+            e.contains("HTTP 502 Bad Gateway (\"upstream connect error\")")
+                && e.contains("not running"),
+            "{e}"
+        );
+        let e = answer(400, None);
+        assert!(e.contains("HTTP 400") && e.contains("control port"), "{e}");
+        assert_eq!(e.lines().count(), 1);
     }
 }

@@ -157,7 +157,8 @@ async fn serve(
     tracing::Span::current().record("id", register.agent_id.as_str());
     if let Some(path_id) = path_id.filter(|id| *id != register.agent_id) {
         let why = format!(
-            "URL names agent {path_id:?} but Register names {:?}",
+            "the control URL names agent {path_id:?} but agent.agent_id is {:?}; end \
+             agent.tunnel_server_url in /tunnel, or in /agent (the agent adds its own id)",
             register.agent_id
         );
         return refuse_counted(&shared, &mut socket, Rejection::Invalid(why)).await;
