@@ -2,9 +2,12 @@
 //! (`/etc/camera_agent/config.json`), read as-is, parsed into an [`AgentConfig`] that
 //! needs no further checks.
 //!
-//! Sections and fields of the older agent that this one does not use are accepted and
-//! reported once, so existing files keep working; a misspelled field inside a section
-//! this agent reads is an error naming the field.
+//! Every setting the earlier agent had is accepted: those that mean something here are
+//! honoured wherever it kept them (`network.*` or `tunnel.*`; `streaming.rtsp_port` or
+//! `camera.rtsp_port`; `tunnel_server_url` or `cloud_server_url`), with a note when a
+//! file sets one in two places; those that mean nothing here ([`EARLIER_UNUSED`]) are
+//! listed once in the log. A name that no version of the agent had is an error naming
+//! the file, the field and the reason. docs/agent-config.md has the whole table.
 
 use std::{
     collections::BTreeMap,
@@ -72,8 +75,12 @@ pub struct AgentConfig {
     pub restart: RestartMode,
     /// The file this came from, for `reload_config`.
     pub source: Option<PathBuf>,
-    /// Sections and fields of the older agent that were present and are ignored.
+    /// Settings of the earlier agent that were present and mean nothing here
+    /// ([`EARLIER_UNUSED`]), and unknown `security` fields.
     pub ignored: Vec<String>,
+    /// What an operator should know about how the file was read: a setting written in
+    /// two places and which one wins, the earlier server's URL completed. Logged once.
+    pub notes: Vec<String>,
 }
 
 /// What the `restart` command does.
@@ -112,12 +119,19 @@ pub struct RelayUrl {
     pub host: String,
     /// TCP port of the control link.
     pub port: u16,
+    /// The URL named the earlier server's endpoint, `/agent`, and the agent id was
+    /// appended to it, as the earlier agent did.
+    pub appended_id: bool,
 }
+
+/// The earlier server's agent endpoint: `WS /agent/{id}`, configured without the id.
+const EARLIER_AGENT_PATH: &str = "/agent";
 
 impl RelayUrl {
     /// Parses `ws://`, `wss://` (and `http://`, `https://`, which older configs used)
-    /// URLs; an empty path becomes `/tunnel`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    /// URLs; an empty path becomes `/tunnel`, and a path ending in `/agent` (the earlier
+    /// server's endpoint) becomes `/agent/<agent_id>`.
+    pub fn parse(text: &str, agent_id: &str) -> Result<Self, String> {
         let uri: Uri = text.parse().map_err(|e| {
             format!("{text:?} is not a URL ({e}); expected e.g. ws://relay.example.com:8080/tunnel")
         })?;
@@ -132,17 +146,22 @@ impl RelayUrl {
             .ok_or_else(|| format!("{text:?} names no host"))?
             .to_string();
         let port = uri.port_u16().unwrap_or(default_port);
-        let path = match uri.path_and_query().map(|p| p.as_str()) {
-            None | Some("") | Some("/") => "/tunnel",
-            Some(path) => path,
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let trimmed = uri.path().trim_end_matches('/');
+        let appended_id = trimmed.ends_with(EARLIER_AGENT_PATH);
+        let path = match trimmed {
+            "" => "/tunnel".to_string(),
+            _ if appended_id => format!("{trimmed}/{agent_id}"),
+            _ => uri.path().to_string(),
         };
         Ok(RelayUrl {
-            url: format!("{scheme}://{}:{port}{path}", host_for_url(&host)),
+            url: format!("{scheme}://{}:{port}{path}{query}", host_for_url(&host)),
             host: host
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string(),
             port,
+            appended_id,
         })
     }
 }
@@ -201,50 +220,214 @@ pub enum ConfigError {
     },
 }
 
+// ---- the earlier agent's settings ----------------------------------------------
+
+/// Settings of the earlier agent that mean nothing to this one, and why. They are
+/// accepted, so its config files start this agent unchanged, and listed once in the log;
+/// a name in no version of the agent is still an error. `fields` empty: the whole
+/// section. docs/agent-config.md lists every setting of the earlier agent and what this
+/// one does with it.
+pub const EARLIER_UNUSED: &[Unused] = &[
+    Unused {
+        section: "agent",
+        fields: &["device_id", "name"],
+        why: "the relay knows a camera by agent.agent_id",
+    },
+    Unused {
+        section: "agent",
+        fields: &["connection_mode"],
+        why: "this agent always dials out: WebSocket control link, video over QUIC, \
+              TCP when UDP is blocked",
+    },
+    Unused {
+        section: "agent",
+        fields: &["log_file"],
+        why: "the agent logs to stderr, for the init system or syslog to keep",
+    },
+    Unused {
+        section: "agent",
+        fields: &["version"],
+        why: "the agent reports its own build's version",
+    },
+    Unused {
+        section: "tunnel",
+        fields: &["enabled", "tunnel_type"],
+        why: "the tunnel is what this agent is for: always on, TCP for the Watcher",
+    },
+    Unused {
+        section: "network",
+        fields: &["max_retries"],
+        why: "this agent never gives up: it retries with backoff up to \
+              reconnect_interval, since a camera whose agent stopped stays offline \
+              until someone visits it",
+    },
+    Unused {
+        section: "tunnel",
+        fields: &["max_retries"],
+        why: "as network.max_retries",
+    },
+    Unused {
+        section: "streaming",
+        fields: &["buffer_size"],
+        why: "QUIC retransmits what is lost; the agent keeps no buffer of its own",
+    },
+    Unused {
+        section: "streaming",
+        fields: &["quality", "stream_quality", "video_codec", "bitrate"],
+        why: "the camera's encoder sets these; the agent carries its bytes unchanged",
+    },
+    Unused {
+        section: "streaming",
+        fields: DESCRIPTIVE,
+        why: "describes the camera; the agent carries its bytes unchanged",
+    },
+    Unused {
+        section: "camera",
+        fields: &["username", "password"],
+        why: "a Watcher logs in to the camera itself, through the tunnel; the agent \
+              never needs the camera's login",
+    },
+    Unused {
+        section: "camera",
+        fields: DESCRIPTIVE,
+        why: "describes the camera; the agent carries its bytes unchanged",
+    },
+    Unused {
+        section: "recording",
+        fields: &[],
+        why: "recording is the VMS's job",
+    },
+    Unused {
+        section: "storage",
+        fields: &[],
+        why: "recording is the VMS's job",
+    },
+    Unused {
+        section: "motion_detection",
+        fields: &[],
+        why: "the camera's own events reach the VMS through the tunnel",
+    },
+    Unused {
+        section: "onvif",
+        fields: &[],
+        why: "ONVIF is the camera's own service; the agent carries RTSP",
+    },
+    Unused {
+        section: "logging",
+        fields: &[],
+        why: "the agent logs to stderr at agent.log_level",
+    },
+    Unused {
+        section: "p2p",
+        fields: &[],
+        why: "the agent reaches the relay by dialing out; no peer-to-peer mode",
+    },
+    Unused {
+        section: "cloud",
+        fields: &[],
+        why: "the relay is set by agent.tunnel_server_url",
+    },
+];
+
+/// What the earlier agent's files say about the camera and its streams, in either
+/// section (the firmware build tool copied them from its table of camera models).
+const DESCRIPTIVE: &[&str] = &[
+    "max_resolution",
+    "max_fps",
+    "codec",
+    "resolution",
+    "fps",
+    "features",
+    "storage",
+    "power",
+    "protection",
+    "platform",
+    "architecture",
+];
+
+/// Settings of the earlier agent that this one accepts and does not use.
+#[derive(Debug, Clone, Copy)]
+pub struct Unused {
+    /// The top-level section.
+    pub section: &'static str,
+    /// Its fields; empty for the whole section.
+    pub fields: &'static [&'static str],
+    /// Why they mean nothing here.
+    pub why: &'static str,
+}
+
+impl Unused {
+    /// The dotted names this entry covers (`agent.device_id`, or `recording`).
+    pub fn names(&self) -> Vec<String> {
+        if self.fields.is_empty() {
+            return vec![self.section.to_string()];
+        }
+        self.fields
+            .iter()
+            .map(|field| format!("{}.{field}", self.section))
+            .collect()
+    }
+}
+
+/// Takes the settings of [`EARLIER_UNUSED`] out of the file's JSON, so the strict
+/// parse that follows sees only settings this agent reads; returns their names.
+fn take_unused(json: &mut serde_json::Value) -> Vec<String> {
+    let mut taken = Vec::new();
+    let Some(top) = json.as_object_mut() else {
+        return taken; // the strict parse says what is wrong with it
+    };
+    for unused in EARLIER_UNUSED {
+        if unused.fields.is_empty() {
+            if top.remove(unused.section).is_some() {
+                taken.push(unused.section.to_string());
+            }
+            continue;
+        }
+        let Some(section) = top.get_mut(unused.section).and_then(|s| s.as_object_mut()) else {
+            continue;
+        };
+        for field in unused.fields {
+            if section.remove(*field).is_some() {
+                taken.push(format!("{}.{field}", unused.section));
+            }
+        }
+    }
+    taken
+}
+
 // ---- the file as written -------------------------------------------------------
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    agent: RawAgent,
+    /// Optional here only to say better than serde what a file without it lacks.
+    agent: Option<RawAgent>,
     #[serde(default)]
     tunnel: RawTunnel,
     #[serde(default)]
     streaming: RawStreaming,
     #[serde(default)]
     network: RawNetwork,
-    /// The older agent's camera section; only `model` is read from it.
-    camera: Option<serde_json::Value>,
+    #[serde(default)]
+    camera: RawCamera,
     #[serde(default)]
     security: RawSecurity,
-    // Sections of the older agent this one does not use.
-    recording: Option<IgnoredAny>,
-    motion_detection: Option<IgnoredAny>,
-    storage: Option<IgnoredAny>,
-    logging: Option<IgnoredAny>,
-    p2p: Option<IgnoredAny>,
-    cloud: Option<IgnoredAny>,
-    onvif: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     agent_id: String,
-    #[serde(alias = "cloud_server_url")]
-    tunnel_server_url: String,
-    #[serde(alias = "cloud_server_token", default)]
-    tunnel_server_token: Secret,
+    tunnel_server_url: Option<String>,
+    /// The earlier agent's name for the relay's URL.
+    cloud_server_url: Option<String>,
+    tunnel_server_token: Option<Secret>,
+    /// The earlier agent's name for the token.
+    cloud_server_token: Option<Secret>,
     #[serde(default = "default_log_level")]
     log_level: String,
     camera_model: Option<String>,
     restart: Option<String>,
-    // Fields of the older agent this one does not use.
-    device_id: Option<IgnoredAny>,
-    connection_mode: Option<IgnoredAny>,
-    log_file: Option<IgnoredAny>,
-    name: Option<IgnoredAny>,
-    version: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize, Default)]
@@ -252,9 +435,10 @@ struct RawAgent {
 struct RawTunnel {
     tunnel_port: Option<u16>,
     max_streams: Option<u32>,
-    // Older agent's fields, unused.
-    enabled: Option<IgnoredAny>,
-    tunnel_type: Option<IgnoredAny>,
+    // Where the tunnel agent kept the network settings; `network.*` wins.
+    connection_timeout: Option<f64>,
+    reconnect_interval: Option<f64>,
+    heartbeat_interval: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -263,13 +447,19 @@ struct RawStreaming {
     rtsp_port: Option<u16>,
     rtsp_host: Option<IpAddr>,
     stream_paths: Option<Vec<String>>,
-    // Older agent's fields, unused: the agent carries bytes, it does not transcode.
-    stream_quality: Option<IgnoredAny>,
-    buffer_size: Option<IgnoredAny>,
-    video_codec: Option<IgnoredAny>,
-    resolution: Option<IgnoredAny>,
-    fps: Option<IgnoredAny>,
-    bitrate: Option<IgnoredAny>,
+}
+
+/// The earlier agent's description of the camera it runs on.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCamera {
+    model: Option<String>,
+    /// The camera's address, if its RTSP server is not on loopback; `""` is unset.
+    ip: Option<String>,
+    rtsp_port: Option<u16>,
+    stream_paths: Option<Vec<String>>,
+    /// Find the camera's address by itself: here, the camera this agent runs on.
+    auto_detect_ip: Option<bool>,
 }
 
 /// The older agent's fields in this section are not known here, so unknown fields are
@@ -294,6 +484,24 @@ struct RawNetwork {
     heartbeat_interval: Option<f64>,
     quic_keepalive_interval: Option<f64>,
     fallback_nameservers: Option<OneOrMany<String>>,
+}
+
+/// A setting the earlier agents kept in two places (a newer and an older name, or
+/// `network` and `tunnel`): the first wins, and when both are set a note says which.
+fn prefer<T: std::fmt::Debug>(
+    notes: &mut Vec<String>,
+    (name, value): (&str, Option<T>),
+    (other, other_value): (&str, Option<T>),
+) -> Option<T> {
+    match (value, other_value) {
+        (Some(value), Some(other_value)) => {
+            notes.push(format!(
+                "{name} ({value:?}) and {other} ({other_value:?}) are both set; using {name}"
+            ));
+            Some(value)
+        }
+        (value, other_value) => value.or(other_value),
+    }
 }
 
 /// A nameserver: an IP address, port 53 unless written as `address:port`.
@@ -330,36 +538,63 @@ impl AgentConfig {
 
     /// [`AgentConfig::parse`] with files relative to `dir`.
     pub fn parse_at(text: &str, origin: &str, dir: &Path) -> Result<Self, ConfigError> {
-        let text = blank_comments(text);
-        let de = &mut serde_json::Deserializer::from_str(&text);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            if inner.is_syntax() || inner.is_eof() {
-                ConfigError::Syntax {
-                    path: origin.to_string(),
-                    message: inner.to_string(),
-                }
-            } else {
-                ConfigError::Field {
-                    path: origin.to_string(),
-                    field,
-                    reason: inner.to_string(),
-                }
-            }
-        })?;
         let field_error = |field: &str, reason: String| ConfigError::Field {
             path: origin.to_string(),
             field: field.to_string(),
             reason,
         };
+        let mut json: serde_json::Value =
+            serde_json::from_str(&blank_comments(text)).map_err(|e| ConfigError::Syntax {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        let mut ignored = take_unused(&mut json);
+        let raw: RawConfig = serde_path_to_error::deserialize(json)
+            .map_err(|e| field_error(&e.path().to_string(), e.into_inner().to_string()))?;
+        let mut notes = Vec::new();
 
-        let agent = raw.agent;
+        let Some(agent) = raw.agent else {
+            return Err(field_error(
+                "agent",
+                "missing: the agent needs at least agent.agent_id, \
+                 agent.tunnel_server_url (or cloud_server_url) and its token. A file with \
+                 only a `camera` section is the camera's part of config.json: put it \
+                 beside `agent` in one file"
+                    .into(),
+            ));
+        };
         check_agent_id(&agent.agent_id).map_err(|r| field_error("agent.agent_id", r))?;
-        let relay = RelayUrl::parse(&agent.tunnel_server_url)
+        let url = prefer(
+            &mut notes,
+            ("agent.tunnel_server_url", agent.tunnel_server_url),
+            ("agent.cloud_server_url", agent.cloud_server_url),
+        )
+        .ok_or_else(|| {
+            field_error(
+                "agent.tunnel_server_url",
+                "missing; set it to the relay's control URL, e.g. \
+                 ws://relay.example.com:8080/tunnel (the earlier name cloud_server_url \
+                 works too)"
+                    .into(),
+            )
+        })?;
+        let relay = RelayUrl::parse(&url, &agent.agent_id)
             .map_err(|r| field_error("agent.tunnel_server_url", r))?;
-        let security = security(raw.security, &relay, dir, &field_error)?;
-        if agent.tunnel_server_token.is_empty() && security.0.identity.is_none() {
+        if relay.appended_id {
+            notes.push(format!(
+                "the relay URL {url:?} names the earlier server's /agent endpoint; \
+                 dialing {} as the earlier agent did",
+                relay.url
+            ));
+        }
+        let token = prefer(
+            &mut notes,
+            ("agent.tunnel_server_token", agent.tunnel_server_token),
+            ("agent.cloud_server_token", agent.cloud_server_token),
+        )
+        .unwrap_or_default();
+        let (security, ignored_security) = security(raw.security, &relay, dir, &field_error)?;
+        if token.is_empty() && security.identity.is_none() {
             return Err(field_error(
                 "agent.tunnel_server_token",
                 "missing or empty; set it to the relay's token for this camera \
@@ -367,7 +602,6 @@ impl AgentConfig {
                     .into(),
             ));
         }
-        let (security, ignored_security) = security;
         let log_level =
             parse_log_level(&agent.log_level).map_err(|r| field_error("agent.log_level", r))?;
         let restart = match agent.restart.as_deref() {
@@ -380,24 +614,54 @@ impl AgentConfig {
                 ))
             }
         };
-        let seconds = |value: Option<f64>, field: &str, default: u64| match value {
-            None => Ok(Duration::from_secs(default)),
-            Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-            Some(s) => Err(field_error(
-                field,
-                format!("{s} is not a number of seconds between 0 and 86400"),
-            )),
+
+        // The network settings, from `network` or, where the tunnel agent kept them,
+        // from `tunnel`.
+        let (network, tunnel) = (raw.network, raw.tunnel);
+        let mut seconds = |setting: &str,
+                           value: Option<f64>,
+                           earlier: Option<f64>,
+                           default: u64|
+         -> Result<Duration, ConfigError> {
+            let network_name = format!("network.{setting}");
+            let value = prefer(
+                &mut notes,
+                (&network_name, value),
+                (&format!("tunnel.{setting}"), earlier),
+            );
+            match value {
+                None => Ok(Duration::from_secs(default)),
+                Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => {
+                    Ok(Duration::from_secs_f64(s))
+                }
+                Some(s) => Err(field_error(
+                    &network_name,
+                    format!("{s} is not a number of seconds between 0 and 86400"),
+                )),
+            }
         };
-        let network = raw.network;
-        let connection_timeout =
-            seconds(network.connection_timeout, "network.connection_timeout", 30)?;
-        let reconnect_interval =
-            seconds(network.reconnect_interval, "network.reconnect_interval", 10)?;
-        let heartbeat_interval =
-            seconds(network.heartbeat_interval, "network.heartbeat_interval", 30)?;
+        let connection_timeout = seconds(
+            "connection_timeout",
+            network.connection_timeout,
+            tunnel.connection_timeout,
+            30,
+        )?;
+        let reconnect_interval = seconds(
+            "reconnect_interval",
+            network.reconnect_interval,
+            tunnel.reconnect_interval,
+            10,
+        )?;
+        let heartbeat_interval = seconds(
+            "heartbeat_interval",
+            network.heartbeat_interval,
+            tunnel.heartbeat_interval,
+            30,
+        )?;
         let quic_keepalive = seconds(
+            "quic_keepalive_interval",
             network.quic_keepalive_interval,
-            "network.quic_keepalive_interval",
+            None,
             common::tls::QUIC_KEEP_ALIVE.as_secs(),
         )?;
         if quic_keepalive >= common::tls::QUIC_IDLE_TIMEOUT {
@@ -418,79 +682,79 @@ impl AgentConfig {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|r| field_error("network.fallback_nameservers", r))?;
 
-        let rtsp_port = raw.streaming.rtsp_port.unwrap_or(554);
+        // The camera's RTSP server, from `streaming` or, as the earlier agent had it,
+        // from `camera`.
+        let (streaming, camera) = (raw.streaming, raw.camera);
+        let rtsp_port = prefer(
+            &mut notes,
+            ("streaming.rtsp_port", streaming.rtsp_port),
+            ("camera.rtsp_port", camera.rtsp_port),
+        )
+        .unwrap_or(554);
         if rtsp_port == 0 {
             return Err(field_error(
                 "streaming.rtsp_port",
                 "must be a port number from 1 to 65535".into(),
             ));
         }
-        let rtsp_host = raw
-            .streaming
-            .rtsp_host
-            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let max_streams = raw.tunnel.max_streams.unwrap_or(64);
+        let camera_ip = match camera.ip.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(_) if camera.auto_detect_ip == Some(true) => {
+                notes.push(
+                    "camera.auto_detect_ip is true: the camera is the one this agent runs \
+                     on, reached on 127.0.0.1, not at camera.ip"
+                        .into(),
+                );
+                None
+            }
+            Some("localhost") => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            Some(text) => Some(text.parse::<IpAddr>().map_err(|_| {
+                field_error(
+                    "camera.ip",
+                    format!(
+                        "{text:?} is not an IP address; give the camera's address \
+                         (e.g. \"192.168.1.108\"), or leave it out for the camera this \
+                         agent runs on (127.0.0.1)"
+                    ),
+                )
+            })?),
+        };
+        let rtsp_host = prefer(
+            &mut notes,
+            ("streaming.rtsp_host", streaming.rtsp_host),
+            ("camera.ip", camera_ip),
+        )
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let stream_paths = prefer(
+            &mut notes,
+            ("streaming.stream_paths", streaming.stream_paths),
+            ("camera.stream_paths", camera.stream_paths),
+        )
+        .unwrap_or_else(|| DAHUA_STREAM_PATHS.iter().map(|p| p.to_string()).collect());
+        let camera_model = prefer(
+            &mut notes,
+            ("agent.camera_model", agent.camera_model),
+            ("camera.model", camera.model),
+        )
+        .unwrap_or_else(|| "unknown".into());
+        let max_streams = tunnel.max_streams.unwrap_or(64);
         if max_streams == 0 {
             return Err(field_error(
                 "tunnel.max_streams",
                 "must be at least 1".into(),
             ));
         }
-        let camera_model = agent
-            .camera_model
-            .or_else(|| {
-                raw.camera
-                    .as_ref()
-                    .and_then(|c| c.get("model"))
-                    .and_then(|m| m.as_str())
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| "unknown".into());
-
-        let present = |name: &str, here: bool| here.then(|| name.to_string());
-        let ignored = [
-            present("camera", raw.camera.is_some()),
-            present("recording", raw.recording.is_some()),
-            present("motion_detection", raw.motion_detection.is_some()),
-            present("storage", raw.storage.is_some()),
-            present("logging", raw.logging.is_some()),
-            present("p2p", raw.p2p.is_some()),
-            present("cloud", raw.cloud.is_some()),
-            present("onvif", raw.onvif.is_some()),
-            present("agent.device_id", agent.device_id.is_some()),
-            present("agent.connection_mode", agent.connection_mode.is_some()),
-            present("agent.log_file", agent.log_file.is_some()),
-            present("agent.name", agent.name.is_some()),
-            present("agent.version", agent.version.is_some()),
-            present("tunnel.enabled", raw.tunnel.enabled.is_some()),
-            present("tunnel.tunnel_type", raw.tunnel.tunnel_type.is_some()),
-            present(
-                "streaming.stream_quality",
-                raw.streaming.stream_quality.is_some(),
-            ),
-            present("streaming.buffer_size", raw.streaming.buffer_size.is_some()),
-            present("streaming.video_codec", raw.streaming.video_codec.is_some()),
-            present("streaming.resolution", raw.streaming.resolution.is_some()),
-            present("streaming.fps", raw.streaming.fps.is_some()),
-            present("streaming.bitrate", raw.streaming.bitrate.is_some()),
-        ]
-        .into_iter()
-        .flatten()
-        .chain(ignored_security)
-        .collect();
+        ignored.extend(ignored_security);
 
         Ok(AgentConfig {
             agent_id: agent.agent_id,
             relay,
-            token: agent.tunnel_server_token,
+            token,
             log_level,
             camera_model,
-            tunnel_port: raw.tunnel.tunnel_port.unwrap_or(8554),
+            tunnel_port: tunnel.tunnel_port.unwrap_or(8554),
             rtsp_target: SocketAddr::new(rtsp_host, rtsp_port),
-            stream_paths: raw
-                .streaming
-                .stream_paths
-                .unwrap_or_else(|| DAHUA_STREAM_PATHS.iter().map(|p| p.to_string()).collect()),
+            stream_paths,
             connection_timeout,
             reconnect_interval,
             heartbeat_interval,
@@ -501,6 +765,7 @@ impl AgentConfig {
             restart,
             source: None,
             ignored,
+            notes,
         })
     }
 }
@@ -785,10 +1050,11 @@ mod tests {
         assert_eq!(
             c.ignored,
             [
-                "camera",
+                "agent.device_id",
+                "camera.resolution",
+                "camera.fps",
                 "recording",
                 "motion_detection",
-                "agent.device_id",
                 "security.encryption"
             ]
         );
@@ -797,10 +1063,14 @@ mod tests {
 
     #[test]
     fn the_fallback_url_follows_the_control_url() {
-        let fallback = |url: &str| RelayUrl::parse(url).unwrap().fallback_url();
+        let fallback = |url: &str| RelayUrl::parse(url, "cam-1").unwrap().fallback_url();
         assert_eq!(fallback("wss://relay"), "wss://relay:443/tunnel/data");
         assert_eq!(
             fallback("ws://r:8080/agent/cam-1"),
+            "ws://r:8080/agent/cam-1/data"
+        );
+        assert_eq!(
+            fallback("ws://r:8080/agent"),
             "ws://r:8080/agent/cam-1/data"
         );
         assert_eq!(
@@ -995,5 +1265,266 @@ mod tests {
 
         let e = error("{\"agent\": {");
         assert!(e.contains("not valid JSON") && e.contains("line"), "{e}");
+    }
+
+    /// The earlier agent's files as its documents show them (deploy/agent/earlier/).
+    const FIRMWARE_DOC: &str =
+        include_str!("../../deploy/agent/earlier/camera-agent-firmware.json");
+    const TUNNEL_DOC: &str = include_str!("../../deploy/agent/earlier/tunnel-architecture.json");
+    const CAMERA_PART: &str = include_str!("../../deploy/agent/earlier/camera-dahua-2449s-il.json");
+    const EVERY_FIELD: &str = include_str!("../../deploy/agent/earlier/every-field.json");
+
+    #[test]
+    fn the_documents_configs_are_read_as_the_earlier_agent_read_them() {
+        let c = AgentConfig::parse(FIRMWARE_DOC, "config.json").unwrap();
+        assert_eq!(c.agent_id, "dahua-2449s-il-001");
+        // The earlier server's endpoint, WS /agent/{id}: the id is appended.
+        assert_eq!(
+            c.relay.url,
+            "ws://your-server.com:8080/agent/dahua-2449s-il-001"
+        );
+        assert!(c.relay.appended_id);
+        assert_eq!(c.token.expose(), "your-secret-token");
+        assert_eq!(c.rtsp_target, "127.0.0.1:554".parse().unwrap());
+        assert_eq!(c.stream_paths, DAHUA_STREAM_PATHS);
+        assert_eq!(c.reconnect_interval, Duration::from_secs(10));
+        assert_eq!(c.ignored, ["streaming.buffer_size", "streaming.quality"]);
+        assert_eq!(c.notes.len(), 1, "{:?}", c.notes);
+        assert!(
+            c.notes[0].contains("/agent/dahua-2449s-il-001"),
+            "{:?}",
+            c.notes
+        );
+
+        let c = AgentConfig::parse(TUNNEL_DOC, "config.json").unwrap();
+        assert_eq!(c.relay.url, "ws://YOUR-TUNNEL-SERVER:8080/tunnel");
+        assert_eq!(c.relay.host, "YOUR-TUNNEL-SERVER");
+        assert_eq!(c.tunnel_port, 8554);
+        assert!(c.ignored.is_empty() && c.notes.is_empty());
+
+        // The camera part alone cannot start an agent, and the error says what it is.
+        let e = error(CAMERA_PART);
+        assert!(
+            e.contains("field `agent`") && e.contains("camera") && e.contains("one file"),
+            "{e}"
+        );
+        // Beside the main config, as the earlier build tool wrote it, it works.
+        let mut merged: serde_json::Value = serde_json::from_str(FIRMWARE_DOC).unwrap();
+        let camera: serde_json::Value = serde_json::from_str(CAMERA_PART).unwrap();
+        merged["camera"] = camera["camera"].clone();
+        let c = AgentConfig::parse(&merged.to_string(), "config.json").unwrap();
+        assert_eq!(c.camera_model, "dahua-2449s-il");
+        assert_eq!(
+            c.ignored,
+            [
+                "streaming.buffer_size",
+                "streaming.quality",
+                "camera.max_resolution",
+                "camera.max_fps",
+                "camera.codec",
+                "camera.features"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_setting_of_the_earlier_agent_at_once() {
+        let c = AgentConfig::parse(EVERY_FIELD, "config.json").unwrap();
+        // tunnel_server_url wins over cloud_server_url, network.* over tunnel.*,
+        // streaming.* over camera.*; camera.ip is the RTSP host (streaming has none).
+        assert_eq!(c.relay.url, "ws://YOUR-TUNNEL-SERVER:8080/tunnel");
+        assert_eq!(c.token.expose(), "your-secret-token");
+        assert_eq!(c.connection_timeout, Duration::from_secs(30));
+        assert_eq!(c.reconnect_interval, Duration::from_secs(10));
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(c.rtsp_target, "192.168.1.108:554".parse().unwrap());
+        assert_eq!(c.tunnel_port, 8555);
+        assert_eq!(c.camera_model, "dahua-2449s-il");
+        let notes = c.notes.join("\n");
+        for both in [
+            "agent.tunnel_server_url",
+            "agent.tunnel_server_token",
+            "network.connection_timeout (30.0) and tunnel.connection_timeout (20.0)",
+            "network.reconnect_interval",
+            "network.heartbeat_interval",
+            "streaming.rtsp_port",
+            "streaming.stream_paths",
+        ] {
+            assert!(notes.contains(both), "{both}: {notes}");
+        }
+        assert!(!notes.contains("your-secret-token"), "{notes}");
+        // Every unused setting is listed, by name only: the camera's password stays out.
+        for name in [
+            "agent.device_id",
+            "network.max_retries",
+            "tunnel.max_retries",
+            "tunnel.enabled",
+            "camera.username",
+            "camera.password",
+            "camera.protection",
+            "streaming.bitrate",
+            "onvif",
+            "security.encryption",
+        ] {
+            assert!(
+                c.ignored.iter().any(|i| i == name),
+                "{name}: {:?}",
+                c.ignored
+            );
+        }
+        assert!(!format!("{c:?}").contains("admin"));
+    }
+
+    #[test]
+    fn the_camera_section_says_where_the_camera_is() {
+        let with = |camera: &str, streaming: &str| {
+            let text = format!(
+                r#"{{"agent": {{"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}}, "camera": {camera}, "streaming": {streaming}}}"#
+            );
+            AgentConfig::parse(&text, "x").unwrap()
+        };
+        let c = with(
+            r#"{"ip": "192.168.1.108", "rtsp_port": 10554, "stream_paths": ["/live"]}"#,
+            "{}",
+        );
+        assert_eq!(c.rtsp_target, "192.168.1.108:10554".parse().unwrap());
+        assert_eq!(c.stream_paths, ["/live"]);
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        // streaming.* wins, and says so.
+        let c = with(
+            r#"{"ip": "192.168.1.108", "rtsp_port": 10554}"#,
+            r#"{"rtsp_port": 554, "rtsp_host": "127.0.0.1"}"#,
+        );
+        assert_eq!(c.rtsp_target, "127.0.0.1:554".parse().unwrap());
+        assert_eq!(c.notes.len(), 2, "{:?}", c.notes);
+        // Auto-detection finds the camera the agent runs on.
+        let c = with(r#"{"ip": "192.168.1.108", "auto_detect_ip": true}"#, "{}");
+        assert_eq!(c.rtsp_target, "127.0.0.1:554".parse().unwrap());
+        assert!(c.notes[0].contains("auto_detect_ip"), "{:?}", c.notes);
+        let c = with(r#"{"ip": "", "auto_detect_ip": false}"#, "{}");
+        assert_eq!(c.rtsp_target, "127.0.0.1:554".parse().unwrap());
+        let c = with(r#"{"ip": "localhost"}"#, "{}");
+        assert_eq!(c.rtsp_target, "127.0.0.1:554".parse().unwrap());
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "camera": {"ip": "camera.lan"}}"#,
+        );
+        assert!(e.contains("camera.ip") && e.contains("camera.lan"), "{e}");
+    }
+
+    #[test]
+    fn the_tunnel_section_carries_the_network_settings_too() {
+        let c = AgentConfig::parse(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"},
+                "tunnel": {"connection_timeout": 5, "reconnect_interval": 2, "heartbeat_interval": 1.5}}"#,
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.connection_timeout, Duration::from_secs(5));
+        assert_eq!(c.reconnect_interval, Duration::from_secs(2));
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(1500));
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "tunnel": {"heartbeat_interval": -1}}"#,
+        );
+        assert!(e.contains("heartbeat_interval"), "{e}");
+    }
+
+    #[test]
+    fn the_earlier_servers_endpoint_gets_the_agent_id() {
+        let url = |text: &str| RelayUrl::parse(text, "cam-7").unwrap();
+        assert_eq!(url("ws://r:8080/agent").url, "ws://r:8080/agent/cam-7");
+        assert_eq!(url("ws://r:8080/agent/").url, "ws://r:8080/agent/cam-7");
+        assert_eq!(
+            url("wss://secure-server.com/agent").url,
+            "wss://secure-server.com:443/agent/cam-7"
+        );
+        assert_eq!(
+            url("wss://r/proxy/agent?k=v").url,
+            "wss://r:443/proxy/agent/cam-7?k=v"
+        );
+        // Anything else is dialed as written.
+        for (text, dialed) in [
+            ("ws://r:8080/agent/cam-7", "ws://r:8080/agent/cam-7"),
+            ("ws://r:8080/agent/agent-id", "ws://r:8080/agent/agent-id"),
+            ("ws://r:8080/tunnel", "ws://r:8080/tunnel"),
+            ("ws://r:8080/myagent", "ws://r:8080/myagent"),
+            ("ws://r:8080", "ws://r:8080/tunnel"),
+        ] {
+            let parsed = url(text);
+            assert_eq!(parsed.url, dialed);
+            assert!(!parsed.appended_id, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_name_no_agent_ever_had_is_still_an_error() {
+        for (section, typo) in [
+            ("camera", r#"{"rtsp_prot": 554}"#),
+            ("streaming", r#"{"qualty": "high"}"#),
+            ("tunnel", r#"{"reconect_interval": 5}"#),
+            ("network", r#"{"max_retry": 3}"#),
+            (
+                "agent",
+                r#"{"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t", "cloud_url": "ws://r"}"#,
+            ),
+        ] {
+            let agent = r#""agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}"#;
+            let text = if section == "agent" {
+                format!(r#"{{"agent": {typo}}}"#)
+            } else {
+                format!(r#"{{{agent}, "{section}": {typo}}}"#)
+            };
+            let e = error(&text);
+            assert!(
+                e.starts_with("/etc/camera_agent/config.json: field `")
+                    && e.contains(section)
+                    && e.contains("unknown field"),
+                "{e}"
+            );
+        }
+        // A whole section the earlier agent never had.
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": "ws://r", "tunnel_server_token": "t"}, "camra": {}}"#,
+        );
+        assert!(e.contains("camra"), "{e}");
+    }
+
+    #[test]
+    fn the_docs_list_every_setting_of_the_earlier_agent() {
+        let docs = include_str!("../../docs/agent-config.md");
+        // Each row names a section's table and the field; check the field is in a row of
+        // its section's table (or in the table of whole sections).
+        let table = |section: &str| -> String {
+            let heading = format!("### `{section}`");
+            docs.split(&heading)
+                .nth(1)
+                .map(|rest| rest.split("\n### ").next().unwrap_or(rest).to_string())
+                .unwrap_or_default()
+        };
+        let whole = docs
+            .split("### Sections with nothing this agent uses")
+            .nth(1)
+            .unwrap_or_default();
+        for unused in EARLIER_UNUSED {
+            if unused.fields.is_empty() {
+                assert!(
+                    whole.contains(&format!("`{}`", unused.section)),
+                    "{}",
+                    unused.section
+                );
+                continue;
+            }
+            let table = table(unused.section);
+            for field in unused.fields {
+                assert!(
+                    table
+                        .lines()
+                        .any(|row| row.contains(&format!("`{field}`")) && row.contains("ignored")),
+                    "docs/agent-config.md does not list {}.{field} as ignored",
+                    unused.section
+                );
+            }
+        }
     }
 }

@@ -43,7 +43,15 @@ async fn main() -> ExitCode {
             config.ignored.join(", ")
         );
     }
-    tracing::info!(agent = %config.agent_id, version = env!("CARGO_PKG_VERSION"), "camera-agent starting");
+    for note in &config.notes {
+        tracing::info!("{}: {note}", cli.config.display());
+    }
+    tracing::info!(
+        agent = %config.agent_id,
+        version = env!("CARGO_PKG_VERSION"),
+        camera = %config.rtsp_target,
+        "camera-agent starting"
+    );
     let security = &config.security;
     if config.relay.url.starts_with("wss://") {
         tracing::info!(

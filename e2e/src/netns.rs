@@ -220,6 +220,19 @@ impl Lab {
         )
     }
 
+    /// Gives camera `i`'s LAN a hosts file (`address names` lines, localhost added), as
+    /// the camera's own /etc/hosts or its router's DNS would name the relay: `ip netns
+    /// exec` mounts /etc/netns/<namespace>/hosts over /etc/hosts for what runs there.
+    /// Removed with the lab.
+    pub fn camera_hosts(&self, i: usize, lines: &[&str]) -> anyhow::Result<()> {
+        assert!(i < self.cameras, "the lab has {} cameras", self.cameras);
+        let dir = netns_etc(&self.camera_ns(i));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {dir}"))?;
+        let hosts = format!("127.0.0.1 localhost\n{}\n", lines.join("\n"));
+        std::fs::write(format!("{dir}/hosts"), hosts)
+            .with_context(|| format!("cannot write {dir}/hosts"))
+    }
+
     /// The relay's side of the internet, where Watchers run too.
     pub fn relay(&self) -> Place {
         Place {
@@ -275,8 +288,14 @@ pub fn lan_gateway(i: usize) -> String {
     format!("192.168.{}.1", i + 1)
 }
 
-/// Kills what runs in `ns` and deletes it; quiet, for cleanup.
+/// Where `ip netns exec` finds the files it mounts over /etc for `ns`.
+fn netns_etc(ns: &str) -> String {
+    format!("/etc/netns/{ns}")
+}
+
+/// Kills what runs in `ns` and deletes it with its /etc files; quiet, for cleanup.
 fn remove(ns: &str) {
+    let _ = std::fs::remove_dir_all(netns_etc(ns));
     if let Ok(out) = StdCommand::new("ip").args(["netns", "pids", ns]).output() {
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
             let _ = StdCommand::new("kill").args(["-KILL", pid]).status();

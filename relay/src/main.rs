@@ -17,8 +17,14 @@ struct Cli {
     /// Relay config file (TOML). Without it, the quick-start flags apply.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Address agents connect to: TCP for the control link, UDP for QUIC.
-    #[arg(long, default_value = "0.0.0.0", conflicts_with = "config")]
+    /// Address agents connect to: TCP for the control link, UDP for QUIC. `--host` is
+    /// the earlier server's name for it.
+    #[arg(
+        long,
+        alias = "host",
+        default_value = "0.0.0.0",
+        conflicts_with = "config"
+    )]
     bind: std::net::IpAddr,
     /// Port agents connect to (same number for TCP and UDP).
     #[arg(long, default_value_t = config::DEFAULT_PORT, conflicts_with = "config")]
