@@ -2,6 +2,7 @@
 //! in one run on the same machine (docs/benchmarks.md); and the soak (docs/reliability.md).
 
 pub mod fleet;
+pub mod floor;
 pub mod impair;
 pub mod paths;
 pub mod peers;

@@ -90,6 +90,35 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         deadline_secs: u64,
     },
+    /// The floor path's relay side (quinn, no tunnel): a QUIC endpoint and a TCP port
+    /// per camera; prints `READY quic=… sha256=… entries=…`.
+    FloorRelay {
+        /// QUIC address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        quic: SocketAddr,
+        /// Address of the Watchers' TCP ports.
+        #[arg(long, default_value = "127.0.0.1")]
+        tcp_ip: std::net::IpAddr,
+        /// How many cameras.
+        #[arg(long, default_value_t = 1)]
+        cameras: usize,
+    },
+    /// The floor path's camera side: dials the relay side, carries its streams to the
+    /// target; prints `READY` once connected.
+    FloorCamera {
+        /// The relay side's QUIC address.
+        #[arg(long)]
+        relay: SocketAddr,
+        /// Its certificate's SHA-256.
+        #[arg(long)]
+        sha256: String,
+        /// Which camera (its TCP port on the relay side).
+        #[arg(long, default_value_t = 0)]
+        index: u32,
+        /// The target to connect streams to.
+        #[arg(long)]
+        target: SocketAddr,
+    },
     /// One measurement from the Watcher's side; prints `RESULT <json>`.
     Client {
         #[command(subcommand)]
@@ -131,9 +160,22 @@ enum Measure {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<()> {
+    let command = Cli::parse().command;
+    // The floor path runs as a tunnel at its cheapest would: one thread per process.
+    let runtime = match command {
+        Cmd::FloorRelay { .. } | Cmd::FloorCamera { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(run_command(command))
+}
+
+async fn run_command(command: Cmd) -> anyhow::Result<()> {
+    match command {
         Cmd::Run {
             out,
             paths,
@@ -219,6 +261,17 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?
         }
+        Cmd::FloorRelay {
+            quic,
+            tcp_ip,
+            cameras,
+        } => bench::floor::relay_side(quic, tcp_ip, cameras).await?,
+        Cmd::FloorCamera {
+            relay,
+            sha256,
+            index,
+            target,
+        } => bench::floor::camera_side(relay, &sha256, index, target).await?,
         Cmd::Client { measure } => match measure {
             Measure::Latency { addr, count, size } => {
                 result(&traffic::latency(addr, size, count, 500).await?)

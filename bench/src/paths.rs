@@ -18,6 +18,9 @@ pub enum PathKind {
     /// The Watcher connects to the target itself: the floor every tunnel is measured
     /// against.
     Direct,
+    /// TCP over quinn with nothing else (`bench::floor`), with our data plane's
+    /// transport config: the QUIC stack's own cost, the floor for ours.
+    Floor,
     /// Our relay and agent: WebSocket control link, one QUIC stream per connection.
     Ours,
     /// rathole over plain TCP (one control connection, a new data connection per
@@ -33,8 +36,9 @@ pub enum PathKind {
 
 impl PathKind {
     /// Every path, in report order.
-    pub const ALL: [PathKind; 6] = [
+    pub const ALL: [PathKind; 7] = [
         PathKind::Direct,
+        PathKind::Floor,
         PathKind::Ours,
         PathKind::RatholeTcp,
         PathKind::RatholeNoise,
@@ -46,6 +50,7 @@ impl PathKind {
     pub fn name(self) -> &'static str {
         match self {
             PathKind::Direct => "direct TCP",
+            PathKind::Floor => "quinn, no tunnel (floor)",
             PathKind::Ours => "ours (QUIC)",
             PathKind::RatholeTcp => "rathole (TCP)",
             PathKind::RatholeNoise => "rathole (Noise)",
@@ -193,6 +198,7 @@ pub async fn start(
             }
             entries
         }
+        PathKind::Floor => floor(targets, net, &mut processes).await?,
         PathKind::RatholeTcp | PathKind::RatholeNoise => {
             rathole(kind, targets, tools, net, dir.path(), &mut processes).await?
         }
@@ -272,6 +278,47 @@ pub async fn start(
         processes,
         _dir: dir,
     })
+}
+
+/// The floor path ([`crate::floor`]): its relay side, and a camera side per target.
+async fn floor(
+    targets: &[SocketAddr],
+    net: &Net,
+    processes: &mut Vec<(Role, Child)>,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    let exe = std::env::current_exe()?;
+    let relay_ip = &net.relay_ip;
+    let mut relay = net.relay.command(&exe);
+    relay
+        .arg("floor-relay")
+        .args(["--quic", &format!("{relay_ip}:0"), "--tcp-ip", relay_ip])
+        .args(["--cameras", &targets.len().to_string()]);
+    let mut relay = Child::spawn("floor-relay", relay)?;
+    let ready = relay.wait_for_line("READY ").await?;
+    let field = |name: &str| {
+        ready
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .map(str::to_string)
+            .with_context(|| format!("no {name} in {ready:?}"))
+    };
+    let (quic, sha256, entries) = (field("quic=")?, field("sha256=")?, field("entries=")?);
+    let entries = entries
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<SocketAddr>, _>>()?;
+    processes.push((Role::Relay, relay));
+    for (i, target) in targets.iter().enumerate() {
+        let mut camera = net.camera.command(&exe);
+        camera
+            .arg("floor-camera")
+            .args(["--relay", &quic, "--sha256", &sha256])
+            .args(["--index", &i.to_string(), "--target", &target.to_string()]);
+        let mut camera = Child::spawn(&format!("floor-{i}"), camera)?;
+        camera.wait_for_line("READY").await?;
+        processes.push((Role::Agent, camera));
+    }
+    Ok(entries)
 }
 
 async fn rathole(

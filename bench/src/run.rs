@@ -204,6 +204,21 @@ async fn loopback(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
         ],
         "down_mbit_s",
     );
+    let mut throughput_many = scenario(
+        "throughput-many-cameras",
+        "Throughput: many cameras at once",
+        &format!(
+            "{} cameras (one agent each, one relay), one session each moving {} MiB camera→Watcher, all at once, loopback; total Mbit/s is all bytes over the slowest session's time; CPU seconds of the relay side and of all agents per GB moved.",
+            plan.streams,
+            many_camera_bytes(plan) >> 20
+        ),
+        &[
+            ("down_mbit_s", "camera→Watcher Mbit/s, total"),
+            ("relay_cpu_s_per_gb", "relay CPU s/GB"),
+            ("agent_cpu_s_per_gb", "agents' CPU s/GB"),
+        ],
+        "down_mbit_s",
+    );
     let streams_title = |cameras: &str| {
         format!(
             "{} paced streams of {} Mbit/s ({} fps frames) for {} s {cameras}, loopback. A stream keeps pace when it receives ≥ 95 % of its frames; a stall is a gap over 200 ms between frames.",
@@ -248,6 +263,7 @@ async fn loopback(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
                     (&mut throughput, figures.throughput),
                     (&mut one_camera, figures.one_camera),
                     (&mut many_cameras, figures.many_cameras),
+                    (&mut throughput_many, figures.throughput_many),
                 ] {
                     scenario.rows.push(row(kind, figures));
                 }
@@ -260,6 +276,7 @@ async fn loopback(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
                     &mut throughput,
                     &mut one_camera,
                     &mut many_cameras,
+                    &mut throughput_many,
                 ] {
                     scenario.rows.push(Row {
                         path: kind,
@@ -272,7 +289,14 @@ async fn loopback(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
     }
     added_over_direct(&mut latency, "p50_us", "added_p50_us");
     drop(target);
-    Ok(vec![latency, setup, throughput, one_camera, many_cameras])
+    Ok(vec![
+        latency,
+        setup,
+        throughput,
+        throughput_many,
+        one_camera,
+        many_cameras,
+    ])
 }
 
 /// The scale scenario: one relay, a fleet of idle cameras (real agents, many per
@@ -530,6 +554,12 @@ struct PathFigures {
     throughput: Figures,
     one_camera: Figures,
     many_cameras: Figures,
+    throughput_many: Figures,
+}
+
+/// Bytes each camera's session moves in the many-cameras throughput scenario.
+fn many_camera_bytes(plan: &Plan) -> u64 {
+    plan.bytes / 4
 }
 
 async fn one_path(
@@ -593,19 +623,58 @@ async fn one_path(
     let one_camera = paced(net, exe, plan, &path, &vec![entry; plan.streams]).await;
     drop(path);
 
-    let many_cameras = async {
-        let path = paths::start(kind, &vec![target; plan.streams], tools, net).await?;
-        let entries = path.entries.clone();
-        paced(net, exe, plan, &path, &entries).await
-    }
-    .await;
+    let (many_cameras, throughput_many) =
+        match paths::start(kind, &vec![target; plan.streams], tools, net).await {
+            Ok(path) => {
+                let entries = path.entries.clone();
+                let paced = paced(net, exe, plan, &path, &entries).await;
+                let bulk = bulk(kind, net, exe, plan, &path).await;
+                (paced, bulk)
+            }
+            Err(e) => (Err(anyhow::anyhow!("{e:#}")), Err(e)),
+        };
     Ok(PathFigures {
         latency,
         setup,
         throughput,
         one_camera,
         many_cameras,
+        throughput_many,
     })
+}
+
+/// One bulk session per camera of `path`, all at once, camera→Watcher.
+async fn bulk(
+    kind: PathKind,
+    net: &Net,
+    exe: &Path,
+    plan: &Plan,
+    path: &paths::Running,
+) -> Figures {
+    let meters = [Role::Relay, Role::Agent].map(|role| Meter::start(pids(&path.processes, role)));
+    let bytes = many_camera_bytes(plan).to_string();
+    let sessions =
+        path.entries.iter().map(|entry| {
+            let entry = entry.to_string();
+            let bytes = bytes.clone();
+            async move {
+                client::<Throughput>(net, exe, &["throughput", &entry, "--bytes", &bytes]).await
+            }
+        });
+    let results = futures_util::future::join_all(sessions)
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let [relay, agent] = meters.map(|m| m.stop());
+    let moved: u64 = results.iter().map(|r| r.bytes).sum();
+    let slowest = results.iter().map(|r| r.seconds).fold(0.0, f64::max);
+    let gb = moved as f64 / 1e9;
+    let mut figures = BTreeMap::from([("down_mbit_s".into(), moved as f64 * 8.0 / slowest / 1e6)]);
+    if kind != PathKind::Direct {
+        figures.insert("relay_cpu_s_per_gb".into(), relay.cpu_seconds / gb);
+        figures.insert("agent_cpu_s_per_gb".into(), agent.cpu_seconds / gb);
+    }
+    Ok(figures)
 }
 
 async fn paced(
