@@ -26,8 +26,11 @@ pub const DEFAULT_CAMERA_PORTS: u16 = 100;
 pub struct RelayConfig {
     /// TCP address of the control link (WebSocket) and, later, the API.
     pub listen: SocketAddr,
-    /// UDP address of the QUIC endpoint.
+    /// UDP address of the QUIC endpoint (of the first data-plane shard).
     pub quic_listen: SocketAddr,
+    /// Data-plane shards: threads with a QUIC endpoint each, on the QUIC port and the
+    /// ones after it; each camera's work stays on one (`relay/src/shard.rs`).
+    pub data_shards: usize,
     /// Address the per-camera listeners bind to.
     pub camera_bind: IpAddr,
     /// Camera ports the relay may hand out.
@@ -203,6 +206,7 @@ struct FileConfig {
     #[serde(default = "default_listen")]
     listen: SocketAddr,
     quic_listen: Option<SocketAddr>,
+    data_shards: Option<DataShards>,
     #[serde(default = "default_camera_bind")]
     camera_bind: IpAddr,
     #[serde(default = "default_camera_ports")]
@@ -222,6 +226,40 @@ struct FileConfig {
     tls: Option<FileTls>,
     #[serde(default)]
     limits: FileLimits,
+}
+
+/// `data_shards`: a number, or `"auto"` for one per core.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DataShards {
+    Count(i64),
+    Word(String),
+}
+
+impl DataShards {
+    fn resolve(self, origin: &str) -> Result<usize, ConfigError> {
+        match self {
+            DataShards::Count(n) if (1..=MAX_DATA_SHARDS as i64).contains(&n) => Ok(n as usize),
+            DataShards::Word(word) if word == "auto" => Ok(cores()),
+            _ => Err(invalid(
+                origin,
+                "data_shards",
+                &format!(
+                    "must be a number from 1 to {MAX_DATA_SHARDS}, or \"auto\" (one per core)"
+                ),
+            )),
+        }
+    }
+}
+
+/// Most data-plane shards a relay runs.
+pub const MAX_DATA_SHARDS: usize = 64;
+
+/// The cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_DATA_SHARDS)
 }
 
 #[derive(Deserialize)]
@@ -292,6 +330,7 @@ impl RelayConfig {
         Ok(RelayConfig {
             listen,
             quic_listen: listen,
+            data_shards: 1,
             camera_bind: default_camera_bind(),
             camera_ports: tunnel_port..=last,
             shared_listen: None,
@@ -557,6 +596,10 @@ impl RelayConfig {
         Ok(RelayConfig {
             listen: file.listen,
             quic_listen: file.quic_listen.unwrap_or(file.listen),
+            data_shards: match file.data_shards {
+                Some(shards) => shards.resolve(origin)?,
+                None => 1,
+            },
             camera_bind: file.camera_bind,
             camera_ports,
             shared_listen: file.shared_listen,
@@ -664,6 +707,32 @@ mod tests {
         RelayConfig::from_toml(text, "relay.toml")
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn data_shards_are_a_count_or_auto() {
+        let shards = |value: &str| {
+            RelayConfig::from_toml(
+                &format!("shared_token = \"t\"\ndata_shards = {value}\n"),
+                "relay.toml",
+            )
+            .map(|c| c.data_shards)
+        };
+        assert_eq!(
+            RelayConfig::from_toml("shared_token = \"t\"", "x")
+                .unwrap()
+                .data_shards,
+            1
+        );
+        assert_eq!(shards("4").unwrap(), 4);
+        assert_eq!(shards("\"auto\"").unwrap(), cores());
+        for bad in ["0", "65", "\"many\"", "-1"] {
+            let e = shards(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("data_shards") && e.contains("auto"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

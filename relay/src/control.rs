@@ -218,16 +218,33 @@ async fn serve(
             return refuse_counted(&shared, &mut socket, rejection).await;
         }
     };
-    let listener_task = shared.tracker.spawn(
-        forward::serve_camera(
-            listener,
-            session.clone(),
-            shared.registry.clone(),
-            limits.clone(),
-            shared.tracker.clone(),
-        )
-        .in_current_span(),
-    );
+    // The camera's Watchers are served on its data-plane shard, beside its tunnel.
+    let shard = session.seat(shared.shards.seat());
+    let listener_task = match listener.into_std() {
+        Ok(listener) => {
+            let serve = {
+                let (session, registry) = (session.clone(), shared.registry.clone());
+                let (limits, tracker) = (limits.clone(), shared.tracker.clone());
+                async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            forward::serve_camera(listener, session, registry, limits, tracker)
+                                .await
+                        }
+                        Err(e) => tracing::error!("cannot serve the camera's port: {e}"),
+                    }
+                }
+            };
+            shard
+                .handle
+                .spawn(shared.tracker.track_future(serve.in_current_span()))
+        }
+        Err(e) => {
+            tracing::error!("cannot hand the camera's port to its data-plane thread: {e}");
+            shared.registry.remove(&session).await;
+            return;
+        }
+    };
     session.set_listener(listener_task);
 
     let end = match send(&mut socket, &registered(&shared, &session)).await {
@@ -258,7 +275,11 @@ async fn serve(
 fn registered(shared: &Shared, session: &AgentSession) -> RelayMessage {
     RelayMessage::Registered(Registered {
         session_key: session.session_key(),
-        quic_port: shared.quic_port,
+        // Seated at admission; the first shard's port otherwise.
+        quic_port: session
+            .shard()
+            .or_else(|| shared.shards.all().first())
+            .map_or(0, |shard| shard.port),
         cert_sha256: shared.cert_sha256,
         granted: vec![GrantedService {
             name: SERVICE_RTSP.into(),
@@ -270,6 +291,7 @@ fn registered(shared: &Shared, session: &AgentSession) -> RelayMessage {
 fn log_registered(register: &Register, session: &AgentSession) {
     tracing::info!(
         port = session.port,
+        shard = session.shard().map(|s| s.index),
         model = %register.camera.model,
         agent_version = %register.agent_version,
         heartbeat_secs = session.heartbeat_interval.as_secs_f64(),

@@ -92,7 +92,7 @@ pub(crate) async fn serve_shared(
                 };
                 match routed {
                     Some((watcher, session)) => {
-                        carry(watcher, id, &session, &registry, &limits).await
+                        carry_on_shard(watcher, id, session, registry, limits).await
                     }
                     None => Ok(()),
                 }
@@ -224,6 +224,37 @@ async fn refuse(mut tcp: TcpStream, request: &[u8], code: u16, reason: &str) {
         while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
+}
+
+/// Carries a shared-port Watcher on its camera's data-plane shard, beside the camera's
+/// tunnel (the shared port's accept loop runs on the main runtime).
+async fn carry_on_shard(
+    watcher: Watcher,
+    connection_id: u64,
+    session: Arc<AgentSession>,
+    registry: Arc<Registry>,
+    limits: Limits,
+) -> anyhow::Result<()> {
+    let Some(shard) = session.shard().cloned() else {
+        return carry(watcher, connection_id, &session, &registry, &limits).await;
+    };
+    let Watcher {
+        tcp,
+        preread,
+        prefix,
+        started,
+    } = watcher;
+    let tcp = tcp.into_std()?;
+    let carried = async move {
+        let watcher = Watcher {
+            tcp: TcpStream::from_std(tcp)?,
+            preread,
+            prefix,
+            started,
+        };
+        carry(watcher, connection_id, &session, &registry, &limits).await
+    };
+    shard.handle.spawn(carried.in_current_span()).await?
 }
 
 /// Carries one Watcher connection through the camera's tunnel.

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod ports;
 pub mod registry;
 mod rtsp;
+mod shard;
 mod throttle;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -52,7 +53,8 @@ pub(crate) struct Shared {
     throttle: throttle::Throttle,
     /// The pace of registrations (`limits.registrations_per_sec`).
     admission: std::sync::Mutex<admission::Admission>,
-    quic_port: u16,
+    /// The data-plane threads, each with its QUIC endpoint; cameras are seated on them.
+    shards: shard::Shards,
     cert_sha256: [u8; 32],
     /// Every task the relay spawns, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -64,7 +66,6 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub struct Relay {
     listener: TcpListener,
-    endpoint: quinn::Endpoint,
     /// The shared RTSP port (`/<agent-id>/…`), if configured.
     shared_listener: Option<TcpListener>,
     /// TLS of the control listener; `None` serves plain `ws://`.
@@ -96,12 +97,11 @@ impl Relay {
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (TCP, control link)", config.listen))?;
-        let endpoint = quinn::Endpoint::server(
-            tls::quic_server_config(&identity, client_ca.as_ref())?,
+        let shards = shard::Shards::start(
+            config.data_shards,
             config.quic_listen,
-        )
-        .with_context(|| format!("cannot listen on {} (UDP, QUIC)", config.quic_listen))?;
-        let quic_port = endpoint.local_addr()?.port();
+            tls::quic_server_config(&identity, client_ca.as_ref())?,
+        )?;
         let shared_listener = match config.shared_listen {
             Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
                 format!("cannot listen on {addr} (TCP, shared RTSP port, shared_listen)")
@@ -122,15 +122,16 @@ impl Relay {
                 );
             }
         }
+        let quic_ports: Vec<u16> = shards.all().iter().map(|s| s.port).collect();
         tracing::info!(
             cert_sha256 = %hex(&cert_sha256),
             control = if control_tls.is_some() { "wss" } else { "ws" },
             client_certificates = client_ca.is_some(),
+            ?quic_ports,
             "relay ready: {config}"
         );
         Ok(Relay {
             listener,
-            endpoint,
             shared_listener,
             control_tls,
             shared: Arc::new(Shared {
@@ -148,7 +149,7 @@ impl Relay {
                 )),
                 limits: config.limits,
                 api: config.api,
-                quic_port,
+                shards,
                 cert_sha256,
                 tracker: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -164,11 +165,12 @@ impl Relay {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Address of the QUIC endpoint (UDP).
+    /// Address of the first shard's QUIC endpoint (UDP): the configured QUIC port.
     pub fn quic_addr(&self) -> SocketAddr {
-        self.endpoint
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.shared
+            .shards
+            .first_addr()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// Address of the shared RTSP port, if there is one.
@@ -188,19 +190,20 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Relay {
             listener,
-            endpoint,
             shared_listener,
             control_tls,
             shared,
         } = self;
         let root = shared.shutdown.clone();
-        shared.tracker.spawn(data::serve(
-            endpoint.clone(),
-            shared.registry.clone(),
-            shared.limits.clone(),
-            root.clone(),
-            shared.tracker.clone(),
-        ));
+        for shard in shared.shards.all() {
+            shard.handle.spawn(shared.tracker.track_future(data::serve(
+                shard.endpoint.clone(),
+                shared.registry.clone(),
+                shared.limits.clone(),
+                root.clone(),
+                shared.tracker.clone(),
+            )));
+        }
         if let Some(listener) = shared_listener {
             shared.tracker.spawn(forward::serve_shared(
                 listener,
@@ -229,8 +232,7 @@ impl Relay {
         {
             tracing::warn!("some sessions did not end within {SHUTDOWN_GRACE:?}");
         }
-        endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+        shared.shards.shutdown(SHUTDOWN_GRACE).await;
         Ok(())
     }
 }

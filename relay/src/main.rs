@@ -32,6 +32,10 @@ struct Cli {
     /// First camera port on 127.0.0.1; cameras get ports from here up (100 of them).
     #[arg(long, default_value_t = config::DEFAULT_CAMERA_PORT, conflicts_with = "config")]
     tunnel_port: u16,
+    /// Data-plane threads, each with a QUIC endpoint on --port and the ports after it
+    /// (open them for UDP): a number, or `auto` for one per core.
+    #[arg(long, default_value = "1", value_parser = parse_shards, conflicts_with = "config")]
+    data_shards: usize,
     /// Also serve every camera on this one port, as rtsp://127.0.0.1:PORT/<agent-id>/…
     #[arg(long, conflicts_with = "config")]
     shared_port: Option<u16>,
@@ -118,11 +122,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
          use --config with per-agent credentials and [tls] for anything beyond a trial \
          (docs/security.md)"
     );
-    let config = RelayConfig::quick(
+    let mut config = RelayConfig::quick(
         SocketAddr::new(cli.bind, cli.port),
         cli.tunnel_port,
         Secret::new(token.clone()),
     )?;
+    config.data_shards = cli.data_shards;
     let mut config = match cli.shared_port {
         Some(port) => config.with_shared_port(port)?,
         None => config,
@@ -136,6 +141,23 @@ fn load_config(cli: &Cli) -> anyhow::Result<RelayConfig> {
         public_metrics: cli.public_metrics,
     };
     Ok(config)
+}
+
+/// `--data-shards`: 1 to [`config::MAX_DATA_SHARDS`], or `auto`.
+fn parse_shards(text: &str) -> Result<usize, String> {
+    match text {
+        "auto" => Ok(config::cores()),
+        _ => text
+            .parse()
+            .ok()
+            .filter(|n| (1..=config::MAX_DATA_SHARDS).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "a number from 1 to {}, or auto (one per core)",
+                    config::MAX_DATA_SHARDS
+                )
+            }),
+    }
 }
 
 async fn run(config: RelayConfig) -> anyhow::Result<()> {

@@ -35,6 +35,7 @@ use crate::{
     config::{AgentAuth, Limits, Token},
     metrics::{CameraMetrics, Metrics},
     ports::PortPolicy,
+    shard::{Seat, Shard},
     MediaStats,
 };
 
@@ -208,6 +209,9 @@ pub struct AgentSession {
     /// Media health of the camera's last finished Watcher session; a watch so that the
     /// API (and tests) can follow it.
     media: watch::Sender<Option<MediaStats>>,
+    /// The data-plane shard the camera's work runs on, set once at registration; the
+    /// shard counts the camera until the session is gone.
+    seat: OnceLock<Seat>,
 }
 
 impl Registry {
@@ -322,6 +326,7 @@ impl Registry {
             heartbeat: Mutex::new(None),
             listener: Mutex::new(None),
             media: watch::Sender::new(None),
+            seat: OnceLock::new(),
         });
         self.lock_sessions()
             .insert(session.id.clone(), session.clone());
@@ -614,6 +619,21 @@ impl AgentSession {
     }
 
     /// Keeps the camera listener's task, so a takeover can wait for the port.
+    /// Seats the camera on a data-plane shard (once; a second seat is dropped).
+    pub(crate) fn seat(&self, seat: Seat) -> &Arc<Shard> {
+        self.seat.get_or_init(|| seat).shard()
+    }
+
+    /// The data-plane shard the camera's work runs on, once seated.
+    pub(crate) fn shard(&self) -> Option<&Arc<Shard>> {
+        self.seat.get().map(Seat::shard)
+    }
+
+    /// Which data-plane shard (0, 1, …) the camera's work runs on, once seated.
+    pub fn data_shard(&self) -> Option<usize> {
+        self.shard().map(|shard| shard.index)
+    }
+
     pub fn set_listener(&self, task: JoinHandle<()>) {
         *lock(&self.listener) = Some(task);
     }
