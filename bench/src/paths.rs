@@ -162,6 +162,8 @@ pub async fn start(
             relay
                 .args(["--bind", relay_ip, "--port", &control.to_string()])
                 .args(["--tunnel-port", &first_camera.to_string()])
+                // One data-plane shard per core, as a relay carrying many cameras runs.
+                .args(["--data-shards", "auto"])
                 .env("RELAY_TOKEN", TOKEN)
                 .env("RELAY_LOG", "warn,relay=info");
             let mut relay = Child::spawn("relay", relay)?;

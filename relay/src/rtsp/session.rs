@@ -23,7 +23,7 @@ use common::{
 };
 use prometheus::IntCounter;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{tcp::OwnedWriteHalf, TcpStream},
     sync::mpsc,
 };
@@ -202,7 +202,7 @@ where
     R: AsyncRead + Unpin,
 {
     let mut buf = vec![0; BUFFER];
-    let mut out = Vec::with_capacity(BUFFER);
+    let mut out = Out::default();
     let mut scanner = Scanner::new();
     let mut total = 0;
     loop {
@@ -216,11 +216,11 @@ where
         }
         total += n as u64;
         tally.add(n);
-        out.clear();
-        for event in scanner.feed(&buf[..n]) {
+        let read = &buf[..n];
+        for event in scanner.feed(read) {
             match event {
-                Event::Pass(bytes) => out.extend_from_slice(bytes),
-                Event::NotRtsp(bytes) => out.extend_from_slice(&bytes),
+                Event::Pass(bytes) => out.pass(read, bytes),
+                Event::NotRtsp(bytes) => out.own(bytes),
                 Event::End | Event::Frame { .. } => {}
                 Event::Head(head) => {
                     if head.starts_with(b"PLAY ") {
@@ -239,8 +239,8 @@ where
                         }
                     }
                     match on_request(&head, naming.prefix) {
-                        Decision::Forward => out.extend_from_slice(&head),
-                        Decision::Rewrite(rewritten) => out.extend_from_slice(&rewritten),
+                        Decision::Forward => out.own(head),
+                        Decision::Rewrite(rewritten) => out.own(rewritten),
                         Decision::Answer(response) => {
                             log_answer(&response);
                             // The downstream half only goes away with the connection.
@@ -250,7 +250,7 @@ where
                 }
             }
         }
-        camera.write_all(&out).await?;
+        out.write(read, camera).await?;
     }
 }
 
@@ -379,7 +379,7 @@ where
     let mut last_packet: Option<Instant> = None;
     let mut stalled = false;
     let mut buf = vec![0; BUFFER];
-    let mut out = Vec::with_capacity(BUFFER);
+    let mut out = Out::default();
     let mut scanner = Scanner::new();
     // The interleaved packet being passed: its channel, length and first bytes, which
     // are all the media meter reads.
@@ -389,7 +389,8 @@ where
     let mut answers_open = true;
     let mut total = 0;
     loop {
-        out.clear();
+        // How much of `buf` this turn read: what `out`'s stretches are in.
+        let mut read_len = 0;
         let mut ended = false;
         tokio::select! {
             _ = &mut stall_timer, if last_packet.is_some() && !stalled => {
@@ -409,25 +410,27 @@ where
             }
             // Idle between messages: an answer can go out at once.
             answer = answers.recv(), if answers_open && scanner.at_boundary() => match answer {
-                Some(answer) => out.extend_from_slice(&answer),
+                Some(answer) => out.own(answer),
                 None => answers_open = false,
             },
             read = camera.read(&mut buf) => {
                 let n = read?;
+                read_len = n;
                 if n == 0 {
                     ended = true;
                     if let Some((head, body)) = held.take() {
-                        out.extend_from_slice(&head);
-                        out.extend_from_slice(&body);
+                        out.own(head);
+                        out.own(body);
                     }
                     if let Some(partial) = scanner.finish() {
-                        out.extend_from_slice(&partial);
+                        out.own(partial);
                     }
                     while let Ok(answer) = answers.try_recv() {
-                        out.extend_from_slice(&answer);
+                        out.own(answer);
                     }
                 }
-                for event in scanner.feed(&buf[..n]) {
+                let read = &buf[..n];
+                for event in scanner.feed(read) {
                     match (event, &mut held) {
                         (Event::Pass(bytes), Some((_, body))) => body.extend_from_slice(bytes),
                         (Event::Pass(bytes), None) => {
@@ -435,14 +438,14 @@ where
                                 let room = PEEK.saturating_sub(peek.len());
                                 peek.extend_from_slice(&bytes[..room.min(bytes.len())]);
                             }
-                            out.extend_from_slice(bytes);
+                            out.pass(read, bytes);
                         }
-                        (Event::NotRtsp(bytes), _) => out.extend_from_slice(&bytes),
+                        (Event::NotRtsp(bytes), _) => out.own(bytes),
                         (Event::Frame { channel, len }, _) => packet = Some((channel, len, Vec::with_capacity(PEEK))),
                         (Event::Head(head), _) if has_sdp_body(&head) => held = Some((head, Vec::new())),
                         (Event::Head(head), _) => match naming.view() {
-                            Some(view) => out.extend_from_slice(&rewrite_response(&head, &[], view).0),
-                            None => out.extend_from_slice(&head),
+                            Some(view) => out.own(rewrite_response(&head, &[], view).0),
+                            None => out.own(head),
                         },
                         (Event::End, _) => {
                             if let Some((channel, len, peek)) = packet.take() {
@@ -466,28 +469,142 @@ where
                                     Some(view) => rewrite_response(&head, &body, view),
                                     None => (head, body),
                                 };
-                                out.extend_from_slice(&head);
-                                out.extend_from_slice(&body);
+                                out.own(head);
+                                out.own(body);
                             }
                             while let Ok(answer) = answers.try_recv() {
-                                out.extend_from_slice(&answer);
+                                out.own(answer);
                             }
                         }
                     }
                 }
             }
         }
-        if !out.is_empty() {
+        let len = out.len();
+        if len > 0 {
             if total == 0 {
                 media.first_byte();
             }
-            watcher.write_all(&out).await?;
-            total += out.len() as u64;
-            tally.add(out.len());
+            out.write(&buf[..read_len], watcher).await?;
+            total += len as u64;
+            tally.add(len);
         }
         if ended {
             watcher.shutdown().await?;
             return Ok(total);
         }
+    }
+}
+
+/// What one read becomes, in order: stretches of the read buffer passed on as they are
+/// (media, bodies, a stream that is not RTSP) and bytes of the relay's own (heads,
+/// renamed or not, and its answers) between them. Written with vectored writes, so the
+/// passed bytes are never copied: a read of pure media is one stretch and one write.
+#[derive(Debug, Default)]
+struct Out {
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug)]
+enum Segment {
+    /// A stretch of the read buffer.
+    Read(std::ops::Range<usize>),
+    /// Bytes of the relay's own.
+    Own(Vec<u8>),
+}
+
+impl Out {
+    /// Passes `part` of `read` (the scanner's passes borrow the bytes it was fed).
+    fn pass(&mut self, read: &[u8], part: &[u8]) {
+        if part.is_empty() {
+            return;
+        }
+        let start = (part.as_ptr() as usize).wrapping_sub(read.as_ptr() as usize);
+        debug_assert!(start + part.len() <= read.len(), "not a part of the read");
+        let range = start..start + part.len();
+        match self.segments.last_mut() {
+            // A frame's header and its payload, or back-to-back frames: one stretch.
+            Some(Segment::Read(last)) if last.end == range.start => last.end = range.end,
+            _ => self.segments.push(Segment::Read(range)),
+        }
+    }
+
+    /// Adds bytes of the relay's own.
+    fn own(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.segments.push(Segment::Own(bytes));
+        }
+    }
+
+    /// How many bytes are to be written.
+    fn len(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Read(range) => range.len(),
+                Segment::Own(bytes) => bytes.len(),
+            })
+            .sum()
+    }
+
+    /// Writes everything, in order, with `read` the buffer the stretches are in; then
+    /// starts empty again.
+    async fn write<W: AsyncWrite + Unpin>(&mut self, read: &[u8], to: &mut W) -> io::Result<()> {
+        let mut slices: Vec<io::IoSlice<'_>> = self
+            .segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Read(range) => io::IoSlice::new(&read[range.clone()]),
+                Segment::Own(bytes) => io::IoSlice::new(bytes),
+            })
+            .collect();
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            let n = to.write_vectored(left).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut left, n);
+        }
+        drop(slices);
+        self.segments.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn out_passes_stretches_of_the_read_uncopied_between_bytes_of_its_own() {
+        let read = b"$\x00\x00\x03abc$\x01\x00\x02deRTSP/1.0 200 OK\r\n\r\n";
+        let mut out = Out::default();
+        // A frame header and its payload, and the next frame: one stretch.
+        out.pass(read, &read[..4]);
+        out.pass(read, &read[4..7]);
+        out.pass(read, &read[7..13]);
+        out.own(b"renamed head".to_vec());
+        out.pass(read, &read[13..13]); // nothing
+        out.own(Vec::new()); // nothing
+        out.pass(read, &read[13..17]);
+        assert_eq!(out.segments.len(), 3, "{:?}", out.segments);
+        assert!(matches!(&out.segments[0], Segment::Read(r) if *r == (0..13)));
+        assert_eq!(out.len(), 13 + 12 + 4);
+
+        // A peer that takes a few bytes at a time still gets everything in order.
+        let (mut tx, mut rx) = tokio::io::duplex(5);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        out.write(read, &mut tx).await.unwrap();
+        assert!(out.segments.is_empty());
+        drop(tx);
+        let got = reader.await.unwrap();
+        assert_eq!(got, [&read[..13], b"renamed head", &read[13..17]].concat());
     }
 }
