@@ -120,7 +120,7 @@ async fn a_nat_rebinding_mid_stream_migrates_and_the_watcher_keeps_decoding() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_cross_two_rebindings_exactly() {
-    let rig = NatRig::start(&[&[]]).await.unwrap();
+    let mut rig = NatRig::start(&[&[]]).await.unwrap();
     let tool = bin("e2e-bytes").unwrap();
 
     // An echo server on the camera, behind an agent of its own.
@@ -135,6 +135,15 @@ async fn bytes_cross_two_rebindings_exactly() {
     let _agent = AgentProcess::start_in(&camera, "echo-agent", &config)
         .await
         .unwrap();
+    // The lab's relay runs two data-plane shards and cam-1 holds the first: this
+    // camera's tunnel is on the second shard, its own thread and QUIC port.
+    let registered = rig
+        .relay
+        .process
+        .wait_for_line(&format!("id=\"{id}\"}}: relay::control: agent registered"))
+        .await
+        .unwrap();
+    assert!(registered.contains("shard=1"), "{registered}");
 
     // 24 MiB each way over about 12 s, the camera's NAT rebound twice meanwhile.
     let mut send = rig.watchers().command(&tool);
