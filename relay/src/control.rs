@@ -218,27 +218,16 @@ async fn serve(
             return refuse_counted(&shared, &mut socket, rejection).await;
         }
     };
-    // The camera's Watchers are served on its data-plane shard, beside its tunnel.
     let shard = session.seat(shared.shards.seat());
-    let listener_task = match listener.into_std() {
-        Ok(listener) => {
-            let serve = {
-                let (session, registry) = (session.clone(), shared.registry.clone());
-                let (limits, tracker) = (limits.clone(), shared.tracker.clone());
-                async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            forward::serve_camera(listener, session, registry, limits, tracker)
-                                .await
-                        }
-                        Err(e) => tracing::error!("cannot serve the camera's port: {e}"),
-                    }
-                }
-            };
-            shard
-                .handle
-                .spawn(shared.tracker.track_future(serve.in_current_span()))
-        }
+    let listener_task = match forward::open_camera_port(
+        shard,
+        listener,
+        session.clone(),
+        shared.registry.clone(),
+        limits.clone(),
+        shared.tracker.clone(),
+    ) {
+        Ok(task) => task,
         Err(e) => {
             tracing::error!("cannot hand the camera's port to its data-plane thread: {e}");
             shared.registry.remove(&session).await;

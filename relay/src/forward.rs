@@ -29,6 +29,7 @@ use crate::{
     config::Limits,
     registry::AgentSession,
     rtsp::{self, Watcher},
+    shard::Shard,
     MediaStats, Registry,
 };
 
@@ -39,8 +40,32 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// hang up before the relay closes the connection itself.
 const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
+/// Serves the camera's own port on its data-plane shard, beside its tunnel, until the
+/// session ends; the task's handle lets a takeover wait for the port to be free.
+pub(crate) fn open_camera_port(
+    shard: &Shard,
+    listener: TcpListener,
+    session: Arc<AgentSession>,
+    registry: Arc<Registry>,
+    limits: Limits,
+    tracker: TaskTracker,
+) -> io::Result<tokio::task::JoinHandle<()>> {
+    // Bound on the main runtime; re-registered with the shard's, where it is served.
+    let listener = listener.into_std()?;
+    let track = tracker.clone();
+    let serve = async move {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => serve_camera(listener, session, registry, limits, tracker).await,
+            Err(e) => tracing::error!("cannot serve the camera's port: {e}"),
+        }
+    };
+    Ok(shard
+        .handle
+        .spawn(track.track_future(serve.in_current_span())))
+}
+
 /// Accepts Watchers on a camera's own port until the session ends.
-pub(crate) async fn serve_camera(
+async fn serve_camera(
     listener: TcpListener,
     session: Arc<AgentSession>,
     registry: Arc<Registry>,
