@@ -18,7 +18,7 @@ use std::{
 };
 
 use common::{
-    protocol::{check_agent_id, FALLBACK_PATH_SUFFIX},
+    protocol::{check_agent_id, sha256_from_hex, FALLBACK_PATH_SUFFIX},
     tls::{self, Identity, RelayTrust},
     OneOrMany, Secret,
 };
@@ -941,20 +941,11 @@ fn security(
 /// A SHA-256 fingerprint as `certs fingerprint` prints it (64 hex digits; colons and
 /// upper case are accepted too).
 fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
-    let digits: String = text.chars().filter(|c| *c != ':').collect();
-    let bytes: Option<Vec<u8>> = (0..digits.len())
-        .step_by(2)
-        .map(|i| {
-            digits
-                .get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect();
-    bytes
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| {
-            format!("{text:?} is not a SHA-256 fingerprint (64 hex digits, as `certs fingerprint` prints)")
-        })
+    sha256_from_hex(text).ok_or_else(|| {
+        format!(
+            "{text:?} is not a SHA-256 fingerprint (64 hex digits, as `certs fingerprint` prints)"
+        )
+    })
 }
 
 /// Replaces `//` and `/* */` comments outside strings with spaces, keeping newlines,

@@ -99,7 +99,8 @@ pub async fn camera_side(
     index: u32,
     target: SocketAddr,
 ) -> anyhow::Result<()> {
-    let pin = parse_sha256(sha256)?;
+    let pin = common::protocol::sha256_from_hex(sha256)
+        .with_context(|| format!("not a SHA-256: {sha256}"))?;
     let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
     endpoint.set_default_client_config(tls::quic_client_config(
         pin,
@@ -124,16 +125,4 @@ pub async fn camera_side(
             anyhow::Ok(())
         });
     }
-}
-
-fn parse_sha256(hex: &str) -> anyhow::Result<[u8; 32]> {
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        })
-        .collect::<Option<Vec<u8>>>()
-        .context("not hex")?;
-    <[u8; 32]>::try_from(bytes).map_err(|_| anyhow::anyhow!("not a SHA-256: {hex}"))
 }

@@ -613,10 +613,7 @@ async fn one_path(
             ("down_mbit_s".into(), down.bits_per_sec / 1e6),
             ("up_mbit_s".into(), up.bits_per_sec / 1e6),
         ]);
-        if kind != PathKind::Direct {
-            figures.insert("relay_cpu_s_per_gb".into(), relay.cpu_seconds / gb);
-            figures.insert("agent_cpu_s_per_gb".into(), agent.cpu_seconds / gb);
-        }
+        cpu_per_gb(kind, &mut figures, [relay, agent], gb);
         Ok(figures)
     }
     .await;
@@ -670,11 +667,21 @@ async fn bulk(
     let slowest = results.iter().map(|r| r.seconds).fold(0.0, f64::max);
     let gb = moved as f64 / 1e9;
     let mut figures = BTreeMap::from([("down_mbit_s".into(), moved as f64 * 8.0 / slowest / 1e6)]);
+    cpu_per_gb(kind, &mut figures, [relay, agent], gb);
+    Ok(figures)
+}
+
+/// The relay's and the agents' CPU seconds per GB moved (direct TCP has no tunnel).
+fn cpu_per_gb(
+    kind: PathKind,
+    figures: &mut BTreeMap<String, f64>,
+    [relay, agent]: [Usage; 2],
+    gb: f64,
+) {
     if kind != PathKind::Direct {
         figures.insert("relay_cpu_s_per_gb".into(), relay.cpu_seconds / gb);
         figures.insert("agent_cpu_s_per_gb".into(), agent.cpu_seconds / gb);
     }
-    Ok(figures)
 }
 
 async fn paced(

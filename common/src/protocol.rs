@@ -543,6 +543,21 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A SHA-256 written as [`hex`] writes it (or as `certs fingerprint` prints it: colons
+/// and upper case are accepted too); `None` if it is not 32 bytes of hex.
+pub fn sha256_from_hex(text: &str) -> Option<[u8; 32]> {
+    let digits: String = text.chars().filter(|c| *c != ':').collect();
+    let bytes: Option<Vec<u8>> = (0..digits.len())
+        .step_by(2)
+        .map(|i| {
+            digits
+                .get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect();
+    bytes.and_then(|b| <[u8; 32]>::try_from(b).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,7 +236,7 @@ async fn serve(
     };
     session.set_listener(listener_task);
 
-    let end = match send(&mut socket, &registered(&shared, &session)).await {
+    let end = match send(&mut socket, &registered(&shared, &session, shard.port)).await {
         Ok(()) => {
             log_registered(&register, &session);
             run_session(
@@ -261,14 +261,11 @@ async fn serve(
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
 }
 
-fn registered(shared: &Shared, session: &AgentSession) -> RelayMessage {
+/// The answer to a registration; `quic_port` is the camera's data-plane shard's.
+fn registered(shared: &Shared, session: &AgentSession, quic_port: u16) -> RelayMessage {
     RelayMessage::Registered(Registered {
         session_key: session.session_key(),
-        // Seated at admission; the first shard's port otherwise.
-        quic_port: session
-            .shard()
-            .or_else(|| shared.shards.all().first())
-            .map_or(0, |shard| shard.port),
+        quic_port,
         cert_sha256: shared.cert_sha256,
         granted: vec![GrantedService {
             name: SERVICE_RTSP.into(),

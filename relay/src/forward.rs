@@ -263,19 +263,12 @@ async fn carry_on_shard(
     let Some(shard) = session.shard().cloned() else {
         return carry(watcher, connection_id, &session, &registry, &limits).await;
     };
-    let Watcher {
-        tcp,
-        preread,
-        prefix,
-        started,
-    } = watcher;
-    let tcp = tcp.into_std()?;
+    // Detached from the main runtime here, attached to the shard's there.
+    let tcp = watcher.tcp.into_std()?;
     let carried = async move {
         let watcher = Watcher {
             tcp: TcpStream::from_std(tcp)?,
-            preread,
-            prefix,
-            started,
+            ..watcher
         };
         carry(watcher, connection_id, &session, &registry, &limits).await
     };
