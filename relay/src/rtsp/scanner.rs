@@ -49,6 +49,25 @@ pub(crate) struct Scanner {
     /// True until the first byte was seen: a stream that does not start like RTSP is
     /// passed through raw from then on.
     at_start: bool,
+    /// Events found but not yet handed out (those that follow a `Pass` or a `Head` at
+    /// the same place), oldest first.
+    queued: [Option<Event<'static>>; 2],
+}
+
+/// The events in one read, in order, found as they are taken (no list is built).
+#[derive(Debug)]
+#[must_use = "the bytes are scanned only as the events are taken"]
+pub(crate) struct Events<'s, 'a> {
+    scanner: &'s mut Scanner,
+    input: &'a [u8],
+}
+
+impl<'a> Iterator for Events<'_, 'a> {
+    type Item = Event<'a>;
+
+    fn next(&mut self) -> Option<Event<'a>> {
+        self.scanner.next_event(&mut self.input)
+    }
 }
 
 impl Scanner {
@@ -56,6 +75,7 @@ impl Scanner {
         Scanner {
             state: State::Boundary,
             at_start: true,
+            queued: [None, None],
         }
     }
 
@@ -79,15 +99,30 @@ impl Scanner {
         }
     }
 
-    /// Feeds the next bytes of the stream; returns what they contain, in order.
-    pub(crate) fn feed<'a>(&mut self, mut input: &'a [u8]) -> Vec<Event<'a>> {
-        let mut events = Vec::new();
+    /// Feeds the next bytes of the stream: what they contain, in order. Every event
+    /// must be taken, or the rest of `input` is not scanned.
+    pub(crate) fn feed<'s, 'a>(&'s mut self, input: &'a [u8]) -> Events<'s, 'a> {
+        Events {
+            scanner: self,
+            input,
+        }
+    }
+
+    /// Queues `event` to be handed out after the one at hand.
+    fn then(&mut self, event: Event<'static>) {
+        let free = self.queued.iter_mut().find(|slot| slot.is_none());
+        *free.expect("at most two events follow one") = Some(event);
+    }
+
+    /// The next event in `input`, which loses the bytes the event covers.
+    fn next_event<'a>(&mut self, input: &mut &'a [u8]) -> Option<Event<'a>> {
+        if let Some(event) = self.queued[0].take() {
+            self.queued.swap(0, 1);
+            return Some(event);
+        }
         while !input.is_empty() {
             match &mut self.state {
-                State::Raw => {
-                    events.push(Event::Pass(input));
-                    input = &[];
-                }
+                State::Raw => return Some(Event::Pass(std::mem::take(input))),
                 State::Boundary => {
                     let first = input[0];
                     let starts_rtsp = first == b'$' || first.is_ascii_uppercase();
@@ -104,31 +139,33 @@ impl Scanner {
                 State::FrameHeader(header) => {
                     let take = (4 - header.len()).min(input.len());
                     header.extend_from_slice(&input[..take]);
-                    events.push(Event::Pass(&input[..take]));
-                    input = &input[take..];
-                    if header.len() == 4 {
-                        let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
-                        events.push(Event::Frame {
-                            channel: header[1],
-                            len,
-                        });
-                        self.state = if len == 0 {
-                            events.push(Event::End);
-                            State::Boundary
-                        } else {
-                            State::Payload(len)
-                        };
+                    let (passed, rest) = input.split_at(take);
+                    *input = rest;
+                    if header.len() < 4 {
+                        return Some(Event::Pass(passed));
                     }
+                    let (channel, len) = (header[1], u16::from_be_bytes([header[2], header[3]]));
+                    let len = usize::from(len);
+                    self.then(Event::Frame { channel, len });
+                    if len == 0 {
+                        self.state = State::Boundary;
+                        self.then(Event::End);
+                    } else {
+                        self.state = State::Payload(len);
+                    }
+                    return Some(Event::Pass(passed));
                 }
                 State::Payload(remaining) => {
                     let take = (*remaining).min(input.len());
-                    events.push(Event::Pass(&input[..take]));
-                    input = &input[take..];
+                    let (passed, rest) = input.split_at(take);
+                    *input = rest;
                     *remaining -= take;
-                    if *remaining == 0 {
-                        self.state = State::Boundary;
-                        events.push(Event::End);
+                    if *remaining > 0 {
+                        return Some(Event::Pass(passed));
                     }
+                    self.state = State::Boundary;
+                    self.then(Event::End);
+                    return Some(Event::Pass(passed));
                 }
                 State::Head(head) => {
                     // Look for the blank line, starting a little before the new bytes in
@@ -142,22 +179,22 @@ impl Scanner {
                             let consumed = input.len() - rest_len;
                             head.truncate(end);
                             let head = std::mem::take(head);
-                            input = &input[consumed..];
-                            match content_length(&head) {
+                            *input = &input[consumed..];
+                            return match content_length(&head) {
                                 Some(0) => {
                                     self.state = State::Boundary;
-                                    events.push(Event::Head(head));
-                                    events.push(Event::End);
+                                    self.then(Event::End);
+                                    Some(Event::Head(head))
                                 }
                                 Some(len) => {
                                     self.state = State::Payload(len);
-                                    events.push(Event::Head(head));
+                                    Some(Event::Head(head))
                                 }
                                 None => {
                                     self.state = State::Raw;
-                                    events.push(Event::NotRtsp(head));
+                                    Some(Event::NotRtsp(head))
                                 }
-                            }
+                            };
                         }
                         None if head.len() > MAX_HEAD
                             || !looks_like_head(head)
@@ -165,15 +202,15 @@ impl Scanner {
                         {
                             let head = std::mem::take(head);
                             self.state = State::Raw;
-                            events.push(Event::NotRtsp(head));
-                            input = &[];
+                            *input = &[];
+                            return Some(Event::NotRtsp(head));
                         }
-                        None => input = &[],
+                        None => *input = &[],
                     }
                 }
             }
         }
-        events
+        None
     }
 }
 
@@ -269,17 +306,40 @@ mod tests {
     }
 
     #[test]
+    fn events_come_in_stream_order() {
+        let mut s = Scanner::new();
+        let stream = [REPLY, b"$\x01\x00\x02ab$\x00\x00\x00"].concat();
+        let events: Vec<_> = s.feed(&stream).collect();
+        let head_len = REPLY.len() - 5;
+        assert_eq!(
+            events,
+            [
+                Event::Head(REPLY[..head_len].to_vec()),
+                Event::Pass(b"v=0\r\n"),
+                Event::End,
+                Event::Pass(b"$\x01\x00\x02"),
+                Event::Frame { channel: 1, len: 2 },
+                Event::Pass(b"ab"),
+                Event::End,
+                Event::Pass(b"$\x00\x00\x00"),
+                Event::Frame { channel: 0, len: 0 },
+                Event::End,
+            ]
+        );
+    }
+
+    #[test]
     fn boundaries_are_only_between_messages() {
         let mut s = Scanner::new();
-        s.feed(&REPLY[..20]);
+        s.feed(&REPLY[..20]).for_each(drop);
         assert!(!s.at_boundary());
-        s.feed(&REPLY[20..REPLY.len() - 1]);
+        s.feed(&REPLY[20..REPLY.len() - 1]).for_each(drop);
         assert!(!s.at_boundary(), "inside the body");
-        s.feed(&REPLY[REPLY.len() - 1..]);
+        s.feed(&REPLY[REPLY.len() - 1..]).for_each(drop);
         assert!(s.at_boundary());
-        s.feed(&[b'$', 0, 0, 2, 1]);
+        s.feed(&[b'$', 0, 0, 2, 1]).for_each(drop);
         assert!(!s.at_boundary(), "inside a frame");
-        s.feed(&[2]);
+        s.feed(&[2]).for_each(drop);
         assert!(s.at_boundary());
     }
 
@@ -300,7 +360,7 @@ mod tests {
     #[test]
     fn a_line_protocol_is_not_held_waiting_for_a_blank_line() {
         let mut s = Scanner::new();
-        let events = s.feed(b"PING\r\n");
+        let events: Vec<_> = s.feed(b"PING\r\n").collect();
         assert_eq!(events, [Event::NotRtsp(b"PING\r\n".to_vec())]);
         assert!(s.is_raw());
     }
@@ -308,7 +368,7 @@ mod tests {
     #[test]
     fn a_partial_head_is_delivered_at_the_end_of_the_stream() {
         let mut s = Scanner::new();
-        assert!(s.feed(b"OPTIONS * RTS").is_empty());
+        assert_eq!(s.feed(b"OPTIONS * RTS").next(), None);
         assert_eq!(s.finish(), Some(b"OPTIONS * RTS".to_vec()));
         assert_eq!(Scanner::new().finish(), None);
     }

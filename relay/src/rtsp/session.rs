@@ -3,29 +3,31 @@
 //! [`super::message`]); answers of the relay's own go back to the Watcher between the
 //! camera's messages; every other byte passes through as it arrives.
 //!
-//! Same contract as `common::splice::splice`: each direction runs to its own end
-//! (half-close: Watcher FIN → stream finish, stream finish → Watcher FIN); if either
-//! fails, the QUIC stream and the Watcher's TCP connection are both reset.
+//! The bytes move on the product's one splice (`common::splice`), with its contract
+//! (half-close, reset on error, counters); each direction here is a layer on it:
+//! [`Requests`] one way, [`Responses`] the other.
 
 use std::{
+    future::Future,
     io,
-    pin::pin,
+    pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         OnceLock,
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use common::{
-    splice::{reset_tcp, ByteCounters, Transfer},
+    splice::{splice_with, ByteCounters, Layer, Meter, Out, Tcp, Transfer},
     stream::SendHalf,
 };
-use prometheus::IntCounter;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{tcp::OwnedWriteHalf, TcpStream},
-    sync::mpsc,
+    io::{AsyncRead, AsyncReadExt},
+    net::TcpStream,
+    sync::mpsc::{self, error::TrySendError},
+    time::Sleep,
 };
 
 use crate::metrics::CameraMetrics;
@@ -39,15 +41,17 @@ use super::{
     scanner::{Event, Scanner},
 };
 
-/// Read buffer of each direction, as in the plain splice.
-const BUFFER: usize = 64 * 1024;
-
 /// Responses of the relay's own waiting for a boundary in the camera's stream. A client
-/// waits for each answer before it asks again, so a handful is plenty.
+/// waits for each answer before it asks again, so a handful is plenty; a Watcher that
+/// has more outstanding is not reading, and its connection is reset.
 const PENDING_ANSWERS: usize = 8;
 
 /// How often a session's media is added to the camera's metrics while it flows.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// A stall timer re-armed less than this early is left as it is: re-arming at every
+/// packet would cost a timer update each.
+const STALL_SLACK: Duration = Duration::from_millis(100);
 
 /// How a Watcher connection went: its bytes (or why it failed) and its media.
 #[derive(Debug)]
@@ -86,8 +90,8 @@ pub(crate) struct Watcher {
 /// Media that stops for `stall_after` while playing is a stall.
 pub(crate) async fn proxy<R>(
     watcher: Watcher,
-    mut camera_recv: R,
-    mut camera_send: SendHalf,
+    camera_recv: R,
+    camera_send: SendHalf,
     observed: Observed<'_>,
     stall_after: Duration,
 ) -> Outcome
@@ -100,8 +104,8 @@ where
         prefix,
         started,
     } = watcher;
-    let (watcher_rd, mut watcher_wr) = tcp.into_split();
-    let mut watcher_rd = io::Cursor::new(preread).chain(watcher_rd);
+    let (read, write) = tcp.into_split();
+    let read = io::Cursor::new(preread).chain(read);
     let (answers_tx, answers_rx) = mpsc::channel(PENDING_ANSWERS);
     let authority = OnceLock::new();
     let naming = Naming {
@@ -110,45 +114,42 @@ where
     };
     // False after the Watcher asked to PAUSE or TEARDOWN: silence is then expected.
     let playing = AtomicBool::new(true);
-    let Observed {
-        bytes: counters,
-        request,
-        metrics,
-    } = observed;
-    let mut media = Media::new(started, metrics);
-    let up = upstream(
-        &mut watcher_rd,
-        &mut camera_send,
-        answers_tx,
+    let requests = Requests {
+        scanner: Scanner::new(),
+        answers: answers_tx,
         naming,
-        &playing,
-        Tally(&counters.from_tcp, &metrics.to_camera),
-        request,
-    );
-    let watch = Stalls {
-        after: stall_after,
         playing: &playing,
+        first_request: observed.request,
     };
-    let down = downstream(
-        &mut camera_recv,
-        &mut watcher_wr,
-        answers_rx,
+    let mut responses = Responses {
+        scanner: Scanner::new(),
+        answers: Some(answers_rx),
         naming,
-        &mut media,
-        watch,
-        Tally(&counters.to_tcp, &metrics.to_watcher),
-    );
-    let result = match tokio::try_join!(up, down) {
-        Ok((from_tcp, to_tcp)) => Ok(Transfer { from_tcp, to_tcp }),
-        Err(e) => {
-            camera_send.reset();
-            reset_tcp(watcher_wr.as_ref());
-            Err(e)
-        }
+        media: Media::new(started, observed.metrics),
+        stalls: Stalls::new(stall_after, &playing),
+        packet: None,
+        held: None,
+        first_byte_sent: false,
     };
+    let tcp = Tcp { read, write };
+    let layers = (requests, &mut responses);
+    let result = splice_with(tcp, camera_recv, camera_send, layers, &observed).await;
     Outcome {
         result,
-        media: media.finish(),
+        media: responses.media.finish(),
+    }
+}
+
+/// The proxy's bytes count for the connection and for the camera's series.
+impl Meter for Observed<'_> {
+    fn on_tcp_read(&self, n: usize) {
+        self.bytes.on_tcp_read(n);
+        self.metrics.to_camera.inc_by(n as u64);
+    }
+
+    fn on_tcp_written(&self, n: usize) {
+        self.bytes.on_tcp_written(n);
+        self.metrics.to_watcher.inc_by(n as u64);
     }
 }
 
@@ -189,68 +190,75 @@ where
 
 /// Watcher → camera: requests are checked (and on the shared port lose the camera's
 /// `prefix`), everything else passes.
-async fn upstream<R>(
-    watcher: &mut R,
-    camera: &mut SendHalf,
+struct Requests<'a> {
+    scanner: Scanner,
+    /// Where the relay's own answers go, for the other direction to put between the
+    /// camera's messages.
     answers: mpsc::Sender<Vec<u8>>,
-    naming: Naming<'_>,
-    playing: &AtomicBool,
-    tally: Tally<'_>,
-    first_request: &OnceLock<(String, String)>,
-) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-{
-    let mut buf = vec![0; BUFFER];
-    let mut out = Out::default();
-    let mut scanner = Scanner::new();
-    let mut total = 0;
-    loop {
-        let n = watcher.read(&mut buf).await?;
-        if n == 0 {
-            if let Some(partial) = scanner.finish() {
-                camera.write_all(&partial).await?;
+    naming: Naming<'a>,
+    playing: &'a AtomicBool,
+    first_request: &'a OnceLock<(String, String)>,
+}
+
+impl Layer for Requests<'_> {
+    fn on_read(&mut self, read: &[u8], out: &mut Out) -> io::Result<()> {
+        for event in self.scanner.feed(read) {
+            let head = match event {
+                Event::Pass(bytes) => {
+                    out.pass(read, bytes);
+                    continue;
+                }
+                Event::NotRtsp(bytes) => {
+                    out.own(bytes);
+                    continue;
+                }
+                Event::End | Event::Frame { .. } => continue,
+                Event::Head(head) => head,
+            };
+            if head.starts_with(b"PLAY ") {
+                self.playing.store(true, Ordering::Relaxed);
+            } else if head.starts_with(b"PAUSE ") || head.starts_with(b"TEARDOWN ") {
+                self.playing.store(false, Ordering::Relaxed);
             }
-            camera.shutdown().await?;
-            return Ok(total);
-        }
-        total += n as u64;
-        tally.add(n);
-        let read = &buf[..n];
-        for event in scanner.feed(read) {
-            match event {
-                Event::Pass(bytes) => out.pass(read, bytes),
-                Event::NotRtsp(bytes) => out.own(bytes),
-                Event::End | Event::Frame { .. } => {}
-                Event::Head(head) => {
-                    if head.starts_with(b"PLAY ") {
-                        playing.store(true, Ordering::Relaxed);
-                    } else if head.starts_with(b"PAUSE ") || head.starts_with(b"TEARDOWN ") {
-                        playing.store(false, Ordering::Relaxed);
-                    }
-                    if first_request.get().is_none() {
-                        if let Some(line) = request_line(&head) {
-                            let _ = first_request.set(line);
-                        }
-                    }
-                    if naming.authority.get().is_none() {
-                        if let Some(found) = request_authority(&head) {
-                            let _ = naming.authority.set(found);
-                        }
-                    }
-                    match on_request(&head, naming.prefix) {
-                        Decision::Forward => out.own(head),
-                        Decision::Rewrite(rewritten) => out.own(rewritten),
-                        Decision::Answer(response) => {
-                            log_answer(&response);
-                            // The downstream half only goes away with the connection.
-                            let _ = answers.send(response).await;
+            if self.first_request.get().is_none() {
+                if let Some(line) = request_line(&head) {
+                    let _ = self.first_request.set(line);
+                }
+            }
+            if self.naming.authority.get().is_none() {
+                if let Some(found) = request_authority(&head) {
+                    let _ = self.naming.authority.set(found);
+                }
+            }
+            match on_request(&head, self.naming.prefix) {
+                Decision::Forward => out.own(head),
+                Decision::Rewrite(rewritten) => out.own(rewritten),
+                Decision::Answer(response) => {
+                    log_answer(&response);
+                    match self.answers.try_send(response) {
+                        // Closed: the other direction is over, and the connection with it.
+                        Ok(()) | Err(TrySendError::Closed(_)) => {}
+                        Err(TrySendError::Full(_)) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!(
+                                    "the Watcher sent more than {PENDING_ANSWERS} requests \
+                                     that the relay answers itself without reading the answers"
+                                ),
+                            ))
                         }
                     }
                 }
             }
         }
-        out.write(read, camera).await?;
+        Ok(())
+    }
+
+    fn on_end(&mut self, out: &mut Out) {
+        // A request cut short still reaches the camera, which decides what it means.
+        if let Some(partial) = self.scanner.finish() {
+            out.own(partial);
+        }
     }
 }
 
@@ -264,17 +272,6 @@ fn log_answer(response: &[u8]) {
         );
     } else {
         tracing::warn!("answered {status:?} in the camera's place");
-    }
-}
-
-/// Bytes of one direction, counted for the session and the camera's metrics.
-#[derive(Clone, Copy)]
-struct Tally<'a>(&'a AtomicU64, &'a IntCounter);
-
-impl Tally<'_> {
-    fn add(&self, n: usize) {
-        self.0.fetch_add(n as u64, Ordering::Relaxed);
-        self.1.inc_by(n as u64);
     }
 }
 
@@ -352,259 +349,200 @@ impl<'a> Naming<'a> {
     }
 }
 
-/// When media counts as stalled.
-struct Stalls<'a> {
-    /// Silence longer than this, while playing, is a stall.
-    after: Duration,
-    /// Set by the upstream half from the Watcher's requests.
-    playing: &'a AtomicBool,
+/// Camera → Watcher: renames the camera's URLs, passes everything else, puts the relay's
+/// answers in between the camera's messages (never inside one), and measures the media.
+struct Responses<'a> {
+    scanner: Scanner,
+    /// The relay's answers from the other direction; `None` once that half is gone.
+    answers: Option<mpsc::Receiver<Vec<u8>>>,
+    naming: Naming<'a>,
+    media: Media<'a>,
+    stalls: Stalls<'a>,
+    /// The interleaved packet being passed.
+    packet: Option<Packet>,
+    /// An SDP response held back until its body is complete, to rename URLs in both.
+    held: Option<(Vec<u8>, Vec<u8>)>,
+    /// True once the Watcher got its first byte: the session was set up.
+    first_byte_sent: bool,
 }
 
-/// Camera → Watcher: renames the camera's URLs, passes everything else, and puts the
-/// relay's answers in between the camera's messages, never inside one.
-async fn downstream<R>(
-    camera: &mut R,
-    watcher: &mut OwnedWriteHalf,
-    mut answers: mpsc::Receiver<Vec<u8>>,
-    naming: Naming<'_>,
-    media: &mut Media<'_>,
-    stalls: Stalls<'_>,
-    tally: Tally<'_>,
-) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-{
-    // Re-armed at every media packet; fires when the camera goes silent.
-    let mut stall_timer = pin!(tokio::time::sleep(stalls.after));
-    let mut last_packet: Option<Instant> = None;
-    let mut stalled = false;
-    let mut buf = vec![0; BUFFER];
-    let mut out = Out::default();
-    let mut scanner = Scanner::new();
-    // The interleaved packet being passed: its channel, length and first bytes, which
-    // are all the media meter reads.
-    let mut packet: Option<(u8, usize, Vec<u8>)> = None;
-    // An SDP response held back until its body is complete, to rename URLs in both.
-    let mut held: Option<(Vec<u8>, Vec<u8>)> = None;
-    let mut answers_open = true;
-    let mut total = 0;
-    loop {
-        // How much of `buf` this turn read: what `out`'s stretches are in.
-        let mut read_len = 0;
-        let mut ended = false;
-        tokio::select! {
-            _ = &mut stall_timer, if last_packet.is_some() && !stalled => {
-                // The timer is re-armed lazily and may fire a little early: measure.
-                let silent_since = last_packet.unwrap_or_else(Instant::now);
-                if silent_since.elapsed() < stalls.after {
-                    stall_timer.as_mut().reset((silent_since + stalls.after).into());
-                } else {
-                    // Disarmed until the next packet either way; counted only while
-                    // playing (the Watcher may have paused since this wait began).
-                    stalled = true;
-                    if stalls.playing.load(Ordering::Relaxed) {
-                        media.on_stall();
-                        tracing::warn!("media stalled: no packet from the camera for {:?} while playing", stalls.after);
+/// An interleaved packet on its way: its channel, length and first bytes, which are all
+/// the media meter reads.
+struct Packet {
+    channel: u8,
+    len: usize,
+    peek: [u8; PEEK],
+    peeked: usize,
+}
+
+impl Responses<'_> {
+    /// Marks the session set up at the first byte that goes to the Watcher.
+    fn note_first_byte(&mut self, out: &Out) {
+        if !self.first_byte_sent && !out.is_empty() {
+            self.first_byte_sent = true;
+            self.media.first_byte();
+        }
+    }
+}
+
+impl Layer for Responses<'_> {
+    fn on_read(&mut self, read: &[u8], out: &mut Out) -> io::Result<()> {
+        for event in self.scanner.feed(read) {
+            match (event, &mut self.held) {
+                (Event::Pass(bytes), Some((_, body))) => body.extend_from_slice(bytes),
+                (Event::Pass(bytes), None) => {
+                    if let Some(packet) = &mut self.packet {
+                        let take = (PEEK - packet.peeked).min(bytes.len());
+                        packet.peek[packet.peeked..][..take].copy_from_slice(&bytes[..take]);
+                        packet.peeked += take;
                     }
+                    out.pass(read, bytes);
                 }
-            }
-            // Idle between messages: an answer can go out at once.
-            answer = answers.recv(), if answers_open && scanner.at_boundary() => match answer {
-                Some(answer) => out.own(answer),
-                None => answers_open = false,
-            },
-            read = camera.read(&mut buf) => {
-                let n = read?;
-                read_len = n;
-                if n == 0 {
-                    ended = true;
-                    if let Some((head, body)) = held.take() {
+                (Event::NotRtsp(bytes), _) => out.own(bytes),
+                (Event::Frame { channel, len }, _) => {
+                    self.packet = Some(Packet {
+                        channel,
+                        len,
+                        peek: [0; PEEK],
+                        peeked: 0,
+                    })
+                }
+                (Event::Head(head), _) if has_sdp_body(&head) => {
+                    self.held = Some((head, Vec::new()))
+                }
+                (Event::Head(head), _) => match self.naming.view() {
+                    Some(view) => out.own(rewrite_response(&head, &[], view).0),
+                    None => out.own(head),
+                },
+                (Event::End, _) => {
+                    if let Some(packet) = self.packet.take() {
+                        let now = Instant::now();
+                        let peek = &packet.peek[..packet.peeked];
+                        self.media.on_packet(packet.channel, peek, packet.len, now);
+                        self.stalls.on_packet(now);
+                    }
+                    if let Some((head, body)) = self.held.take() {
+                        self.media.meter.on_sdp(&body);
+                        let (head, body) = match self.naming.view() {
+                            Some(view) => rewrite_response(&head, &body, view),
+                            None => (head, body),
+                        };
                         out.own(head);
                         out.own(body);
                     }
-                    if let Some(partial) = scanner.finish() {
-                        out.own(partial);
-                    }
-                    while let Ok(answer) = answers.try_recv() {
-                        out.own(answer);
-                    }
-                }
-                let read = &buf[..n];
-                for event in scanner.feed(read) {
-                    match (event, &mut held) {
-                        (Event::Pass(bytes), Some((_, body))) => body.extend_from_slice(bytes),
-                        (Event::Pass(bytes), None) => {
-                            if let Some((_, _, peek)) = &mut packet {
-                                let room = PEEK.saturating_sub(peek.len());
-                                peek.extend_from_slice(&bytes[..room.min(bytes.len())]);
-                            }
-                            out.pass(read, bytes);
-                        }
-                        (Event::NotRtsp(bytes), _) => out.own(bytes),
-                        (Event::Frame { channel, len }, _) => packet = Some((channel, len, Vec::with_capacity(PEEK))),
-                        (Event::Head(head), _) if has_sdp_body(&head) => held = Some((head, Vec::new())),
-                        (Event::Head(head), _) => match naming.view() {
-                            Some(view) => out.own(rewrite_response(&head, &[], view).0),
-                            None => out.own(head),
-                        },
-                        (Event::End, _) => {
-                            if let Some((channel, len, peek)) = packet.take() {
-                                let now = Instant::now();
-                                media.on_packet(channel, &peek, len, now);
-                                if stalled && stalls.playing.load(Ordering::Relaxed) {
-                                    let gap = last_packet.map(|at| now.duration_since(at)).unwrap_or_default();
-                                    tracing::info!("media resumed after {:.1} s", gap.as_secs_f64());
-                                }
-                                stalled = false;
-                                last_packet = Some(now);
-                                // Re-arming costs a timer update; 100 ms of slack is plenty.
-                                let deadline = tokio::time::Instant::from(now + stalls.after);
-                                if deadline > stall_timer.deadline() + Duration::from_millis(100) {
-                                    stall_timer.as_mut().reset(deadline);
-                                }
-                            }
-                            if let Some((head, body)) = held.take() {
-                                media.meter.on_sdp(&body);
-                                let (head, body) = match naming.view() {
-                                    Some(view) => rewrite_response(&head, &body, view),
-                                    None => (head, body),
-                                };
-                                out.own(head);
-                                out.own(body);
-                            }
-                            while let Ok(answer) = answers.try_recv() {
-                                out.own(answer);
-                            }
-                        }
-                    }
+                    take_answers(&mut self.answers, out);
                 }
             }
         }
-        let len = out.len();
-        if len > 0 {
-            if total == 0 {
-                media.first_byte();
-            }
-            out.write(&buf[..read_len], watcher).await?;
-            total += len as u64;
-            tally.add(len);
-        }
-        if ended {
-            watcher.shutdown().await?;
-            return Ok(total);
-        }
-    }
-}
-
-/// What one read becomes, in order: stretches of the read buffer passed on as they are
-/// (media, bodies, a stream that is not RTSP) and bytes of the relay's own (heads,
-/// renamed or not, and its answers) between them. Written with vectored writes, so the
-/// passed bytes are never copied: a read of pure media is one stretch and one write.
-#[derive(Debug, Default)]
-struct Out {
-    segments: Vec<Segment>,
-}
-
-#[derive(Debug)]
-enum Segment {
-    /// A stretch of the read buffer.
-    Read(std::ops::Range<usize>),
-    /// Bytes of the relay's own.
-    Own(Vec<u8>),
-}
-
-impl Out {
-    /// Passes `part` of `read` (the scanner's passes borrow the bytes it was fed).
-    fn pass(&mut self, read: &[u8], part: &[u8]) {
-        if part.is_empty() {
-            return;
-        }
-        let start = (part.as_ptr() as usize).wrapping_sub(read.as_ptr() as usize);
-        debug_assert!(start + part.len() <= read.len(), "not a part of the read");
-        let range = start..start + part.len();
-        match self.segments.last_mut() {
-            // A frame's header and its payload, or back-to-back frames: one stretch.
-            Some(Segment::Read(last)) if last.end == range.start => last.end = range.end,
-            _ => self.segments.push(Segment::Read(range)),
-        }
-    }
-
-    /// Adds bytes of the relay's own.
-    fn own(&mut self, bytes: Vec<u8>) {
-        if !bytes.is_empty() {
-            self.segments.push(Segment::Own(bytes));
-        }
-    }
-
-    /// How many bytes are to be written.
-    fn len(&self) -> usize {
-        self.segments
-            .iter()
-            .map(|segment| match segment {
-                Segment::Read(range) => range.len(),
-                Segment::Own(bytes) => bytes.len(),
-            })
-            .sum()
-    }
-
-    /// Writes everything, in order, with `read` the buffer the stretches are in; then
-    /// starts empty again.
-    async fn write<W: AsyncWrite + Unpin>(&mut self, read: &[u8], to: &mut W) -> io::Result<()> {
-        let mut slices: Vec<io::IoSlice<'_>> = self
-            .segments
-            .iter()
-            .map(|segment| match segment {
-                Segment::Read(range) => io::IoSlice::new(&read[range.clone()]),
-                Segment::Own(bytes) => io::IoSlice::new(bytes),
-            })
-            .collect();
-        let mut left = &mut slices[..];
-        while !left.is_empty() {
-            let n = to.write_vectored(left).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            io::IoSlice::advance_slices(&mut left, n);
-        }
-        drop(slices);
-        self.segments.clear();
+        self.note_first_byte(out);
         Ok(())
     }
+
+    fn on_end(&mut self, out: &mut Out) {
+        if let Some((head, body)) = self.held.take() {
+            out.own(head);
+            out.own(body);
+        }
+        if let Some(partial) = self.scanner.finish() {
+            out.own(partial);
+        }
+        take_answers(&mut self.answers, out);
+        self.note_first_byte(out);
+    }
+
+    fn poll_between(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<()> {
+        if self.stalls.poll_stall(cx).is_ready() {
+            self.media.on_stall();
+        }
+        // Idle between messages: an answer can go out at once.
+        if let (Some(answers), true) = (&mut self.answers, self.scanner.at_boundary()) {
+            match answers.poll_recv(cx) {
+                Poll::Ready(Some(answer)) => out.own(answer),
+                Poll::Ready(None) => self.answers = None,
+                Poll::Pending => {}
+            }
+        }
+        self.note_first_byte(out);
+        if out.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
+/// Adds the answers waiting (at a boundary in the camera's stream).
+fn take_answers(answers: &mut Option<mpsc::Receiver<Vec<u8>>>, out: &mut Out) {
+    if let Some(answers) = answers {
+        while let Ok(answer) = answers.try_recv() {
+            out.own(answer);
+        }
+    }
+}
 
-    use super::*;
+/// When media counts as stalled: silence longer than `after` while playing.
+struct Stalls<'a> {
+    after: Duration,
+    /// Set by the other direction from the Watcher's requests.
+    playing: &'a AtomicBool,
+    /// Armed at the first media packet, pushed on by the next ones; fires when the
+    /// camera goes silent.
+    timer: Pin<Box<Sleep>>,
+    last_packet: Option<Instant>,
+    /// True from a stall until the next packet.
+    stalled: bool,
+}
 
-    #[tokio::test]
-    async fn out_passes_stretches_of_the_read_uncopied_between_bytes_of_its_own() {
-        let read = b"$\x00\x00\x03abc$\x01\x00\x02deRTSP/1.0 200 OK\r\n\r\n";
-        let mut out = Out::default();
-        // A frame header and its payload, and the next frame: one stretch.
-        out.pass(read, &read[..4]);
-        out.pass(read, &read[4..7]);
-        out.pass(read, &read[7..13]);
-        out.own(b"renamed head".to_vec());
-        out.pass(read, &read[13..13]); // nothing
-        out.own(Vec::new()); // nothing
-        out.pass(read, &read[13..17]);
-        assert_eq!(out.segments.len(), 3, "{:?}", out.segments);
-        assert!(matches!(&out.segments[0], Segment::Read(r) if *r == (0..13)));
-        assert_eq!(out.len(), 13 + 12 + 4);
+impl<'a> Stalls<'a> {
+    fn new(after: Duration, playing: &'a AtomicBool) -> Self {
+        Stalls {
+            after,
+            playing,
+            timer: Box::pin(tokio::time::sleep(after)),
+            last_packet: None,
+            stalled: false,
+        }
+    }
 
-        // A peer that takes a few bytes at a time still gets everything in order.
-        let (mut tx, mut rx) = tokio::io::duplex(5);
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            rx.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        out.write(read, &mut tx).await.unwrap();
-        assert!(out.segments.is_empty());
-        drop(tx);
-        let got = reader.await.unwrap();
-        assert_eq!(got, [&read[..13], b"renamed head", &read[13..17]].concat());
+    /// A media packet arrived at `now`.
+    fn on_packet(&mut self, now: Instant) {
+        if self.stalled && self.playing.load(Ordering::Relaxed) {
+            let gap = self.last_packet.map(|at| now.duration_since(at));
+            let gap = gap.unwrap_or_default().as_secs_f64();
+            tracing::info!("media resumed after {gap:.1} s");
+        }
+        self.stalled = false;
+        self.last_packet = Some(now);
+        let deadline = tokio::time::Instant::from(now + self.after);
+        if deadline > self.timer.deadline() + STALL_SLACK {
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// Ready once per silence that counts as a stall.
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let Some(last_packet) = self.last_packet.filter(|_| !self.stalled) else {
+                // Disarmed until a packet comes (it comes through a read, which wakes).
+                return Poll::Pending;
+            };
+            std::task::ready!(self.timer.as_mut().poll(cx));
+            // The timer is pushed on lazily and may fire a little early: measure.
+            if last_packet.elapsed() < self.after {
+                self.timer.as_mut().reset((last_packet + self.after).into());
+                continue;
+            }
+            // Disarmed until the next packet either way; counted only while playing
+            // (the Watcher may have paused since this wait began).
+            self.stalled = true;
+            if !self.playing.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            tracing::warn!(
+                "media stalled: no packet from the camera for {:?} while playing",
+                self.after
+            );
+            return Poll::Ready(());
+        }
     }
 }
