@@ -264,6 +264,17 @@ where
     link.flush().await?;
 
     tracing::info!("fallback link up: the camera's streams ride its TCP connection");
+    if let Some(shard) = session.shard().filter(|shard| shard.index > 0) {
+        // The likeliest cause when other cameras have QUIC: a firewall that lets
+        // through the first shard's port only.
+        tracing::warn!(
+            "the camera could not reach its data-plane shard {} on UDP port {}; if other \
+             cameras reach theirs, open every shard's port (the QUIC port and the \
+             data_shards - 1 after it) for UDP, or set data_shards = 1",
+            shard.index,
+            shard.port
+        );
+    }
     let (end, opener) = RelayEnd::new(link);
     if let Some(stale) = session.attach_fallback(opener.clone()) {
         stale.close(
