@@ -68,6 +68,15 @@ fi
 if ! /usr/bin/python3 -c "import jsonschema, yaml" 2>/dev/null; then
   missing+=(python3-jsonschema python3-yaml)
 fi
+# The relay cluster's store: the tests start a 3-member etcd of their own (Debian's
+# etcd-server 3.4; its service is not started here). protoc builds the relay's etcd
+# client (gRPC).
+if [ ! -x /usr/bin/etcd ]; then
+  missing+=(etcd-server etcd-client)
+fi
+if ! command -v protoc >/dev/null; then
+  missing+=(protobuf-compiler)
+fi
 if ! command -v cargo >/dev/null; then
   missing+=("rustc-web=$RUST_VERSION" "cargo-web=$RUST_VERSION"
             "libstd-rust-web-dev=$RUST_VERSION" "libstd-rust-web-1.85=$RUST_VERSION")

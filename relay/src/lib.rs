@@ -22,7 +22,6 @@ mod data;
 mod forward;
 mod http;
 pub mod metrics;
-pub mod ports;
 pub mod registry;
 mod rtsp;
 mod shard;
@@ -93,7 +92,7 @@ impl Relay {
             _ => None,
         };
         let cert_sha256 = identity.leaf_sha256();
-        let ports = ports::PortPolicy::load(&config)?;
+        let ports = registry::ports::PortPolicy::load(&config)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (TCP, control link)", config.listen))?;

@@ -1,0 +1,249 @@
+//! The relay's table of live agents: who is registered, on which port, with which
+//! tunnel. Registration (credentials, port, takeover of a stale session) happens here,
+//! so the control link, the QUIC endpoint, the forwarders and the API all read one
+//! source of truth. Each of its jobs has a file: [`credentials`] (is the agent who it
+//! says), [`ports`] (which port is whose, remembered across restarts), [`session`] (one
+//! agent's session and its commands), [`links`] (what carries its streams),
+//! [`watchers`] (the Watcher connections open now).
+
+mod credentials;
+mod links;
+pub(crate) mod ports;
+mod session;
+mod watchers;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, Instant},
+};
+
+use common::protocol::{
+    check_agent_id, CloseReason, Register, Rejection, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SERVICE_RTSP,
+};
+use tokio_util::sync::CancellationToken;
+
+pub use links::Link;
+pub use session::{AgentSession, CommandError, CommandRequest};
+pub use watchers::{WatcherGuard, WatcherSession};
+
+use crate::{
+    config::{AgentAuth, Limits},
+    metrics::Metrics,
+};
+use ports::PortPolicy;
+use session::NewSession;
+use watchers::Watchers;
+
+/// All live agent sessions, by agent id.
+#[derive(Debug)]
+pub struct Registry {
+    auth: AgentAuth,
+    sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+    /// Agents the relay knows, online or not: listed in the config, or registered at
+    /// some time (and so holding a port).
+    known: Mutex<HashSet<String>>,
+    /// Held for the whole of a registration: port choice, takeover and bind must not
+    /// interleave between two agents, or two could be promised one port.
+    ports: tokio::sync::Mutex<PortPolicy>,
+    next_connection_id: AtomicU64,
+    metrics: Arc<Metrics>,
+    /// Watcher connections open now, for `/streams`.
+    watchers: Watchers,
+    started: Instant,
+}
+
+impl Registry {
+    /// An empty registry admitting agents per `auth` and `ports`, counting in `metrics`.
+    pub fn new(auth: AgentAuth, ports: PortPolicy, metrics: Arc<Metrics>) -> Self {
+        let known = auth
+            .agents
+            .keys()
+            .map(String::as_str)
+            .chain(ports.assigned_ids())
+            .map(str::to_string)
+            .collect();
+        Registry {
+            auth,
+            sessions: Mutex::new(HashMap::new()),
+            known: Mutex::new(known),
+            ports: tokio::sync::Mutex::new(ports),
+            next_connection_id: AtomicU64::new(1),
+            metrics,
+            watchers: Watchers::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Checks a registration and, if it is good, takes over any older session of the
+    /// same id, binds the camera port and records the new session. The caller starts
+    /// the listener with the returned [`tokio::net::TcpListener`].
+    pub async fn admit(
+        &self,
+        reg: &Register,
+        certified: Option<&str>,
+        remote: SocketAddr,
+        limits: &Limits,
+        parent: &CancellationToken,
+    ) -> Result<(Arc<AgentSession>, tokio::net::TcpListener), Rejection> {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reg.version) {
+            return Err(Rejection::UnsupportedVersion {
+                agent: reg.version,
+                min: MIN_PROTOCOL_VERSION,
+                max: PROTOCOL_VERSION,
+            });
+        }
+        check_agent_id(&reg.agent_id)
+            .map_err(|why| Rejection::Invalid(format!("agent id {why}")))?;
+        credentials::check(&self.auth, reg, certified).await?;
+        let requested = reg
+            .services
+            .iter()
+            .find(|s| s.name == SERVICE_RTSP)
+            .map(|s| s.port)
+            .ok_or_else(|| Rejection::Invalid(format!("no {SERVICE_RTSP:?} service requested")))?;
+
+        let mut ports = self.ports.lock().await;
+        {
+            let sessions = self.lock_sessions();
+            if sessions.len() >= limits.max_agents && !sessions.contains_key(&reg.agent_id) {
+                tracing::warn!(
+                    "refusing {:?}: {} agents registered (limits.max_agents)",
+                    reg.agent_id,
+                    limits.max_agents
+                );
+                return Err(Rejection::RetryLater {
+                    secs: 60,
+                    why: format!(
+                        "the relay serves its maximum of {} agents (limits.max_agents)",
+                        limits.max_agents
+                    ),
+                });
+            }
+        }
+        let chosen = ports.choose(&reg.agent_id, requested)?;
+        let old = self.lock_sessions().remove(&reg.agent_id);
+        if let Some(old) = old {
+            tracing::warn!(agent = %reg.agent_id, old = %old.remote, new = %remote, "agent connected again; closing its older session");
+            old.close(CloseReason::Replaced(remote.to_string()));
+            old.wait_released().await;
+        }
+        // A port picked fresh for a camera that asked for any may be in use by another
+        // program: take the next free one. Requested, pinned and remembered ports stay.
+        let fresh_pick = requested == 0 && ports.assigned(&reg.agent_id).is_none();
+        let (port, listener) = if fresh_pick {
+            ports.bind_any_from(&reg.agent_id, chosen).await?
+        } else {
+            (chosen, ports.bind(chosen).await?)
+        };
+        if let Err(e) = ports.remember(&reg.agent_id, port) {
+            tracing::warn!(agent = %reg.agent_id, port, "could not save the port assignment: {e}");
+        }
+
+        let heartbeat_interval = Duration::from_secs(u64::from(reg.heartbeat_interval_secs.max(1)))
+            .min(limits.max_heartbeat_interval);
+        let session = Arc::new(AgentSession::new(NewSession {
+            reg,
+            remote,
+            port,
+            heartbeat_interval,
+            metrics: self.metrics.camera(&reg.agent_id),
+            certified: certified.is_some(),
+            cancel: parent.child_token(),
+        }));
+        self.lock_sessions()
+            .insert(session.id.clone(), session.clone());
+        lock(&self.known).insert(session.id.clone());
+        Ok((session, listener))
+    }
+
+    /// Removes `session` if it is still the registered one for its id (a takeover may
+    /// already have replaced it), ends it and waits until its camera port is free.
+    pub async fn remove(&self, session: &Arc<AgentSession>) {
+        {
+            let mut sessions = self.lock_sessions();
+            if sessions
+                .get(&session.id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                sessions.remove(&session.id);
+            }
+        }
+        session.end();
+        session.wait_released().await;
+    }
+
+    /// The live session of `agent_id`, if any.
+    pub fn get(&self, agent_id: &str) -> Option<Arc<AgentSession>> {
+        self.lock_sessions().get(agent_id).cloned()
+    }
+
+    /// True if `agent_id` is listed in the config or has registered before, even if it
+    /// is offline now.
+    pub fn knows(&self, agent_id: &str) -> bool {
+        lock(&self.known).contains(agent_id)
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The port assigned to `agent_id` (pinned, or remembered from its registrations).
+    pub async fn assigned_port(&self, agent_id: &str) -> Option<u16> {
+        self.ports.lock().await.assigned(agent_id)
+    }
+
+    /// Time since the registry (the relay) started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Every agent id the relay knows, online or not, sorted.
+    pub fn known(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.known).iter().cloned().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Records an open Watcher connection until the guard is dropped.
+    pub fn open_watcher(
+        &self,
+        id: u64,
+        camera: &str,
+        peer: SocketAddr,
+        opened: Instant,
+    ) -> WatcherGuard<'_> {
+        self.watchers.open(id, camera, peer, opened)
+    }
+
+    /// The Watcher connections open now, oldest first.
+    pub fn watchers(&self) -> Vec<Arc<WatcherSession>> {
+        self.watchers.list()
+    }
+
+    /// Every live session, for listings.
+    pub fn sessions(&self) -> Vec<Arc<AgentSession>> {
+        self.lock_sessions().values().cloned().collect()
+    }
+
+    /// A relay-wide id for a new Watcher connection.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock_sessions(&self) -> MutexGuard<'_, HashMap<String, Arc<AgentSession>>> {
+        lock(&self.sessions)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every mutation behind these locks is one insert, remove or replacement, so a
+    // panic while holding one leaves a consistent value: poisoning carries no meaning.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
