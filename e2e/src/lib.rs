@@ -5,9 +5,11 @@
 
 #![forbid(unsafe_code)]
 
+mod etcd;
 mod fleet;
 pub mod netns;
 
+pub use etcd::EtcdCluster;
 pub use fleet::Fleet;
 
 use std::{

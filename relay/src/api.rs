@@ -17,14 +17,15 @@ use common::protocol::{tunnel_close, Command, CommandOutput};
 use serde_json::{json, Value};
 
 use crate::{
-    metrics::LiveAgent,
-    registry::{AgentSession, CommandError},
+    metrics::{ClusterGauges, LiveAgent},
+    peer,
+    registry::{AgentSession, CommandError, Presence},
     Shared,
 };
 
 /// An API error: status and words.
 #[derive(Debug)]
-pub(crate) struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -120,18 +121,102 @@ pub(crate) async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoRespo
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        shared.registry.metrics().render(&online),
+        shared
+            .registry
+            .metrics()
+            .render(&online, cluster_gauges(&shared).as_ref()),
     )
 }
 
-/// `GET /health`, open to all.
+fn cluster_gauges(shared: &Shared) -> Option<ClusterGauges> {
+    let cluster = shared.registry.store().cluster()?;
+    Some(ClusterGauges {
+        store: cluster.health(),
+        cameras: cluster.cameras().len(),
+        relays: cluster.relays().len(),
+    })
+}
+
+/// The camera's record in the cluster when another relay holds it.
+fn held_elsewhere(shared: &Shared, id: &str) -> Option<Presence> {
+    if shared.registry.get(id).is_some() {
+        return None;
+    }
+    let cluster = shared.registry.store().cluster()?;
+    cluster
+        .cameras()
+        .into_iter()
+        .find(|p| p.agent_id == id && p.relay != cluster.relay_id())
+}
+
+/// Sends an operator's request about a camera another relay holds to that relay; an
+/// error if this request was forwarded already (the camera moved meanwhile).
+async fn forward_to_holder(
+    shared: &Shared,
+    holder: &Presence,
+    method: axum::http::Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Option<Vec<u8>>,
+) -> Result<Response, ApiError> {
+    let Some(cluster) = shared.registry.store().cluster() else {
+        return Err(ApiError(StatusCode::CONFLICT, "not in a cluster".into()));
+    };
+    if let Some(from) = headers.get(peer::FORWARDED) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "agent {:?} is not on this relay ({}) any more, though relay {:?} thought so; try again",
+                holder.agent_id,
+                cluster.relay_id(),
+                from.to_str().unwrap_or("?")
+            ),
+        ));
+    }
+    let relays = cluster.relays();
+    let Some(record) = relays.get(&holder.relay) else {
+        return Err(ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "agent {:?} is on relay {:?}, which has not announced where it is reached",
+                holder.agent_id, holder.relay
+            ),
+        ));
+    };
+    peer::forward(
+        cluster.relay_id(),
+        &holder.relay,
+        &record.advertise,
+        method,
+        path,
+        headers,
+        body,
+    )
+    .await
+}
+
+/// `GET /health`, open to all. In a cluster, `degraded` while the store is out of reach
+/// (cameras online keep streaming; new ones are refused).
 pub(crate) async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!({
+    let mut health = json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_secs": shared.registry.uptime().as_secs(),
         "agents_online": shared.registry.sessions().len(),
-    }))
+    });
+    if let Some(cluster) = shared.registry.store().cluster() {
+        let store = cluster.health();
+        if !store.reachable {
+            health["status"] = json!("degraded");
+        }
+        health["cluster"] = json!({
+            "relay": cluster.relay_id(),
+            "store": store,
+            "relays": cluster.relays().keys().collect::<Vec<_>>(),
+            "cameras_online": cluster.cameras().len(),
+        });
+    }
+    Json(health)
 }
 
 async fn agents(State(shared): State<Arc<Shared>>) -> ApiResult {
@@ -147,20 +232,28 @@ async fn agent(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Api
     Ok(Json(agent_view(&shared, &id).await))
 }
 
-/// Known ids (configured, registered before) and online ones, sorted.
+/// Known ids (configured, registered before, anywhere in the cluster) and online ones,
+/// sorted.
 fn all_ids(shared: &Shared) -> Vec<String> {
     let mut ids = shared.registry.known();
-    for session in shared.registry.sessions() {
-        if !ids.contains(&session.id) {
-            ids.push(session.id.clone());
-        }
+    ids.extend(shared.registry.sessions().iter().map(|s| s.id.clone()));
+    if let Some(cluster) = shared.registry.store().cluster() {
+        ids.extend(cluster.cameras().into_iter().map(|p| p.agent_id));
     }
     ids.sort_unstable();
+    ids.dedup();
     ids
 }
 
 fn known(shared: &Shared, id: &str) -> Result<(), ApiError> {
-    if shared.registry.get(id).is_some() || shared.registry.knows(id) {
+    let in_cluster = || {
+        shared
+            .registry
+            .store()
+            .cluster()
+            .is_some_and(|c| c.cameras().iter().any(|p| p.agent_id == id))
+    };
+    if shared.registry.get(id).is_some() || shared.registry.knows(id) || in_cluster() {
         Ok(())
     } else {
         Err(ApiError(
@@ -171,6 +264,23 @@ fn known(shared: &Shared, id: &str) -> Result<(), ApiError> {
 }
 
 async fn agent_view(shared: &Shared, id: &str) -> Value {
+    if let Some(held) = held_elsewhere(shared, id) {
+        return json!({
+            "id": id,
+            "online": true,
+            "relay": held.relay,
+            "agent_version": held.agent_version,
+            "remote_addr": held.remote,
+            "data_link": held.link,
+            "ports": [held.port],
+            "registered_secs_ago": now_unix_secs().saturating_sub(held.since),
+        });
+    }
+    let relay = shared
+        .registry
+        .store()
+        .cluster()
+        .map(|c| c.relay_id().to_string());
     let Some(session) = shared.registry.get(id) else {
         return json!({
             "id": id,
@@ -180,6 +290,7 @@ async fn agent_view(shared: &Shared, id: &str) -> Value {
     };
     let heartbeat = session.last_heartbeat();
     json!({
+        "relay": relay,
         "id": session.id,
         "online": true,
         "last_heartbeat_secs_ago": heartbeat.map(|(at, _)| at.elapsed().as_secs_f64()),
@@ -215,8 +326,9 @@ fn online(shared: &Shared, id: &str) -> Result<Arc<AgentSession>, ApiError> {
 async fn control(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<Value>, JsonRejection>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     let valid: Vec<&str> = Command::ALL.iter().map(|(_, name)| *name).collect();
     let bad = |why: String| {
         ApiError(
@@ -231,6 +343,19 @@ async fn control(
         .ok_or_else(|| bad("no \"command\" string in the body".into()))?;
     let command =
         Command::from_name(name).ok_or_else(|| bad(format!("unknown command {name:?}")))?;
+    if let Some(holder) = held_elsewhere(&shared, &id) {
+        let path = format!("/agents/{id}/control");
+        let body = serde_json::to_vec(&body).ok();
+        return forward_to_holder(
+            &shared,
+            &holder,
+            axum::http::Method::POST,
+            &path,
+            &headers,
+            body,
+        )
+        .await;
+    }
     let session = online(&shared, &id)?;
     let sent = std::time::Instant::now();
     let answer = session
@@ -280,7 +405,14 @@ async fn control(
         "command": name,
         "round_trip_ms": round_trip_ms,
         "result": result,
-    })))
+    }))
+    .into_response())
+}
+
+fn now_unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn now_unix_ms() -> f64 {
@@ -327,6 +459,15 @@ async fn tunnel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Ap
 
 /// The fields of the older tunnel server's listing.
 async fn tunnel_view(shared: &Shared, id: &str) -> Value {
+    if let Some(held) = held_elsewhere(shared, id) {
+        return json!({
+            "id": id,
+            "status": if held.link.is_some() { "online" } else { "connecting" },
+            "relay": held.relay,
+            "local_port": held.port,
+            "uptime_secs": now_unix_secs().saturating_sub(held.since),
+        });
+    }
     let metrics = shared.registry.metrics().camera(id);
     let transferred = metrics.to_camera.get() + metrics.to_watcher.get();
     let Some(session) = shared.registry.get(id) else {
@@ -357,7 +498,23 @@ async fn tunnel_view(shared: &Shared, id: &str) -> Value {
     })
 }
 
-async fn restart_tunnel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+async fn restart_tunnel(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(holder) = held_elsewhere(&shared, &id) {
+        let path = format!("/tunnels/{id}/restart");
+        return forward_to_holder(
+            &shared,
+            &holder,
+            axum::http::Method::POST,
+            &path,
+            &headers,
+            None,
+        )
+        .await;
+    }
     let session = online(&shared, &id)?;
     let Some(conn) = session.current_tunnel() else {
         return Err(ApiError(
@@ -376,5 +533,5 @@ async fn restart_tunnel(State(shared): State<Arc<Shared>>, Path(id): Path<String
         quinn::VarInt::from_u32(tunnel_close::RESTARTED),
         b"restarted by an operator",
     );
-    Ok(Json(json!({ "agent": id, "closed_sessions": ended })))
+    Ok(Json(json!({ "agent": id, "closed_sessions": ended })).into_response())
 }

@@ -47,7 +47,36 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// Who may use the operator API.
     pub api: ApiConfig,
+    /// Several relays sharing one view of the fleet (`[cluster]`); `None`: this relay
+    /// alone, as always.
+    pub cluster: Option<ClusterConfig>,
 }
+
+/// `[cluster]`: relays that share the fleet's state through etcd (docs/cluster.md).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd client URLs (`http://` or `https://`), any member of the cluster.
+    pub endpoints: Vec<String>,
+    /// This relay's name in the cluster; unique among its relays.
+    pub relay_id: String,
+    /// Where other relays and operators reach this relay's control port
+    /// (`http://host:port` or `https://host:port`).
+    pub advertise: String,
+    /// How long the relay's cameras outlive it in the cluster's view when it dies or is
+    /// cut off from etcd.
+    pub lease_ttl: Duration,
+    /// Prefix of every key the relays write.
+    pub key_prefix: String,
+    /// TLS to etcd: the CA that signed its members' certificates.
+    pub ca: Option<PathBuf>,
+    /// TLS to etcd: this relay's client certificate and key.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// etcd user and password, if etcd has authentication on.
+    pub user: Option<(String, Secret)>,
+}
+
+/// Default TTL of a relay's etcd lease.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// Access to the operator API (`/agents`, `/streams`, `/tunnels`…).
 #[derive(Debug, Clone, Default)]
@@ -226,6 +255,139 @@ struct FileConfig {
     tls: Option<FileTls>,
     #[serde(default)]
     limits: FileLimits,
+    cluster: Option<FileCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    etcd_endpoints: OneOrMany<String>,
+    relay_id: String,
+    advertise: String,
+    lease_ttl_secs: Option<u64>,
+    key_prefix: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password: Option<Secret>,
+}
+
+impl FileCluster {
+    fn resolve(self, origin: &str) -> Result<ClusterConfig, ConfigError> {
+        let field = |name: &str| format!("cluster.{name}");
+        let endpoints = self.etcd_endpoints.into_vec();
+        if endpoints.is_empty() {
+            return Err(invalid(
+                origin,
+                &field("etcd_endpoints"),
+                "name at least one etcd member",
+            ));
+        }
+        for endpoint in &endpoints {
+            if !is_http_url(endpoint) {
+                return Err(invalid(
+                    origin,
+                    &field("etcd_endpoints"),
+                    &format!("{endpoint:?} is not an etcd client URL, e.g. http://10.0.0.1:2379"),
+                ));
+            }
+        }
+        check_agent_id(&self.relay_id)
+            .map_err(|why| invalid(origin, &field("relay_id"), &format!("a relay id {why}")))?;
+        if !is_http_url(&self.advertise) {
+            return Err(invalid(
+                origin,
+                &field("advertise"),
+                &format!(
+                    "{:?} is not a URL of this relay's control port, e.g. http://10.0.0.11:8080",
+                    self.advertise
+                ),
+            ));
+        }
+        let lease_ttl = match self.lease_ttl_secs {
+            None => DEFAULT_LEASE_TTL,
+            Some(secs @ 2..=300) => Duration::from_secs(secs),
+            Some(_) => {
+                return Err(invalid(
+                    origin,
+                    &field("lease_ttl_secs"),
+                    "must be from 2 to 300 seconds",
+                ))
+            }
+        };
+        let key_prefix = self
+            .key_prefix
+            .unwrap_or_else(|| "/camera-relay/".to_string());
+        if key_prefix.is_empty() || !key_prefix.ends_with('/') {
+            return Err(invalid(origin, &field("key_prefix"), "must end with \"/\""));
+        }
+        let identity = match (self.etcd_cert, self.etcd_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    origin,
+                    &field("etcd_key"),
+                    "etcd_cert needs its key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    origin,
+                    &field("etcd_cert"),
+                    "etcd_key needs its certificate",
+                ))
+            }
+        };
+        let user = match (self.etcd_user, self.etcd_password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    origin,
+                    &field("etcd_password"),
+                    "etcd_user needs its password",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    origin,
+                    &field("etcd_user"),
+                    "etcd_password needs its user",
+                ))
+            }
+        };
+        let tls_asked = self.etcd_ca.is_some() || identity.is_some();
+        if tls_asked && endpoints.iter().any(|e| e.starts_with("http://")) {
+            return Err(invalid(
+                origin,
+                &field("etcd_endpoints"),
+                "TLS files are set, so every endpoint must be https://",
+            ));
+        }
+        Ok(ClusterConfig {
+            endpoints,
+            relay_id: self.relay_id,
+            advertise: self.advertise.trim_end_matches('/').to_string(),
+            lease_ttl,
+            key_prefix,
+            ca: self.etcd_ca,
+            identity,
+            user,
+        })
+    }
+}
+
+/// `http://host:port` or `https://host:port` (a path is allowed, nothing is checked beyond).
+fn is_http_url(text: &str) -> bool {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"));
+    rest.is_some_and(|rest| {
+        let authority = rest.split('/').next().unwrap_or_default();
+        !authority.is_empty() && !authority.contains(char::is_whitespace)
+    })
 }
 
 /// `data_shards`: a number, or `"auto"` for one per core.
@@ -342,6 +504,7 @@ impl RelayConfig {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             api: ApiConfig::default(),
+            cluster: None,
         })
     }
 
@@ -620,6 +783,7 @@ impl RelayConfig {
                 public_metrics: file.public_metrics,
             },
             limits,
+            cluster: file.cluster.map(|c| c.resolve(origin)).transpose()?,
         })
     }
 }

@@ -22,6 +22,7 @@ mod data;
 mod forward;
 mod http;
 pub mod metrics;
+mod peer;
 pub mod registry;
 mod rtsp;
 mod shard;
@@ -31,7 +32,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use common::{protocol::hex, tls};
-use tokio::net::TcpListener;
+use registry::fleet::{
+    etcd::{EtcdStore, Taken},
+    local::LocalStore,
+    Store,
+};
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::RelayConfig;
@@ -69,6 +75,9 @@ pub struct Relay {
     shared_listener: Option<TcpListener>,
     /// TLS of the control listener; `None` serves plain `ws://`.
     control_tls: Option<Arc<rustls::ServerConfig>>,
+    /// In a cluster: the cameras other relays take from this one, and the revision the
+    /// store's watch goes on from.
+    cluster: Option<(mpsc::UnboundedReceiver<Taken>, i64)>,
     shared: Arc<Shared>,
 }
 
@@ -92,7 +101,23 @@ impl Relay {
             _ => None,
         };
         let cert_sha256 = identity.leaf_sha256();
-        let ports = registry::ports::PortPolicy::load(&config)?;
+        let ports = registry::ports::PortPolicy::new(&config);
+        let (store, cluster) = match &config.cluster {
+            None => (
+                Store::Local(LocalStore::load(config.state_dir.as_deref())?),
+                None,
+            ),
+            Some(cluster) => {
+                let connected = EtcdStore::connect(cluster).await?;
+                tracing::info!(
+                    relay = %cluster.relay_id,
+                    etcd = %cluster.endpoints.join(", "),
+                    "joined the relay cluster"
+                );
+                let follow = (connected.taken, connected.revision);
+                (Store::Etcd(connected.store), Some(follow))
+            }
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (TCP, control link)", config.listen))?;
@@ -133,10 +158,12 @@ impl Relay {
             listener,
             shared_listener,
             control_tls,
+            cluster,
             shared: Arc::new(Shared {
                 registry: Arc::new(Registry::new(
                     config.auth,
                     ports,
+                    store,
                     Arc::new(metrics::Metrics::new()?),
                 )),
                 throttle: throttle::Throttle::new(
@@ -191,9 +218,23 @@ impl Relay {
             listener,
             shared_listener,
             control_tls,
+            cluster,
             shared,
         } = self;
         let root = shared.shutdown.clone();
+        if let (Some((mut taken, revision)), Some(store)) =
+            (cluster, shared.registry.store().cluster())
+        {
+            // Not tracked: it gives the lease back after the sessions have ended.
+            tokio::spawn(store.clone().run(revision, root.clone()));
+            let registry = shared.registry.clone();
+            let stop = root.clone();
+            shared.tracker.spawn(async move {
+                while let Some(Some(taken)) = stop.run_until_cancelled(taken.recv()).await {
+                    registry.taken(&taken);
+                }
+            });
+        }
         for shard in shared.shards.all() {
             shard.handle.spawn(shared.tracker.track_future(data::serve(
                 shard.endpoint.clone(),

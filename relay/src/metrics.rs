@@ -8,6 +8,7 @@ use prometheus::{
     IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::registry::StoreHealth;
 use crate::MediaStats;
 
 /// Every series of the relay.
@@ -240,13 +241,19 @@ impl Metrics {
     }
 
     /// The text exposition, with the online agents' live series added.
-    pub fn render(&self, online: &[LiveAgent]) -> String {
+    pub fn render(&self, online: &[LiveAgent], cluster: Option<&ClusterGauges>) -> String {
         self.agents_online
             .set(i64::try_from(online.len()).unwrap_or(i64::MAX));
         let mut families = self.registry.gather();
         match live_series(online) {
             Ok(live) => families.extend(live.gather()),
             Err(e) => tracing::warn!("building per-agent metrics failed: {e}"),
+        }
+        if let Some(cluster) = cluster {
+            match cluster_series(cluster) {
+                Ok(series) => families.extend(series.gather()),
+                Err(e) => tracing::warn!("building the cluster's metrics failed: {e}"),
+            }
         }
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
@@ -297,6 +304,58 @@ fn live_series(online: &[LiveAgent]) -> Result<Registry, prometheus::Error> {
             lost.with_label_values(l).inc_by(stats.path.lost_packets);
         }
     }
+    Ok(registry)
+}
+
+/// The cluster as this relay sees it, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct ClusterGauges {
+    /// The fleet store's state.
+    pub store: StoreHealth,
+    /// Cameras online on any relay of the cluster.
+    pub cameras: usize,
+    /// Relays of the cluster.
+    pub relays: usize,
+}
+
+/// The cluster's series, built per scrape.
+fn cluster_series(cluster: &ClusterGauges) -> Result<Registry, prometheus::Error> {
+    let registry = Registry::new_custom(Some("camera_relay".into()), None)?;
+    let gauge = |name: &str, help: &str, value: f64| -> Result<(), prometheus::Error> {
+        let gauge = registered(&registry, Gauge::with_opts(Opts::new(name, help))?)?;
+        gauge.set(value);
+        Ok(())
+    };
+    let store = &cluster.store;
+    gauge(
+        "cluster_store_up",
+        "1 while the cluster's store (etcd) answers this relay, 0 while it does not.",
+        if store.reachable { 1.0 } else { 0.0 },
+    )?;
+    if let Some(age) = store.lease_age_secs {
+        gauge(
+            "cluster_lease_age_seconds",
+            "Seconds since this relay's etcd lease was last renewed.",
+            age,
+        )?;
+    }
+    if let Some(age) = store.watch_age_secs {
+        gauge(
+            "cluster_watch_age_seconds",
+            "Seconds since this relay's watch of the fleet last heard from etcd (it asks every lease TTL).",
+            age,
+        )?;
+    }
+    gauge(
+        "cluster_cameras",
+        "Cameras online on any relay of the cluster, as this relay sees them.",
+        cluster.cameras as f64,
+    )?;
+    gauge(
+        "cluster_relays",
+        "Relays of the cluster, as this relay sees them.",
+        cluster.relays as f64,
+    )?;
     Ok(registry)
 }
 
@@ -365,11 +424,16 @@ mod tests {
             .report(&MediaStats::default(), &first);
         cam.to_watcher.inc_by(5);
 
-        let text = metrics.render(&[LiveAgent {
+        let online = [LiveAgent {
             id: "cam-1".into(),
             heartbeat_age_secs: 1.5,
             quic: None,
-        }]);
+        }];
+        let text = metrics.render(&online, None);
+        assert!(
+            !text.contains("cluster"),
+            "a single relay has no cluster series"
+        );
         for line in [
             "camera_relay_agents_online 1",
             "camera_relay_rtp_packets_total{camera=\"cam-1\"} 35",
@@ -384,5 +448,30 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+
+        let cluster = ClusterGauges {
+            store: StoreHealth {
+                reachable: false,
+                for_secs: 3.0,
+                lease_age_secs: Some(2.5),
+                watch_age_secs: None,
+                problem: Some("down".into()),
+            },
+            cameras: 7,
+            relays: 3,
+        };
+        let text = metrics.render(&online, Some(&cluster));
+        for line in [
+            "camera_relay_cluster_store_up 0",
+            "camera_relay_cluster_lease_age_seconds 2.5",
+            "camera_relay_cluster_cameras 7",
+            "camera_relay_cluster_relays 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        assert!(
+            !text.contains("cluster_watch_age"),
+            "no watch answer yet, no series"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! [`watchers`] (the Watcher connections open now).
 
 mod credentials;
+pub(crate) mod fleet;
 mod links;
 pub(crate) mod ports;
 mod session;
@@ -28,6 +29,7 @@ use common::protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
+pub use fleet::{Presence, StoreHealth};
 pub use links::Link;
 pub use session::{AgentSession, CommandError, CommandRequest};
 pub use watchers::{WatcherGuard, WatcherSession};
@@ -36,6 +38,7 @@ use crate::{
     config::{AgentAuth, Limits},
     metrics::Metrics,
 };
+use fleet::{etcd::Taken, Store};
 use ports::PortPolicy;
 use session::NewSession;
 use watchers::Watchers;
@@ -51,6 +54,8 @@ pub struct Registry {
     /// Held for the whole of a registration: port choice, takeover and bind must not
     /// interleave between two agents, or two could be promised one port.
     ports: tokio::sync::Mutex<PortPolicy>,
+    /// Remembered ports, and in a cluster which relay holds which camera.
+    store: Store,
     next_connection_id: AtomicU64,
     metrics: Arc<Metrics>,
     /// Watcher connections open now, for `/streams`.
@@ -59,20 +64,27 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry admitting agents per `auth` and `ports`, counting in `metrics`.
-    pub fn new(auth: AgentAuth, ports: PortPolicy, metrics: Arc<Metrics>) -> Self {
+    /// An empty registry admitting agents per `auth` and `ports`, remembering in
+    /// `store`, counting in `metrics`.
+    pub(crate) fn new(
+        auth: AgentAuth,
+        ports: PortPolicy,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let known = auth
             .agents
             .keys()
-            .map(String::as_str)
-            .chain(ports.assigned_ids())
-            .map(str::to_string)
+            .cloned()
+            .chain(ports.pinned_ids().map(str::to_string))
+            .chain(store.assignments().into_keys())
             .collect();
         Registry {
             auth,
             sessions: Mutex::new(HashMap::new()),
             known: Mutex::new(known),
             ports: tokio::sync::Mutex::new(ports),
+            store,
             next_connection_id: AtomicU64::new(1),
             metrics,
             watchers: Watchers::default(),
@@ -108,7 +120,7 @@ impl Registry {
             .map(|s| s.port)
             .ok_or_else(|| Rejection::Invalid(format!("no {SERVICE_RTSP:?} service requested")))?;
 
-        let mut ports = self.ports.lock().await;
+        let ports = self.ports.lock().await;
         {
             let sessions = self.lock_sessions();
             if sessions.len() >= limits.max_agents && !sessions.contains_key(&reg.agent_id) {
@@ -126,23 +138,33 @@ impl Registry {
                 });
             }
         }
-        let chosen = ports.choose(&reg.agent_id, requested)?;
+        if let Some(cluster) = self.store.cluster() {
+            // Refused before anything changes here: an older session stays as it is.
+            cluster.check_ready()?;
+        }
         let old = self.lock_sessions().remove(&reg.agent_id);
         if let Some(old) = old {
             tracing::warn!(agent = %reg.agent_id, old = %old.remote, new = %remote, "agent connected again; closing its older session");
             old.close(CloseReason::Replaced(remote.to_string()));
             old.wait_released().await;
         }
-        // A port picked fresh for a camera that asked for any may be in use by another
-        // program: take the next free one. Requested, pinned and remembered ports stay.
-        let fresh_pick = requested == 0 && ports.assigned(&reg.agent_id).is_none();
-        let (port, listener) = if fresh_pick {
-            ports.bind_any_from(&reg.agent_id, chosen).await?
-        } else {
-            (chosen, ports.bind(chosen).await?)
+        let (port, listener) = self.take_port(&ports, &reg.agent_id, requested).await?;
+        let epoch = rand::random::<u64>();
+        let mut presence = Presence {
+            agent_id: reg.agent_id.clone(),
+            relay: String::new(),
+            epoch,
+            port,
+            link: None,
+            since: unix_now(),
+            remote: remote.to_string(),
+            agent_version: reg.agent_version.clone(),
         };
-        if let Err(e) = ports.remember(&reg.agent_id, port) {
-            tracing::warn!(agent = %reg.agent_id, port, "could not save the port assignment: {e}");
+        if let Some(cluster) = self.store.cluster() {
+            presence.relay = cluster.relay_id().to_string();
+            if let Some(before) = self.store.claim(presence.clone()).await? {
+                tracing::info!(agent = %reg.agent_id, from = %before, "camera moved here from relay {before}");
+            }
         }
 
         let heartbeat_interval = Duration::from_secs(u64::from(reg.heartbeat_interval_secs.max(1)))
@@ -155,7 +177,15 @@ impl Registry {
             metrics: self.metrics.camera(&reg.agent_id),
             certified: certified.is_some(),
             cancel: parent.child_token(),
+            epoch,
         }));
+        if let Some(cluster) = self.store.cluster() {
+            tokio::spawn(fleet::follow_links(
+                cluster.clone(),
+                session.clone(),
+                presence,
+            ));
+        }
         self.lock_sessions()
             .insert(session.id.clone(), session.clone());
         lock(&self.known).insert(session.id.clone());
@@ -176,6 +206,72 @@ impl Registry {
         }
         session.end();
         session.wait_released().await;
+        self.store.release(&session.id, session.epoch).await;
+    }
+
+    /// The port for `agent_id`, bound, and remembered by the store. In a cluster another
+    /// relay may hand out the same fresh port at the same moment; the store's
+    /// transaction lets one of them have it and the other picks again.
+    async fn take_port(
+        &self,
+        ports: &PortPolicy,
+        agent_id: &str,
+        requested: u16,
+    ) -> Result<(u16, tokio::net::TcpListener), Rejection> {
+        const RACES: usize = 3;
+        for _ in 0..RACES {
+            let remembered = self.store.assignments();
+            let chosen = ports.choose(agent_id, requested, &remembered)?;
+            // A port picked fresh for a camera that asked for any may be in use by
+            // another program: take the next free one. Requested, pinned and
+            // remembered ports stay.
+            let fresh_pick = requested == 0 && ports.assigned(agent_id, &remembered).is_none();
+            let (port, listener) = if fresh_pick {
+                ports.bind_any_from(agent_id, chosen, &remembered).await?
+            } else {
+                (chosen, ports.bind(chosen).await?)
+            };
+            if ports.is_pinned(agent_id) {
+                return Ok((port, listener));
+            }
+            match self.store.remember(agent_id, port).await? {
+                None => return Ok((port, listener)),
+                Some(_) if fresh_pick => continue,
+                Some(holder) => {
+                    return Err(Rejection::PortTaken {
+                        port,
+                        holder: format!("assigned to camera {holder:?}"),
+                    })
+                }
+            }
+        }
+        Err(Rejection::RetryLater {
+            secs: 1,
+            why: "other relays of the cluster took every port this one tried; try again".into(),
+        })
+    }
+
+    /// Ends the session another relay took (`taken`), telling its agent where it went.
+    pub(crate) fn taken(&self, taken: &Taken) {
+        let Some(session) = self.get(&taken.agent_id).filter(|s| s.epoch == taken.epoch) else {
+            return;
+        };
+        tracing::warn!(
+            agent = %taken.agent_id,
+            relay = %taken.by,
+            "the camera registered on relay {} ({}); ending its session here",
+            taken.by,
+            taken.remote
+        );
+        session.close(CloseReason::Replaced(format!(
+            "{}, on relay {}",
+            taken.remote, taken.by
+        )));
+    }
+
+    /// The fleet store.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// The live session of `agent_id`, if any.
@@ -196,7 +292,8 @@ impl Registry {
 
     /// The port assigned to `agent_id` (pinned, or remembered from its registrations).
     pub async fn assigned_port(&self, agent_id: &str) -> Option<u16> {
-        self.ports.lock().await.assigned(agent_id)
+        let remembered = self.store.assignments();
+        self.ports.lock().await.assigned(agent_id, &remembered)
     }
 
     /// Time since the registry (the relay) started.
@@ -240,6 +337,13 @@ impl Registry {
     fn lock_sessions(&self) -> MutexGuard<'_, HashMap<String, Arc<AgentSession>>> {
         lock(&self.sessions)
     }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,68 +1,57 @@
-//! Which relay port each camera gets, and remembering it across restarts so the URL a
-//! VMS was configured with keeps working.
+//! Which relay port each camera gets: pinned in the config, remembered from its earlier
+//! registrations (by the fleet store, so the URL a VMS was configured with keeps
+//! working), asked for, or the first free one of the range.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io,
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
-    path::{Path, PathBuf},
 };
 
 use common::protocol::Rejection;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::RelayConfig;
 
-const STATE_FILE: &str = "ports.json";
+/// Remembered assignments, agent → port, as the fleet store holds them.
+pub(crate) type Remembered = BTreeMap<String, u16>;
 
-/// The port policy: pinned ports from the config, remembered assignments, the range.
+/// The port rules: pinned ports from the config, the range, the bind address.
 #[derive(Debug)]
-pub struct PortPolicy {
+pub(crate) struct PortPolicy {
     bind: IpAddr,
     range: RangeInclusive<u16>,
     pinned: HashMap<String, u16>,
-    remembered: BTreeMap<String, u16>,
-    state_file: Option<PathBuf>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StateFile {
-    version: u32,
-    ports: BTreeMap<String, u16>,
 }
 
 impl PortPolicy {
-    /// Builds the policy, reading remembered assignments from the state directory.
-    pub fn load(config: &RelayConfig) -> anyhow::Result<Self> {
+    /// The rules of `config`.
+    pub(crate) fn new(config: &RelayConfig) -> Self {
         let pinned = config
             .auth
             .agents
             .iter()
             .filter_map(|(id, a)| a.port.map(|p| (id.clone(), p)))
             .collect();
-        let state_file = config.state_dir.as_ref().map(|d| d.join(STATE_FILE));
-        let remembered = match &state_file {
-            Some(path) => read_state(path)?,
-            None => BTreeMap::new(),
-        };
-        Ok(PortPolicy {
+        PortPolicy {
             bind: config.camera_bind,
             range: config.camera_ports.clone(),
             pinned,
-            remembered,
-            state_file,
-        })
+        }
     }
 
     /// The port for `agent_id`, which asked for `requested` (0: any).
-    pub fn choose(&self, agent_id: &str, requested: u16) -> Result<u16, Rejection> {
+    pub(crate) fn choose(
+        &self,
+        agent_id: &str,
+        requested: u16,
+        remembered: &Remembered,
+    ) -> Result<u16, Rejection> {
         if let Some(&port) = self.pinned.get(agent_id) {
             return Ok(port);
         }
         if requested == 0 {
-            if let Some(&port) = self.remembered.get(agent_id) {
+            if let Some(&port) = remembered.get(agent_id) {
                 if self.range.contains(&port) {
                     return Ok(port);
                 }
@@ -70,7 +59,7 @@ impl PortPolicy {
             return self
                 .range
                 .clone()
-                .find(|p| self.holder(*p, agent_id).is_none())
+                .find(|p| self.holder(*p, agent_id, remembered).is_none())
                 .ok_or(Rejection::NoFreePort {
                     first: *self.range.start(),
                     last: *self.range.end(),
@@ -83,7 +72,7 @@ impl PortPolicy {
                 last: *self.range.end(),
             });
         }
-        match self.holder(requested, agent_id) {
+        match self.holder(requested, agent_id, remembered) {
             Some(other) => Err(Rejection::PortTaken {
                 port: requested,
                 holder: format!("assigned to camera {other:?}"),
@@ -93,51 +82,47 @@ impl PortPolicy {
     }
 
     /// Which other agent holds `port`, pinned or remembered.
-    fn holder(&self, port: u16, agent_id: &str) -> Option<&str> {
+    fn holder<'a>(
+        &'a self,
+        port: u16,
+        agent_id: &str,
+        remembered: &'a Remembered,
+    ) -> Option<&'a str> {
         self.pinned
             .iter()
-            .chain(self.remembered.iter())
+            .chain(remembered.iter())
             .find(|(id, p)| **p == port && id.as_str() != agent_id)
             .map(|(id, _)| id.as_str())
     }
 
+    /// True if the config pins `agent_id`'s port (it is then never remembered).
+    pub(crate) fn is_pinned(&self, agent_id: &str) -> bool {
+        self.pinned.contains_key(agent_id)
+    }
+
     /// The port assigned to `agent_id`, pinned or remembered.
-    pub fn assigned(&self, agent_id: &str) -> Option<u16> {
+    pub(crate) fn assigned(&self, agent_id: &str, remembered: &Remembered) -> Option<u16> {
         self.pinned
             .get(agent_id)
-            .or_else(|| self.remembered.get(agent_id))
+            .or_else(|| remembered.get(agent_id))
             .copied()
     }
 
-    /// Every agent that has a port assigned, pinned or remembered.
-    pub fn assigned_ids(&self) -> impl Iterator<Item = &str> {
-        self.pinned
-            .keys()
-            .chain(self.remembered.keys())
-            .map(String::as_str)
-    }
-
-    /// Records that `agent_id` has `port`, on disk if there is a state directory.
-    pub fn remember(&mut self, agent_id: &str, port: u16) -> io::Result<()> {
-        if self.pinned.contains_key(agent_id) || self.remembered.get(agent_id) == Some(&port) {
-            return Ok(());
-        }
-        self.remembered.insert(agent_id.to_string(), port);
-        match &self.state_file {
-            Some(path) => write_state(path, &self.remembered),
-            None => Ok(()),
-        }
+    /// Every agent the config pins a port for.
+    pub(crate) fn pinned_ids(&self) -> impl Iterator<Item = &str> {
+        self.pinned.keys().map(String::as_str)
     }
 
     /// For a camera that asked for any port: binds the first port of the range from
     /// `from` on that no other camera holds and no other program uses.
-    pub async fn bind_any_from(
+    pub(crate) async fn bind_any_from(
         &self,
         agent_id: &str,
         from: u16,
+        remembered: &Remembered,
     ) -> Result<(u16, TcpListener), Rejection> {
         for port in from..=*self.range.end() {
-            if self.holder(port, agent_id).is_some() {
+            if self.holder(port, agent_id, remembered).is_some() {
                 continue;
             }
             if let Ok(listener) = self.bind(port).await {
@@ -151,7 +136,7 @@ impl PortPolicy {
     }
 
     /// Binds the camera listener on `port`.
-    pub async fn bind(&self, port: u16) -> Result<TcpListener, Rejection> {
+    pub(crate) async fn bind(&self, port: u16) -> Result<TcpListener, Rejection> {
         TcpListener::bind(SocketAddr::new(self.bind, port))
             .await
             .map_err(|e| Rejection::PortTaken {
@@ -161,79 +146,45 @@ impl PortPolicy {
     }
 }
 
-fn read_state(path: &Path) -> anyhow::Result<BTreeMap<String, u16>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-        Err(e) => anyhow::bail!("{}: cannot read the port state: {e}", path.display()),
-    };
-    let state: StateFile = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: the port state is damaged ({e}); fix or delete it (cameras then get new ports)",
-            path.display()
-        )
-    })?;
-    Ok(state.ports)
-}
-
-/// Writes the state atomically: a crash leaves the old file or the new one, never half.
-fn write_state(path: &Path, ports: &BTreeMap<String, u16>) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let state = StateFile {
-        version: 1,
-        ports: ports.clone(),
-    };
-    let text = serde_json::to_string_pretty(&state).map_err(io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::config::RelayConfig;
+    #![allow(clippy::unwrap_used)]
 
-    fn config(state_dir: Option<&Path>) -> RelayConfig {
-        let mut text = String::from(
-            "camera_ports = \"9000-9002\"\nshared_token = \"t\"\n[[agents]]\nid = \"pinned\"\ntoken = \"t\"\nport = 9002\n",
-        );
-        if let Some(dir) = state_dir {
-            text = format!("state_dir = {:?}\n{text}", dir.display().to_string());
-        }
-        RelayConfig::from_toml(&text, "test").unwrap()
+    use super::*;
+    use crate::{
+        config::RelayConfig,
+        registry::fleet::local::{LocalStore, STATE_FILE},
+    };
+
+    fn config() -> RelayConfig {
+        let text = "camera_ports = \"9000-9002\"\nshared_token = \"t\"\n[[agents]]\nid = \"pinned\"\ntoken = \"t\"\nport = 9002\n";
+        RelayConfig::from_toml(text, "test").unwrap()
     }
 
     #[test]
     fn pinned_requested_and_allocated_ports() {
-        let mut p = PortPolicy::load(&config(None)).unwrap();
-        assert_eq!(p.choose("pinned", 9000), Ok(9002));
-        assert_eq!(p.choose("a", 9000), Ok(9000));
-        p.remember("a", 9000).unwrap();
+        let p = PortPolicy::new(&config());
+        let mut remembered = Remembered::new();
+        assert_eq!(p.choose("pinned", 9000, &remembered), Ok(9002));
+        assert_eq!(p.choose("a", 9000, &remembered), Ok(9000));
+        remembered.insert("a".into(), 9000);
         assert!(matches!(
-            p.choose("b", 9000),
+            p.choose("b", 9000, &remembered),
             Err(Rejection::PortTaken { port: 9000, .. })
         ));
         assert!(matches!(
-            p.choose("b", 9002),
+            p.choose("b", 9002, &remembered),
             Err(Rejection::PortTaken { .. })
         ));
         assert!(matches!(
-            p.choose("b", 80),
+            p.choose("b", 80, &remembered),
             Err(Rejection::PortNotAllowed { .. })
         ));
-        assert_eq!(p.choose("b", 0), Ok(9001));
-        p.remember("b", 9001).unwrap();
-        assert_eq!(p.choose("b", 0), Ok(9001), "remembered");
+        assert_eq!(p.choose("b", 0, &remembered), Ok(9001));
+        remembered.insert("b".into(), 9001);
+        assert_eq!(p.choose("b", 0, &remembered), Ok(9001), "remembered");
         assert!(matches!(
-            p.choose("c", 0),
+            p.choose("c", 0, &remembered),
             Err(Rejection::NoFreePort { .. })
         ));
     }
@@ -241,20 +192,19 @@ mod tests {
     #[test]
     fn assignments_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = PortPolicy::load(&config(Some(dir.path()))).unwrap();
-        let port = p.choose("cam", 0).unwrap();
-        p.remember("cam", port).unwrap();
-        let p = PortPolicy::load(&config(Some(dir.path()))).unwrap();
-        assert_eq!(p.choose("cam", 0), Ok(port));
+        let p = PortPolicy::new(&config());
+        let store = LocalStore::load(Some(dir.path())).unwrap();
+        let port = p.choose("cam", 0, &store.assignments()).unwrap();
+        store.remember("cam", port).unwrap();
+        let store = LocalStore::load(Some(dir.path())).unwrap();
+        assert_eq!(p.choose("cam", 0, &store.assignments()), Ok(port));
         assert!(matches!(
-            p.choose("other", port),
+            p.choose("other", port, &store.assignments()),
             Err(Rejection::PortTaken { .. })
         ));
 
         std::fs::write(dir.path().join(STATE_FILE), "{ not json").unwrap();
-        let e = PortPolicy::load(&config(Some(dir.path())))
-            .unwrap_err()
-            .to_string();
+        let e = LocalStore::load(Some(dir.path())).unwrap_err().to_string();
         assert!(e.contains("ports.json") && e.contains("damaged"), "{e}");
     }
 }

@@ -103,6 +103,8 @@ pub struct AgentSession {
     /// Media health of the camera's last finished Watcher session; a watch so that the
     /// API (and tests) can follow it.
     media: watch::Sender<Option<MediaStats>>,
+    /// This registration among the camera's registrations, cluster-wide (random).
+    pub epoch: u64,
     /// The data-plane shard the camera's work runs on, set once at registration; the
     /// shard counts the camera until the session is gone.
     seat: OnceLock<Seat>,
@@ -118,6 +120,7 @@ pub(super) struct NewSession<'a> {
     pub(super) metrics: CameraMetrics,
     pub(super) certified: bool,
     pub(super) cancel: CancellationToken,
+    pub(super) epoch: u64,
 }
 
 impl AgentSession {
@@ -147,6 +150,7 @@ impl AgentSession {
             listener: Mutex::new(None),
             media: watch::Sender::new(None),
             seat: OnceLock::new(),
+            epoch: new.epoch,
         }
     }
 
@@ -285,6 +289,11 @@ impl AgentSession {
     /// The QUIC tunnel, if it is up.
     pub fn current_tunnel(&self) -> Option<quinn::Connection> {
         self.links.borrow().quic.clone()
+    }
+
+    /// Follows changes of the session's links.
+    pub(super) fn links_changed(&self) -> watch::Receiver<Links> {
+        self.links.subscribe()
     }
 
     /// The link new streams take right now, if any.

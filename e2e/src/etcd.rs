@@ -1,0 +1,192 @@
+//! A real etcd cluster on loopback for the relay-cluster tests: Debian's `etcd`, each
+//! member on ports chosen at run time with its data in the test's own temporary
+//! directory, every member killed when the cluster is dropped.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::process::Command;
+
+use crate::{free_ports, Child};
+
+/// Members' election settings, loose enough for a loaded 2-core machine.
+const HEARTBEAT_MS: &str = "100";
+const ELECTION_MS: &str = "1000";
+
+/// A running etcd cluster.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    /// Members, `None` while stopped.
+    members: Vec<Option<Child>>,
+    clients: Vec<u16>,
+    peers: Vec<u16>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until each serves clients.
+    pub async fn start(n: usize) -> anyhow::Result<Self> {
+        let ports = free_ports(2 * n);
+        let (clients, peers) = ports.split_at(n);
+        let mut cluster = EtcdCluster {
+            members: (0..n).map(|_| None).collect(),
+            clients: clients.to_vec(),
+            peers: peers.to_vec(),
+            dir: tempfile::tempdir()?,
+        };
+        for i in 0..n {
+            cluster.spawn(i)?;
+        }
+        for i in 0..n {
+            cluster.ready(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let initial: Vec<String> = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(j, port)| format!("m{j}=http://127.0.0.1:{port}"))
+            .collect();
+        let client = format!("http://127.0.0.1:{}", self.clients[i]);
+        let peer = format!("http://127.0.0.1:{}", self.peers[i]);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(self.dir.path().join(format!("m{i}")))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-state", "new", "--initial-cluster-token"])
+            .arg(self.dir.path().file_name().unwrap_or_default())
+            .args([
+                "--heartbeat-interval",
+                HEARTBEAT_MS,
+                "--election-timeout",
+                ELECTION_MS,
+            ])
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        // Quiet unless something goes wrong; readiness is asked with etcdctl.
+        self.members[i] = Some(Child::spawn(&format!("etcd-m{i}"), cmd)?);
+        Ok(())
+    }
+
+    /// Waits until member `i` answers a health check (which needs a leader).
+    async fn ready(&self, i: usize) -> anyhow::Result<()> {
+        let endpoint = self.endpoint(i);
+        let deadline = tokio::time::Instant::now() + crate::READY_TIMEOUT;
+        loop {
+            let health = self.etcdctl_at(&endpoint, &["endpoint", "health"]).await;
+            match health {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(e.context(format!("etcd member m{i} never became healthy")))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Client URL of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.clients[i])
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.clients.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// Kills member `i` with SIGKILL.
+    pub async fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(mut member) = self.members[i].take() {
+            member.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts member `i` again on its data (after [`EtcdCluster::kill`]) and waits
+    /// until it is healthy.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.spawn(i)?;
+        self.ready(i).await
+    }
+
+    /// Kills every member: the store is gone.
+    pub async fn kill_all(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.members.len() {
+            self.kill(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts every stopped member again and waits until all are healthy (a member
+    /// alone has no quorum, so all start before any is waited for).
+    pub async fn restart_all(&mut self) -> anyhow::Result<()> {
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].is_none())
+            .collect();
+        for &i in &stopped {
+            self.spawn(i)?;
+        }
+        for &i in &stopped {
+            self.ready(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Keys and values under `prefix`, in key order, as `etcdctl get --prefix` prints.
+    pub async fn get_prefix(&self, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let endpoints = self.endpoints().join(",");
+        let text = self
+            .etcdctl_at(&endpoints, &["get", "--prefix", prefix])
+            .await?;
+        let lines: Vec<&str> = text.lines().collect();
+        Ok(lines
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [key, value] => Some((key.to_string(), value.to_string())),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Writes `key` = `value` as an operator (or another program) would.
+    pub async fn put(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        let endpoints = self.endpoints().join(",");
+        self.etcdctl_at(&endpoints, &["put", key, value])
+            .await
+            .map(drop)
+    }
+
+    async fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoints}"))
+            .args(["--command-timeout=3s", "--dial-timeout=2s"])
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("cannot run etcdctl")?;
+        anyhow::ensure!(
+            output.status.success(),
+            "etcdctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    }
+}

@@ -1,0 +1,335 @@
+//! Relays sharing one view of the fleet through a real 3-member etcd: cameras on
+//! several relays, ports unique and stable cluster-wide, one live session per camera
+//! cluster-wide, a relay's cameras gone from the view within its lease's TTL after a
+//! SIGKILL, and etcd misbehaving (a member killed; the whole store down and back) under
+//! live streams.
+
+#![allow(clippy::unwrap_used)] // a test that cannot go on should panic
+
+use std::time::Duration;
+
+use e2e::{
+    agent_config_json, ffprobe, free_port_run, free_ports, AgentProcess, CameraSim, EtcdCluster,
+    RelayProcess, MAIN_STREAM,
+};
+
+const TOKEN: &str = "cluster-token";
+const PREFIX: &str = "/camera-relay/";
+/// The relays' lease TTL: short, so a dead relay's cameras leave the view quickly.
+const TTL_SECS: u64 = 4;
+
+/// A relay of the cluster, with its config in its own directory.
+struct ClusterRelay {
+    process: RelayProcess,
+    /// Address its camera ports listen on (each relay its own loopback address, as
+    /// each would be its own host).
+    camera_host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ClusterRelay {
+    async fn start(
+        id: &str,
+        camera_host: &str,
+        first_camera_port: u16,
+        etcd: &EtcdCluster,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_ports(1)[0];
+        let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
+        let config = format!(
+            "listen = \"127.0.0.1:{port}\"\n\
+             camera_bind = \"{camera_host}\"\n\
+             camera_ports = \"{first_camera_port}-{}\"\n\
+             shared_token = \"{TOKEN}\"\n\
+             [cluster]\n\
+             etcd_endpoints = [{}]\n\
+             relay_id = \"{id}\"\n\
+             advertise = \"http://127.0.0.1:{port}\"\n\
+             lease_ttl_secs = {TTL_SECS}\n",
+            first_camera_port + 3,
+            endpoints.join(", ")
+        );
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, config).unwrap();
+        let process =
+            RelayProcess::start_from_file_in(&e2e::Place::host(), &path, "127.0.0.1", port)
+                .await
+                .unwrap();
+        ClusterRelay {
+            process,
+            camera_host: camera_host.to_string(),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        self.process.url()
+    }
+
+    fn rtsp(&self, port: u16) -> String {
+        format!(
+            "rtsp://admin:admin@{}:{port}{MAIN_STREAM}",
+            self.camera_host
+        )
+    }
+}
+
+/// The JSON record of `kind/name` in etcd, if present.
+async fn record(etcd: &EtcdCluster, kind: &str, name: &str) -> Option<String> {
+    let key = format!("{PREFIX}{kind}/{name}");
+    etcd.get_prefix(&key)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Which relay holds `agent` in etcd, and on which port.
+async fn holder(etcd: &EtcdCluster, agent: &str) -> Option<(String, u16)> {
+    let value = record(etcd, "cameras", agent).await?;
+    let json: serde_json::Value = serde_json::from_str(&value).unwrap();
+    Some((
+        json["relay"].as_str().unwrap().to_string(),
+        json["port"].as_u64().unwrap() as u16,
+    ))
+}
+
+/// Polls etcd until `agent`'s holder is `want`, for at most `within`.
+async fn until_holder(etcd: &EtcdCluster, agent: &str, want: Option<&str>, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = holder(etcd, agent).await;
+        if now.as_ref().map(|(relay, _)| relay.as_str()) == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{agent} is held by {now:?}, not {want:?}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The relay's API answer (from loopback: no token needed).
+async fn api(relay: &ClusterRelay, method: &str, path: &str, body: Option<&str>) -> e2e::HttpReply {
+    let url = format!("http://127.0.0.1:{}{path}", relay.process.port);
+    e2e::http(&e2e::Place::host(), method, &url, None, body)
+        .await
+        .unwrap()
+}
+
+/// Polls `relay`'s `/agents` until it lists `agent` online on `holder`.
+async fn until_listed(relay: &ClusterRelay, agent: &str, holder: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let agents = api(relay, "GET", "/agents", None).await.json().unwrap();
+        let listed = agents["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == agent)
+            .cloned();
+        if listed
+            .as_ref()
+            .is_some_and(|a| a["online"] == true && a["relay"] == holder)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{agent} not listed on {holder}: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn agent_json(id: &str, relay: &ClusterRelay, camera: &CameraSim) -> serde_json::Value {
+    agent_config_json(id, &relay.url(), TOKEN, 0, camera.port)
+}
+
+/// The port in the agent's "online: … on port N" line.
+fn port_on(line: &str) -> u16 {
+    let after = line.split_once("on port ").unwrap().1;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap()
+}
+
+async fn online_port(agent: &mut AgentProcess) -> u16 {
+    let line = agent
+        .process
+        .wait_for_line("online: the relay serves this camera")
+        .await
+        .unwrap();
+    port_on(&line)
+}
+
+#[tokio::test]
+async fn cameras_on_two_relays_share_ports_and_one_session_cluster_wide() {
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    let first = free_port_run(4);
+    let mut a = ClusterRelay::start("relay-a", "127.0.0.1", first, &etcd).await;
+    let mut b = ClusterRelay::start("relay-b", "127.0.0.2", first, &etcd).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+
+    // Both relays hand out the same range: etcd keeps the two cameras apart.
+    let mut on_a = AgentProcess::spawn("cam-1@a", &agent_json("cam-1", &a, &camera)).unwrap();
+    let port_1 = online_port(&mut on_a).await;
+    let mut cam_2 = AgentProcess::spawn("cam-2@b", &agent_json("cam-2", &b, &camera)).unwrap();
+    let port_2 = online_port(&mut cam_2).await;
+    assert_ne!(port_1, port_2, "two relays gave two cameras one port");
+    assert_eq!(
+        holder(&etcd, "cam-1").await,
+        Some(("relay-a".into(), port_1))
+    );
+    assert_eq!(
+        holder(&etcd, "cam-2").await,
+        Some(("relay-b".into(), port_2))
+    );
+    assert_eq!(
+        record(&etcd, "ports", &port_1.to_string()).await.as_deref(),
+        Some("cam-1")
+    );
+    assert_eq!(
+        record(&etcd, "ports", &port_2.to_string()).await.as_deref(),
+        Some("cam-2")
+    );
+    for relay in ["relay-a", "relay-b"] {
+        let announced = record(&etcd, "relays", relay).await.unwrap();
+        assert!(
+            announced.contains("\"advertise\":\"http://127.0.0.1:"),
+            "{announced}"
+        );
+    }
+
+    // The operator sees the whole fleet from either relay, and reaches a camera
+    // through the relay that does not hold it.
+    for relay in [&a, &b] {
+        until_listed(relay, "cam-1", "relay-a").await;
+        until_listed(relay, "cam-2", "relay-b").await;
+    }
+    let ping = api(
+        &a,
+        "POST",
+        "/agents/cam-2/control",
+        Some(r#"{"command": "ping"}"#),
+    )
+    .await;
+    assert_eq!(ping.status, 200, "{}", ping.body);
+    let ping = ping.json().unwrap();
+    assert!(
+        ping["result"]["agent_clock_unix_ms"].as_f64().is_some(),
+        "{ping}"
+    );
+    let health = api(&a, "GET", "/health", None).await.json().unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["cluster"]["relay"], "relay-a", "{health}");
+    assert_eq!(health["cluster"]["store"]["reachable"], true, "{health}");
+    let metrics = api(&a, "GET", "/metrics", None).await.body;
+    assert_eq!(
+        e2e::metric(&metrics, "camera_relay_cluster_cameras"),
+        Some(2.0)
+    );
+    assert_eq!(
+        e2e::metric(&metrics, "camera_relay_cluster_store_up"),
+        Some(1.0)
+    );
+
+    // The same camera registers on relay B (it moved networks; A still holds it): B
+    // takes the claim, A ends its session and tells the agent where it went, and the
+    // camera keeps its port on B.
+    let mut on_b = AgentProcess::spawn("cam-1@b", &agent_json("cam-1", &b, &camera)).unwrap();
+    let moved_port = online_port(&mut on_b).await;
+    assert_eq!(
+        moved_port, port_1,
+        "the camera's port changed with its relay"
+    );
+    on_a.process
+        .wait_for_line("on relay relay-b")
+        .await
+        .unwrap();
+    a.process
+        .process
+        .wait_for_line("the camera registered on relay relay-b")
+        .await
+        .unwrap();
+    on_a.process.kill().await.unwrap();
+    until_holder(&etcd, "cam-1", Some("relay-b"), Duration::from_secs(5)).await;
+    let probe = ffprobe(b.rtsp(moved_port), 5).await.unwrap();
+    assert!(probe.frames >= 5, "{probe:?}");
+
+    // Relay B dies without a word: its cameras leave the cluster's view within the
+    // lease's TTL, with nobody cleaning up; their ports stay theirs.
+    b.process.process.kill().await.unwrap();
+    let within = Duration::from_secs(TTL_SECS + 5);
+    until_holder(&etcd, "cam-1", None, within).await;
+    until_holder(&etcd, "cam-2", None, within).await;
+    assert_eq!(
+        record(&etcd, "ports", &port_1.to_string()).await.as_deref(),
+        Some("cam-1")
+    );
+    assert_eq!(record(&etcd, "relays", "relay-b").await, None);
+
+    // cam-2 comes back on relay A and gets its port back there.
+    cam_2.process.kill().await.unwrap();
+    let mut cam_2 = AgentProcess::spawn("cam-2@a", &agent_json("cam-2", &a, &camera)).unwrap();
+    assert_eq!(online_port(&mut cam_2).await, port_2);
+    until_holder(&etcd, "cam-2", Some("relay-a"), Duration::from_secs(5)).await;
+    drop(on_b);
+}
+
+#[tokio::test]
+async fn the_store_failing_leaves_streams_alone_and_heals_by_itself() {
+    let mut etcd = EtcdCluster::start(3).await.unwrap();
+    let first = free_port_run(4);
+    let mut a = ClusterRelay::start("relay-a", "127.0.0.1", first, &etcd).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let mut cam_1 = AgentProcess::spawn("cam-1", &agent_json("cam-1", &a, &camera)).unwrap();
+    let port_1 = online_port(&mut cam_1).await;
+
+    // One member killed: nothing noticeable.
+    etcd.kill(0).await.unwrap();
+    let mut cam_2 = AgentProcess::spawn("cam-2", &agent_json("cam-2", &a, &camera)).unwrap();
+    online_port(&mut cam_2).await;
+    until_holder(&etcd, "cam-2", Some("relay-a"), Duration::from_secs(5)).await;
+    etcd.restart(0).await.unwrap();
+
+    // The whole store down: the camera online keeps streaming, the relay says once
+    // that it is degraded, and a new camera is refused with a reason it can act on.
+    etcd.kill_all().await.unwrap();
+    a.process
+        .process
+        .wait_for_line("the cluster store (etcd at")
+        .await
+        .unwrap();
+    let probe = ffprobe(a.rtsp(port_1), 5).await.unwrap();
+    assert!(probe.frames >= 5, "{probe:?}");
+    let mut cam_3 = AgentProcess::spawn("cam-3", &agent_json("cam-3", &a, &camera)).unwrap();
+    cam_3
+        .process
+        .wait_for_line("cannot reach its cluster store")
+        .await
+        .unwrap();
+    assert_eq!(
+        a.process.process.count_lines("is unreachable"),
+        1,
+        "one line per state change"
+    );
+
+    // etcd back: the relay heals, the waiting camera comes online, and every camera is
+    // in the view once, held by this relay.
+    etcd.restart_all().await.unwrap();
+    a.process
+        .process
+        .wait_for_line("is reachable again")
+        .await
+        .unwrap();
+    online_port(&mut cam_3).await;
+    for agent in ["cam-1", "cam-2", "cam-3"] {
+        until_holder(&etcd, agent, Some("relay-a"), Duration::from_secs(10)).await;
+    }
+    let probe = ffprobe(a.rtsp(port_1), 5).await.unwrap();
+    assert!(probe.frames >= 5, "{probe:?}");
+    drop((cam_1, cam_2, cam_3));
+}
