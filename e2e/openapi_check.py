@@ -2,7 +2,8 @@
 response's status is documented for its operation, its JSON body matches the documented
 schema, and every documented operation was exercised at least once.
 
-usage: /usr/bin/python3 e2e/openapi_check.py docs/api.yaml samples.json
+usage: /usr/bin/python3 e2e/openapi_check.py docs/api.yaml samples.json [--some]
+--some: the samples cover some operations only (no check that every one was exercised)
 samples.json: [{"method", "path" (the template, e.g. /agents/{id}), "status", "body"}]
 """
 import copy
@@ -60,9 +61,10 @@ def main():
             for error in validator.iter_errors(body):
                 path_in_body = "/".join(str(p) for p in error.absolute_path)
                 problems.append(f"{where}: at /{path_in_body}: {error.message}")
+    every = "--some" not in sys.argv[3:]
     for path, operations in spec["paths"].items():
         for method in operations:
-            if (path, method) not in seen:
+            if every and (path, method) not in seen:
                 problems.append(f"{method.upper()} {path}: documented but never exercised")
     for problem in problems:
         print(problem)

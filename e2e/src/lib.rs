@@ -730,6 +730,39 @@ pub async fn http(
     })
 }
 
+/// Checks recorded API exchanges (`{"method", "path" (the template), "status", "body"}`)
+/// against docs/api.yaml with jsonschema, and that they exercise every documented
+/// operation; the error is the checker's report.
+pub async fn check_openapi(samples: &[serde_json::Value]) -> anyhow::Result<()> {
+    openapi_check(samples, &[]).await
+}
+
+/// [`check_openapi`] for samples of some operations only.
+pub async fn check_openapi_some(samples: &[serde_json::Value]) -> anyhow::Result<()> {
+    openapi_check(samples, &["--some"]).await
+}
+
+async fn openapi_check(samples: &[serde_json::Value], flags: &[&str]) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("samples.json");
+    std::fs::write(&file, serde_json::to_vec(samples)?)?;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let checked = Command::new("/usr/bin/python3")
+        .arg(root.join("openapi_check.py"))
+        .arg(root.join("../docs/api.yaml"))
+        .arg(&file)
+        .args(flags)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        checked.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    Ok(())
+}
+
 /// The value of the sample `series` (name and labels, exactly as exposed, e.g.
 /// `camera_relay_rtp_packets_total{camera="cam-1"}`) in a Prometheus text exposition.
 pub fn metric(exposition: &str, series: &str) -> Option<f64> {

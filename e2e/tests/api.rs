@@ -484,22 +484,7 @@ async fn responses_match_the_openapi_document() {
     let _mute = mute_agent(&api).await;
     record("POST", control, api.command("mute", "ping").await);
 
-    let file = dir.path().join("samples.json");
-    std::fs::write(&file, serde_json::to_vec(&samples).unwrap()).unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let checked = tokio::process::Command::new("/usr/bin/python3")
-        .arg(root.join("openapi_check.py"))
-        .arg(root.join("../docs/api.yaml"))
-        .arg(&file)
-        .output()
-        .await
-        .unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
-    assert!(checked.status.success(), "{report}");
+    e2e::check_openapi(&samples).await.unwrap();
     api.relay.stop().await.unwrap();
 }
 

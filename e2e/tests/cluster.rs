@@ -235,6 +235,29 @@ async fn cameras_on_two_relays_share_ports_and_one_session_cluster_wide() {
         e2e::metric(&metrics, "camera_relay_cluster_store_up"),
         Some(1.0)
     );
+    // What a cluster relay answers is what docs/api.yaml says.
+    let mut samples = Vec::new();
+    for (method, path, template, body) in [
+        ("GET", "/health", "/health", None),
+        ("GET", "/agents", "/agents", None),
+        ("GET", "/agents/cam-1", "/agents/{id}", None),
+        ("GET", "/agents/cam-2", "/agents/{id}", None),
+        ("GET", "/tunnels", "/tunnels", None),
+        ("GET", "/tunnels/cam-2", "/tunnels/{id}", None),
+        (
+            "POST",
+            "/agents/cam-2/control",
+            "/agents/{id}/control",
+            Some(r#"{"command": "stats"}"#),
+        ),
+    ] {
+        let reply = api(&a, method, path, body).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        samples.push(serde_json::json!({
+            "method": method, "path": template, "status": reply.status, "body": reply.body,
+        }));
+    }
+    e2e::check_openapi_some(&samples).await.unwrap();
 
     // The same camera registers on relay B (it moved networks; A still holds it): B
     // takes the claim, A ends its session and tells the agent where it went, and the
@@ -315,6 +338,21 @@ async fn the_store_failing_leaves_streams_alone_and_heals_by_itself() {
         a.process.process.count_lines("is unreachable"),
         1,
         "one line per state change"
+    );
+    let health = api(&a, "GET", "/health", None).await;
+    let sample = serde_json::json!([{
+        "method": "GET", "path": "/health", "status": health.status, "body": health.body,
+    }]);
+    let health = health.json().unwrap();
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["cluster"]["store"]["reachable"], false, "{health}");
+    e2e::check_openapi_some(sample.as_array().unwrap())
+        .await
+        .unwrap();
+    let metrics = api(&a, "GET", "/metrics", None).await.body;
+    assert_eq!(
+        e2e::metric(&metrics, "camera_relay_cluster_store_up"),
+        Some(0.0)
     );
 
     // etcd back: the relay heals, the waiting camera comes online, and every camera is

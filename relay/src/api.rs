@@ -465,6 +465,9 @@ async fn tunnel_view(shared: &Shared, id: &str) -> Value {
             "status": if held.link.is_some() { "online" } else { "connecting" },
             "relay": held.relay,
             "local_port": held.port,
+            "remote_port": null,
+            "bytes_transferred": null,
+            "connections": null,
             "uptime_secs": now_unix_secs().saturating_sub(held.since),
         });
     }
