@@ -163,6 +163,24 @@ impl EtcdCluster {
             .collect())
     }
 
+    /// The store's revision now: it counts every write ever made.
+    pub async fn revision(&self) -> anyhow::Result<i64> {
+        let text = self
+            .etcdctl_at(
+                &self.endpoints().join(","),
+                &["endpoint", "status", "-w", "json"],
+            )
+            .await?;
+        let status: serde_json::Value = serde_json::from_str(&text)?;
+        status
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|member| member["Status"]["header"]["revision"].as_i64())
+            .max()
+            .context("no revision in etcdctl's status")
+    }
+
     /// Writes `key` = `value` as an operator (or another program) would.
     pub async fn put(&self, key: &str, value: &str) -> anyhow::Result<()> {
         let endpoints = self.endpoints().join(",");

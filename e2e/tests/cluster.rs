@@ -28,10 +28,15 @@ struct ClusterRelay {
 }
 
 impl ClusterRelay {
-    async fn start(
+    /// Starts relay `id` with cameras on `camera_host`, ports `first` to `first + 3`.
+    async fn start(id: &str, camera_host: &str, first: u16, etcd: &EtcdCluster) -> Self {
+        Self::start_with(id, camera_host, first..=first + 3, etcd).await
+    }
+
+    async fn start_with(
         id: &str,
         camera_host: &str,
-        first_camera_port: u16,
+        camera_ports: std::ops::RangeInclusive<u16>,
         etcd: &EtcdCluster,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -40,14 +45,15 @@ impl ClusterRelay {
         let config = format!(
             "listen = \"127.0.0.1:{port}\"\n\
              camera_bind = \"{camera_host}\"\n\
-             camera_ports = \"{first_camera_port}-{}\"\n\
+             camera_ports = \"{}-{}\"\n\
              shared_token = \"{TOKEN}\"\n\
              [cluster]\n\
              etcd_endpoints = [{}]\n\
              relay_id = \"{id}\"\n\
              advertise = \"http://127.0.0.1:{port}\"\n\
              lease_ttl_secs = {TTL_SECS}\n",
-            first_camera_port + 3,
+            camera_ports.start(),
+            camera_ports.end(),
             endpoints.join(", ")
         );
         let path = dir.path().join("relay.toml");
@@ -370,4 +376,118 @@ async fn the_store_failing_leaves_streams_alone_and_heals_by_itself() {
     let probe = ffprobe(a.rtsp(port_1), 5).await.unwrap();
     assert!(probe.frames >= 5, "{probe:?}");
     drop((cam_1, cam_2, cam_3));
+}
+
+#[tokio::test]
+async fn a_relay_that_cannot_reach_etcd_says_so_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let [port, dead] = free_ports(2)[..] else {
+        unreachable!()
+    };
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\nshared_token = \"{TOKEN}\"\n[cluster]\n\
+         etcd_endpoints = \"http://127.0.0.1:{dead}\"\nrelay_id = \"relay-a\"\n\
+         advertise = \"http://127.0.0.1:{port}\"\n"
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = tokio::process::Command::new(e2e::bin("relay").unwrap());
+    cmd.arg("--config").arg(&path);
+    let mut relay = e2e::Child::spawn("relay", cmd).unwrap();
+    let status = relay.wait().await.unwrap();
+    assert!(!status.success(), "the relay ran without its store");
+    let said = relay.output();
+    let errors: Vec<&String> = said.iter().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one line: {said:#?}");
+    assert!(
+        errors[0].contains(&format!(
+            "cannot reach the cluster store (etcd at http://127.0.0.1:{dead})"
+        )),
+        "{}",
+        errors[0]
+    );
+}
+
+#[tokio::test]
+async fn garbage_in_etcd_is_skipped_and_a_quiet_fleet_writes_nothing() {
+    let etcd = EtcdCluster::start(3).await.unwrap();
+    // Keys an older version or a person might have left, before and after the start.
+    etcd.put(&format!("{PREFIX}cameras/junk"), "not json")
+        .await
+        .unwrap();
+    etcd.put(&format!("{PREFIX}ports/not-a-port"), "cam-9")
+        .await
+        .unwrap();
+    let first = free_port_run(24);
+    let mut a = ClusterRelay::start_with("relay-a", "127.0.0.1", first..=first + 23, &etcd).await;
+    etcd.put(&format!("{PREFIX}relays/broken"), "{\"advertise\": 1}")
+        .await
+        .unwrap();
+    a.process
+        .process
+        .wait_for_line("skipping etcd key")
+        .await
+        .unwrap();
+
+    // A fleet registers and settles; then, while nothing changes, the cluster writes
+    // nothing to etcd (the lease's keep-alives are not writes): each camera costs two
+    // keys and a handful of writes when it comes, moves or goes, none while it stays.
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let configs = (0..20)
+        .map(|i| {
+            let json = agent_config_json(&format!("cam-{i}"), &a.url(), TOKEN, 0, camera.port);
+            agent::AgentConfig::parse(&json.to_string(), "test").unwrap()
+        })
+        .collect();
+    let joined = etcd.revision().await.unwrap();
+    let fleet = e2e::Fleet::start(configs);
+    fleet
+        .online_times(tokio::time::Instant::now(), e2e::READY_TIMEOUT)
+        .await
+        .unwrap();
+    for i in 0..20 {
+        until_link(&etcd, &format!("cam-{i}"), "quic").await;
+    }
+    let keys = etcd.get_prefix(PREFIX).await.unwrap();
+    let cameras = keys
+        .iter()
+        .filter(|(k, _)| k.contains("/cameras/cam-"))
+        .count();
+    let ports = keys
+        .iter()
+        .filter_map(|(k, _)| k.strip_prefix(&format!("{PREFIX}ports/")))
+        .filter(|port| port.parse::<u16>().is_ok())
+        .count();
+    assert_eq!((cameras, ports), (20, 20), "{keys:#?}");
+    let before = etcd.revision().await.unwrap();
+    // Coming online: its port (once ever), its claim, its data link.
+    let per_camera = (before - joined) as f64 / 20.0;
+    eprintln!("etcd writes per camera coming online: {per_camera}");
+    // (A fourth if its first data link was the TCP fallback.)
+    assert!(
+        per_camera <= 4.0,
+        "{per_camera} writes per camera coming online"
+    );
+    // Two lease TTLs: every relay renews its lease several times meanwhile.
+    tokio::time::sleep(Duration::from_secs(2 * TTL_SECS)).await;
+    let after = etcd.revision().await.unwrap();
+    assert_eq!(after, before, "a quiet fleet wrote to etcd");
+    assert!(a.process.process.count_lines("panicked") == 0);
+    fleet.stop().await;
+}
+
+/// Polls etcd until `agent`'s record shows its data link as `link`.
+async fn until_link(etcd: &EtcdCluster, agent: &str, link: &str) {
+    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+    loop {
+        let value = record(etcd, "cameras", agent).await.unwrap_or_default();
+        if value.contains(&format!("\"link\":\"{link}\"")) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{agent}'s record never showed link {link}: {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -874,6 +874,81 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_section_names_etcd_this_relay_and_its_address() {
+        let base = "shared_token = \"t\"\n[cluster]\nrelay_id = \"relay-a\"\nadvertise = \"http://10.0.0.11:8080/\"\n";
+        let config = RelayConfig::from_toml(
+            &format!(
+                "{base}etcd_endpoints = [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n"
+            ),
+            "relay.toml",
+        )
+        .unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!(cluster.endpoints.len(), 2);
+        assert_eq!(cluster.relay_id, "relay-a");
+        assert_eq!(
+            cluster.advertise, "http://10.0.0.11:8080",
+            "trailing / dropped"
+        );
+        assert_eq!(cluster.lease_ttl, DEFAULT_LEASE_TTL);
+        assert_eq!(cluster.key_prefix, "/camera-relay/");
+        assert!(RelayConfig::from_toml("shared_token = \"t\"\n", "x")
+            .unwrap()
+            .cluster
+            .is_none());
+
+        for (extra, field, words) in [
+            (
+                "etcd_endpoints = []\n",
+                "cluster.etcd_endpoints",
+                "at least one",
+            ),
+            (
+                "etcd_endpoints = \"10.0.0.1:2379\"\n",
+                "cluster.etcd_endpoints",
+                "e.g. http://",
+            ),
+            (
+                "etcd_endpoints = \"http://e:2379\"\nlease_ttl_secs = 1\n",
+                "cluster.lease_ttl_secs",
+                "2 to 300",
+            ),
+            (
+                "etcd_endpoints = \"http://e:2379\"\netcd_ca = \"/ca.pem\"\n",
+                "cluster.etcd_endpoints",
+                "https://",
+            ),
+            (
+                "etcd_endpoints = \"https://e:2379\"\netcd_user = \"relay\"\n",
+                "cluster.etcd_password",
+                "needs its password",
+            ),
+            (
+                "etcd_endpoints = \"https://e:2379\"\netcd_cert = \"/c.pem\"\n",
+                "cluster.etcd_key",
+                "needs its key",
+            ),
+            (
+                "etcd_endpoints = \"http://e:2379\"\nkey_prefix = \"/x\"\n",
+                "cluster.key_prefix",
+                "end with",
+            ),
+        ] {
+            let e = err(&format!("{base}{extra}"));
+            assert!(e.contains(field) && e.contains(words), "{extra}: {e}");
+        }
+        let e = err("shared_token = \"t\"\n[cluster]\nrelay_id = \"a b\"\nadvertise = \"http://h:1\"\netcd_endpoints = \"http://e:2379\"\n");
+        assert!(e.contains("cluster.relay_id"), "{e}");
+        let e = err("shared_token = \"t\"\n[cluster]\nrelay_id = \"a\"\nadvertise = \"10.0.0.11:8080\"\netcd_endpoints = \"http://e:2379\"\n");
+        assert!(
+            e.contains("cluster.advertise") && e.contains("http://"),
+            "{e}"
+        );
+        let e = err("shared_token = \"t\"\n[cluster]\nrelay_id = \"a\"\nadvertise = \"http://h:1\"\netcd_endpoints = \"http://e:2379\"\netcd = 1\n");
+        assert!(e.contains("unknown field") && e.contains("etcd"), "{e}");
+    }
+
+    #[test]
     fn data_shards_are_a_count_or_auto() {
         let shards = |value: &str| {
             RelayConfig::from_toml(
