@@ -375,6 +375,18 @@ async fn the_store_failing_leaves_streams_alone_and_heals_by_itself() {
     }
     let probe = ffprobe(a.rtsp(port_1), 5).await.unwrap();
     assert!(probe.frames >= 5, "{probe:?}");
+
+    // Stopped politely, the relay gives its lease back: its cameras leave the view at
+    // once, not a TTL later.
+    let status = a.process.process.terminate().await.unwrap();
+    assert!(status.success(), "{status:?}");
+    for agent in ["cam-1", "cam-2", "cam-3"] {
+        assert_eq!(
+            holder(&etcd, agent).await,
+            None,
+            "{agent} outlived its relay"
+        );
+    }
     drop((cam_1, cam_2, cam_3));
 }
 

@@ -1007,6 +1007,25 @@ mod tests {
         assert_eq!(c.camera_ports, 8554..=8653);
         assert_eq!(c.shared_listen, Some(([127, 0, 0, 1], 8553).into()));
         assert_eq!(c.limits.missed_heartbeats, 3);
+        assert!(c.cluster.is_none(), "a relay alone unless [cluster] is set");
+
+        // Its commented [cluster] section, switched on, is the cluster example's.
+        let text = include_str!("../../deploy/relay.toml");
+        let (_, section) = text.split_once("# [cluster]\n").unwrap();
+        let section: String = section
+            .lines()
+            .filter(|line| !line.starts_with("# #"))
+            .map(|line| format!("{}\n", line.trim_start_matches("# ")))
+            .collect();
+        let c = RelayConfig::from_toml(&format!("shared_token = \"t\"\n[cluster]\n{section}"), "x")
+            .unwrap();
+        assert_eq!(c.cluster.unwrap().endpoints.len(), 3);
+        let c = RelayConfig::from_toml(
+            include_str!("../../deploy/cluster/relay-a.toml"),
+            "deploy/cluster/relay-a.toml",
+        )
+        .unwrap();
+        assert_eq!(c.cluster.unwrap().relay_id, "relay-a");
     }
 
     #[test]

@@ -222,11 +222,12 @@ impl Relay {
             shared,
         } = self;
         let root = shared.shutdown.clone();
+        let mut store_task = None;
         if let (Some((mut taken, revision)), Some(store)) =
             (cluster, shared.registry.store().cluster())
         {
-            // Not tracked: it gives the lease back after the sessions have ended.
-            tokio::spawn(store.clone().run(revision, root.clone()));
+            // Awaited last: it gives the lease back once the relay shuts down.
+            store_task = Some(tokio::spawn(store.clone().run(revision, root.clone())));
             let registry = shared.registry.clone();
             let stop = root.clone();
             shared.tracker.spawn(async move {
@@ -273,6 +274,11 @@ impl Relay {
             tracing::warn!("some sessions did not end within {SHUTDOWN_GRACE:?}");
         }
         shared.shards.shutdown(SHUTDOWN_GRACE).await;
+        if let Some(task) = store_task {
+            // The lease given back, this relay's cameras leave the cluster's view now,
+            // not a TTL later.
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         Ok(())
     }
 }
