@@ -2,7 +2,10 @@
 //! member on ports chosen at run time with its data in the test's own temporary
 //! directory, every member killed when the cluster is dropped.
 
-use std::time::Duration;
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::process::Command;
@@ -20,19 +23,74 @@ pub struct EtcdCluster {
     members: Vec<Option<Child>>,
     clients: Vec<u16>,
     peers: Vec<u16>,
+    /// Clients reach the members over TLS with a client certificate.
+    tls: Option<EtcdTls>,
     dir: tempfile::TempDir,
+}
+
+/// Files of an etcd that serves clients over TLS and asks for their certificates, all
+/// issued by the project's own `certs` tool (its CA, a server and a client certificate).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The CA of the members' and the clients' certificates.
+    pub ca: PathBuf,
+    /// A client certificate and key (for relays and etcdctl).
+    pub client: (PathBuf, PathBuf),
+    server: (PathBuf, PathBuf),
+}
+
+impl EtcdTls {
+    /// Issues the files into `dir` with the `certs` binary.
+    async fn issue(dir: &Path) -> anyhow::Result<Self> {
+        let certs = crate::bin("certs")?;
+        let dir_arg = dir.to_str().context("temporary directory")?;
+        for args in [
+            vec!["ca", "--out", dir_arg],
+            vec!["relay", "--ip", "127.0.0.1", "--ca", dir_arg, "--out", dir_arg],
+            vec!["agent", "--id", "etcd-client", "--ca", dir_arg, "--out", dir_arg],
+        ] {
+            let output = Command::new(&certs).args(&args).output().await?;
+            anyhow::ensure!(
+                output.status.success(),
+                "certs {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(EtcdTls {
+            ca: dir.join("ca.crt"),
+            client: (dir.join("etcd-client.crt"), dir.join("etcd-client.key")),
+            server: (dir.join("relay.crt"), dir.join("relay.key")),
+        })
+    }
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits until each serves clients.
     pub async fn start(n: usize) -> anyhow::Result<Self> {
+        Self::start_with(n, false).await
+    }
+
+    /// Starts `n` members that serve clients over TLS only and ask for their
+    /// certificates ([`EtcdCluster::tls`]).
+    pub async fn start_tls(n: usize) -> anyhow::Result<Self> {
+        Self::start_with(n, true).await
+    }
+
+    async fn start_with(n: usize, tls: bool) -> anyhow::Result<Self> {
         let ports = free_ports(2 * n);
         let (clients, peers) = ports.split_at(n);
+        let dir = tempfile::tempdir()?;
+        let tls = match tls {
+            true => Some(EtcdTls::issue(dir.path()).await?),
+            false => None,
+        };
         let mut cluster = EtcdCluster {
             members: (0..n).map(|_| None).collect(),
             clients: clients.to_vec(),
             peers: peers.to_vec(),
-            dir: tempfile::tempdir()?,
+            tls,
+            dir,
         };
         for i in 0..n {
             cluster.spawn(i)?;
@@ -50,7 +108,7 @@ impl EtcdCluster {
             .enumerate()
             .map(|(j, port)| format!("m{j}=http://127.0.0.1:{port}"))
             .collect();
-        let client = format!("http://127.0.0.1:{}", self.clients[i]);
+        let client = self.endpoint(i);
         let peer = format!("http://127.0.0.1:{}", self.peers[i]);
         let mut cmd = Command::new("etcd");
         cmd.args(["--name", &format!("m{i}")])
@@ -78,6 +136,15 @@ impl EtcdCluster {
                 ELECTION_MS,
             ])
             .args(["--logger", "zap", "--log-level", "warn"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.server.0)
+                .arg("--key-file")
+                .arg(&tls.server.1)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         // Quiet unless something goes wrong; readiness is asked with etcdctl.
         self.members[i] = Some(Child::spawn(&format!("etcd-m{i}"), cmd)?);
         Ok(())
@@ -101,7 +168,13 @@ impl EtcdCluster {
 
     /// Client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.clients[i])
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.clients[i])
+    }
+
+    /// The TLS files, when the members serve clients over TLS.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
     }
 
     /// Every member's client URL.
@@ -190,10 +263,19 @@ impl EtcdCluster {
     }
 
     async fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
-            .args(["--command-timeout=3s", "--dial-timeout=2s"])
+            .args(["--command-timeout=3s", "--dial-timeout=2s"]);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.client.0)
+                .arg("--key")
+                .arg(&tls.client.1);
+        }
+        let output = cmd
             .args(args)
             .kill_on_drop(true)
             .output()

@@ -9,7 +9,7 @@ mod etcd;
 mod fleet;
 pub mod netns;
 
-pub use etcd::EtcdCluster;
+pub use etcd::{EtcdCluster, EtcdTls};
 pub use fleet::Fleet;
 
 use std::{

@@ -56,6 +56,13 @@ impl ClusterRelay {
             camera_ports.end(),
             endpoints.join(", ")
         );
+        let config = match etcd.tls() {
+            Some(tls) => format!(
+                "{config}etcd_ca = {:?}\netcd_cert = {:?}\netcd_key = {:?}\n",
+                tls.ca, tls.client.0, tls.client.1
+            ),
+            None => config,
+        };
         let path = dir.path().join("relay.toml");
         std::fs::write(&path, config).unwrap();
         let process =
@@ -502,4 +509,36 @@ async fn until_link(etcd: &EtcdCluster, agent: &str, link: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn relays_reach_etcd_over_tls_with_client_certificates() {
+    let etcd = EtcdCluster::start_tls(1).await.unwrap();
+    let first = free_port_run(4);
+    let a = ClusterRelay::start("relay-a", "127.0.0.1", first, &etcd).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let mut cam_1 = AgentProcess::spawn("cam-1", &agent_json("cam-1", &a, &camera)).unwrap();
+    let port = online_port(&mut cam_1).await;
+    until_holder(&etcd, "cam-1", Some("relay-a"), Duration::from_secs(5)).await;
+    assert_eq!(holder(&etcd, "cam-1").await, Some(("relay-a".into(), port)));
+
+    // Without its client certificate a relay is turned away by etcd, and says so.
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_ports(1)[0];
+    let tls = etcd.tls().unwrap();
+    let config = format!(
+        "listen = \"127.0.0.1:{listen}\"\nshared_token = \"{TOKEN}\"\n[cluster]\n\
+         etcd_endpoints = \"{}\"\nrelay_id = \"relay-b\"\n\
+         advertise = \"http://127.0.0.1:{listen}\"\netcd_ca = {:?}\n",
+        etcd.endpoint(0),
+        tls.ca
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = tokio::process::Command::new(e2e::bin("relay").unwrap());
+    cmd.arg("--config").arg(&path);
+    let mut relay = e2e::Child::spawn("relay-b", cmd).unwrap();
+    assert!(!relay.wait().await.unwrap().success());
+    let said = relay.output().join("\n");
+    assert!(said.contains("cannot reach the cluster store"), "{said}");
 }

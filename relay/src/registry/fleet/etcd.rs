@@ -356,27 +356,45 @@ impl EtcdStore {
         for presence in claims {
             let key = self.key("cameras/", &presence.agent_id);
             let value = serde_json::to_vec(&presence)?;
-            let ours = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
             let put = TxnOp::put(
                 key.clone(),
-                value,
+                value.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             );
-            let txn = Txn::new()
-                .when([ours])
-                .and_then([put])
-                .or_else([TxnOp::get(key, None)]);
-            let answer = self.txn(txn).await?;
-            if !answer.succeeded() {
-                let holder = answer.op_responses().into_iter().find_map(|op| match op {
+            // Free (the old lease took the key with it), or still exactly this claim
+            // (etcd kept the old lease a little longer, as it does across an election):
+            // either way it is this relay's to announce again. Anything else is
+            // another relay's claim.
+            let free = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+            let still_ours = Compare::value(key.clone(), CompareOp::Equal, value.clone());
+            let mut held_by = None;
+            for compare in [free.clone(), still_ours, free] {
+                let txn = Txn::new()
+                    .when([compare])
+                    .and_then([put.clone()])
+                    .or_else([TxnOp::get(key.clone(), None)]);
+                let answer = self.txn(txn).await?;
+                if answer.succeeded() {
+                    held_by = None;
+                    break;
+                }
+                // Which claim stands now (none if it expired just now: try again).
+                held_by = answer.op_responses().into_iter().find_map(|op| match op {
                     TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
                     _ => None,
                 });
-                let holder = holder.and_then(|v| serde_json::from_slice::<Presence>(&v).ok());
-                let holder = holder.unwrap_or_else(|| Presence {
-                    relay: "another relay".to_string(),
-                    remote: "unknown".to_string(),
-                    ..presence.clone()
+                if held_by.as_ref().is_some_and(|held| *held != value) {
+                    break;
+                }
+                held_by = None;
+            }
+            if let Some(holder) = held_by {
+                let holder = serde_json::from_slice::<Presence>(&holder).unwrap_or_else(|_| {
+                    Presence {
+                        relay: "another relay".to_string(),
+                        remote: "unknown".to_string(),
+                        ..presence.clone()
+                    }
                 });
                 self.give_up(&presence, &holder);
             }
