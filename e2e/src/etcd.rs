@@ -25,6 +25,8 @@ pub struct EtcdCluster {
     peers: Vec<u16>,
     /// Clients reach the members over TLS with a client certificate.
     tls: Option<EtcdTls>,
+    /// `root:password` once authentication is on.
+    root: Option<String>,
     dir: tempfile::TempDir,
 }
 
@@ -46,8 +48,24 @@ impl EtcdTls {
         let dir_arg = dir.to_str().context("temporary directory")?;
         for args in [
             vec!["ca", "--out", dir_arg],
-            vec!["relay", "--ip", "127.0.0.1", "--ca", dir_arg, "--out", dir_arg],
-            vec!["agent", "--id", "etcd-client", "--ca", dir_arg, "--out", dir_arg],
+            vec![
+                "relay",
+                "--ip",
+                "127.0.0.1",
+                "--ca",
+                dir_arg,
+                "--out",
+                dir_arg,
+            ],
+            vec![
+                "agent",
+                "--id",
+                "etcd-client",
+                "--ca",
+                dir_arg,
+                "--out",
+                dir_arg,
+            ],
         ] {
             let output = Command::new(&certs).args(&args).output().await?;
             anyhow::ensure!(
@@ -90,6 +108,7 @@ impl EtcdCluster {
             clients: clients.to_vec(),
             peers: peers.to_vec(),
             tls,
+            root: None,
             dir,
         };
         for i in 0..n {
@@ -236,6 +255,51 @@ impl EtcdCluster {
             .collect())
     }
 
+    /// Turns etcd's authentication on with a `root` user and `user` (password
+    /// `password`), who may read and write `prefix` only.
+    pub async fn enable_auth(
+        &mut self,
+        user: &str,
+        password: &str,
+        prefix: &str,
+    ) -> anyhow::Result<()> {
+        let endpoints = self.endpoints().join(",");
+        let root_password = format!("{password}-root");
+        for args in [
+            vec![
+                "user",
+                "add",
+                "root",
+                "--interactive=false",
+                "--new-user-password",
+                &root_password,
+            ],
+            vec![
+                "user",
+                "add",
+                user,
+                "--interactive=false",
+                "--new-user-password",
+                password,
+            ],
+            vec!["role", "add", "relays"],
+            vec![
+                "role",
+                "grant-permission",
+                "relays",
+                "--prefix=true",
+                "readwrite",
+                prefix,
+            ],
+            vec!["user", "grant-role", user, "relays"],
+            vec!["auth", "enable"],
+        ] {
+            self.etcdctl_at(&endpoints, &args).await?;
+        }
+        self.root = Some(format!("root:{root_password}"));
+        Ok(())
+    }
+
     /// The store's revision now: it counts every write ever made.
     pub async fn revision(&self) -> anyhow::Result<i64> {
         let text = self
@@ -267,6 +331,9 @@ impl EtcdCluster {
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
             .args(["--command-timeout=3s", "--dial-timeout=2s"]);
+        if let Some(root) = &self.root {
+            cmd.arg(format!("--user={root}"));
+        }
         if let Some(tls) = &self.tls {
             cmd.arg("--cacert")
                 .arg(&tls.ca)

@@ -24,7 +24,8 @@ struct ClusterRelay {
     /// Address its camera ports listen on (each relay its own loopback address, as
     /// each would be its own host).
     camera_host: String,
-    _dir: tempfile::TempDir,
+    /// Holds its config file.
+    dir: tempfile::TempDir,
 }
 
 impl ClusterRelay {
@@ -38,6 +39,17 @@ impl ClusterRelay {
         camera_host: &str,
         camera_ports: std::ops::RangeInclusive<u16>,
         etcd: &EtcdCluster,
+    ) -> Self {
+        Self::start_configured(id, camera_host, camera_ports, etcd, "").await
+    }
+
+    /// [`ClusterRelay::start_with`] with `extra` lines in `[cluster]`.
+    async fn start_configured(
+        id: &str,
+        camera_host: &str,
+        camera_ports: std::ops::RangeInclusive<u16>,
+        etcd: &EtcdCluster,
+        extra: &str,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_ports(1)[0];
@@ -64,7 +76,7 @@ impl ClusterRelay {
             None => config,
         };
         let path = dir.path().join("relay.toml");
-        std::fs::write(&path, config).unwrap();
+        std::fs::write(&path, format!("{config}{extra}")).unwrap();
         let process =
             RelayProcess::start_from_file_in(&e2e::Place::host(), &path, "127.0.0.1", port)
                 .await
@@ -72,12 +84,32 @@ impl ClusterRelay {
         ClusterRelay {
             process,
             camera_host: camera_host.to_string(),
-            _dir: dir,
+            dir,
         }
     }
 
     fn url(&self) -> String {
         self.process.url()
+    }
+
+    /// Stops the relay (SIGTERM) and starts it again on the same config and ports.
+    async fn restart(&mut self) {
+        let status = self.process.process.terminate().await.unwrap();
+        assert!(status.success(), "{status:?}");
+        let path = self.dir.path().join("relay.toml");
+        self.process = RelayProcess::start_from_file_in(
+            &e2e::Place::host(),
+            &path,
+            "127.0.0.1",
+            self.process.port,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Waits until the relay logs a line containing `words`.
+    async fn said(&mut self, words: &str) {
+        self.process.process.wait_for_line(words).await.unwrap();
     }
 
     fn rtsp(&self, port: u16) -> String {
@@ -285,11 +317,7 @@ async fn cameras_on_two_relays_share_ports_and_one_session_cluster_wide() {
         .wait_for_line("on relay relay-b")
         .await
         .unwrap();
-    a.process
-        .process
-        .wait_for_line("the camera registered on relay relay-b")
-        .await
-        .unwrap();
+    a.said("the camera registered on relay relay-b").await;
     on_a.process.kill().await.unwrap();
     until_holder(&etcd, "cam-1", Some("relay-b"), Duration::from_secs(5)).await;
     let probe = ffprobe(b.rtsp(moved_port), 5).await.unwrap();
@@ -334,11 +362,7 @@ async fn the_store_failing_leaves_streams_alone_and_heals_by_itself() {
     // The whole store down: the camera online keeps streaming, the relay says once
     // that it is degraded, and a new camera is refused with a reason it can act on.
     etcd.kill_all().await.unwrap();
-    a.process
-        .process
-        .wait_for_line("the cluster store (etcd at")
-        .await
-        .unwrap();
+    a.said("the cluster store (etcd at").await;
     let probe = ffprobe(a.rtsp(port_1), 5).await.unwrap();
     assert!(probe.frames >= 5, "{probe:?}");
     let mut cam_3 = AgentProcess::spawn("cam-3", &agent_json("cam-3", &a, &camera)).unwrap();
@@ -371,11 +395,7 @@ async fn the_store_failing_leaves_streams_alone_and_heals_by_itself() {
     // etcd back: the relay heals, the waiting camera comes online, and every camera is
     // in the view once, held by this relay.
     etcd.restart_all().await.unwrap();
-    a.process
-        .process
-        .wait_for_line("is reachable again")
-        .await
-        .unwrap();
+    a.said("is reachable again").await;
     online_port(&mut cam_3).await;
     for agent in ["cam-1", "cam-2", "cam-3"] {
         until_holder(&etcd, agent, Some("relay-a"), Duration::from_secs(10)).await;
@@ -442,11 +462,7 @@ async fn garbage_in_etcd_is_skipped_and_a_quiet_fleet_writes_nothing() {
     etcd.put(&format!("{PREFIX}relays/broken"), "{\"advertise\": 1}")
         .await
         .unwrap();
-    a.process
-        .process
-        .wait_for_line("skipping etcd key")
-        .await
-        .unwrap();
+    a.said("skipping etcd key").await;
 
     // A fleet registers and settles; then, while nothing changes, the cluster writes
     // nothing to etcd (the lease's keep-alives are not writes): each camera costs two
@@ -512,15 +528,30 @@ async fn until_link(etcd: &EtcdCluster, agent: &str, link: &str) {
 }
 
 #[tokio::test]
-async fn relays_reach_etcd_over_tls_with_client_certificates() {
+async fn relays_reach_etcd_over_tls_and_a_restarted_relay_keeps_its_cameras_ports() {
     let etcd = EtcdCluster::start_tls(1).await.unwrap();
     let first = free_port_run(4);
-    let a = ClusterRelay::start("relay-a", "127.0.0.1", first, &etcd).await;
+    let mut a = ClusterRelay::start("relay-a", "127.0.0.1", first, &etcd).await;
     let camera = CameraSim::start(&[]).await.unwrap();
     let mut cam_1 = AgentProcess::spawn("cam-1", &agent_json("cam-1", &a, &camera)).unwrap();
     let port = online_port(&mut cam_1).await;
     until_holder(&etcd, "cam-1", Some("relay-a"), Duration::from_secs(5)).await;
     assert_eq!(holder(&etcd, "cam-1").await, Some(("relay-a".into(), port)));
+
+    // The relay restarts (it keeps no state of its own in a cluster) while the camera
+    // is away: a new camera registering first does not get its port, and the camera
+    // gets it back.
+    cam_1.process.kill().await.unwrap();
+    a.restart().await;
+    let mut newcomer = AgentProcess::spawn("cam-new", &agent_json("cam-new", &a, &camera)).unwrap();
+    assert_ne!(
+        online_port(&mut newcomer).await,
+        port,
+        "the camera's port was given away"
+    );
+    let mut cam_1 = AgentProcess::spawn("cam-1", &agent_json("cam-1", &a, &camera)).unwrap();
+    assert_eq!(online_port(&mut cam_1).await, port);
+    until_holder(&etcd, "cam-1", Some("relay-a"), Duration::from_secs(5)).await;
 
     // Without its client certificate a relay is turned away by etcd, and says so.
     let dir = tempfile::tempdir().unwrap();
@@ -541,4 +572,37 @@ async fn relays_reach_etcd_over_tls_with_client_certificates() {
     assert!(!relay.wait().await.unwrap().success());
     let said = relay.output().join("\n");
     assert!(said.contains("cannot reach the cluster store"), "{said}");
+}
+
+#[tokio::test]
+async fn relays_sign_in_to_etcd_and_again_after_it_restarts() {
+    let mut etcd = EtcdCluster::start(1).await.unwrap();
+    etcd.enable_auth("camera-relay", "s3cret", PREFIX)
+        .await
+        .unwrap();
+    let first = free_port_run(4);
+    let credentials = "etcd_user = \"camera-relay\"\netcd_password = \"s3cret\"\n";
+    let mut a = ClusterRelay::start_configured(
+        "relay-a",
+        "127.0.0.1",
+        first..=first + 3,
+        &etcd,
+        credentials,
+    )
+    .await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let mut cam_1 = AgentProcess::spawn("cam-1", &agent_json("cam-1", &a, &camera)).unwrap();
+    online_port(&mut cam_1).await;
+    until_holder(&etcd, "cam-1", Some("relay-a"), Duration::from_secs(5)).await;
+
+    // etcd restarts: it forgets every auth token it gave out. The relay signs in again
+    // by itself, and a new camera registers.
+    etcd.kill_all().await.unwrap();
+    a.said("is unreachable").await;
+    etcd.restart_all().await.unwrap();
+    a.said("is reachable again").await;
+    let mut cam_2 = AgentProcess::spawn("cam-2", &agent_json("cam-2", &a, &camera)).unwrap();
+    online_port(&mut cam_2).await;
+    until_holder(&etcd, "cam-2", Some("relay-a"), Duration::from_secs(10)).await;
+    until_holder(&etcd, "cam-1", Some("relay-a"), Duration::from_secs(10)).await;
 }

@@ -89,7 +89,10 @@ struct View {
 
 /// The connection to etcd and this relay's part in it.
 pub(crate) struct EtcdStore {
-    client: Client,
+    /// Replaced when etcd forgets this relay's auth token (it expired, or etcd
+    /// restarted): the client signs in once, at connect.
+    client: Mutex<Client>,
+    config: ClusterConfig,
     relay_id: String,
     record: RelayRecord,
     prefix: String,
@@ -138,12 +141,13 @@ impl EtcdStore {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {CONNECT_WAIT:?}")))
             .with_context(|| format!("cannot reach the cluster store (etcd at {endpoints})"))?;
         let (client, lease) = connected;
+        let config = config.clone();
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let (taken, taken_rx) = mpsc::unbounded_channel();
         let store = Arc::new(EtcdStore {
-            client,
+            client: Mutex::new(client),
             relay_id: config.relay_id.clone(),
             record: RelayRecord {
                 advertise: config.advertise.clone(),
@@ -152,6 +156,7 @@ impl EtcdStore {
             },
             prefix: config.key_prefix.clone(),
             ttl: config.lease_ttl,
+            config,
             endpoints,
             lease: AtomicI64::new(lease),
             view: Mutex::new(View::default()),
@@ -179,6 +184,14 @@ impl EtcdStore {
 
     /// The client and a fresh lease.
     async fn open(config: &ClusterConfig) -> anyhow::Result<(Client, i64)> {
+        let mut client = Self::sign_in(config).await?;
+        let ttl = i64::try_from(config.lease_ttl.as_secs()).unwrap_or(i64::MAX);
+        let lease = client.lease_grant(ttl, None).await?.id();
+        Ok((client, lease))
+    }
+
+    /// A client of `config`'s etcd, signed in if etcd has users.
+    async fn sign_in(config: &ClusterConfig) -> anyhow::Result<Client> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(config.lease_ttl)
@@ -202,10 +215,32 @@ impl EtcdStore {
             }
             options = options.with_tls(tls);
         }
-        let mut client = Client::connect(&config.endpoints, Some(options)).await?;
-        let ttl = i64::try_from(config.lease_ttl.as_secs()).unwrap_or(i64::MAX);
-        let lease = client.lease_grant(ttl, None).await?.id();
-        Ok((client, lease))
+        Ok(Client::connect(&config.endpoints, Some(options)).await?)
+    }
+
+    fn client(&self) -> Client {
+        lock(&self.client).clone()
+    }
+
+    /// Signs in again when `e` says etcd no longer knows this relay's auth token.
+    async fn sign_in_again_if(&self, e: &etcd_client::Error) {
+        let forgotten = matches!(e, etcd_client::Error::GRpcStatus(status)
+            if status.code() == tonic::Code::Unauthenticated);
+        if !forgotten || self.config.user.is_none() {
+            return;
+        }
+        match tokio::time::timeout(CONNECT_WAIT, Self::sign_in(&self.config)).await {
+            Ok(Ok(client)) => {
+                *lock(&self.client) = client;
+                tracing::info!(
+                    "signed in to etcd again (it no longer knew this relay's auth token)"
+                );
+            }
+            Ok(Err(e)) => tracing::debug!("signing in to etcd again failed: {e:#}"),
+            Err(_) => {
+                tracing::debug!("signing in to etcd again: no answer within {CONNECT_WAIT:?}")
+            }
+        }
     }
 
     /// Runs a request, again (on another member, as the client's balancer then picks
@@ -217,11 +252,12 @@ impl EtcdStore {
     {
         let mut attempt = 0;
         loop {
-            match request(self.client.clone()).await {
+            match request(self.client()).await {
                 Ok(answer) => return Ok(answer),
                 Err(e) if attempt + 1 >= ATTEMPTS => return Err(e),
                 Err(e) => {
                     attempt += 1;
+                    self.sign_in_again_if(&e).await;
                     tracing::debug!("etcd request failed ({e}); trying again");
                     tokio::time::sleep(RETRY / 4 * attempt).await;
                 }
@@ -277,7 +313,7 @@ impl EtcdStore {
         }
         let lease = self.lease.swap(0, Ordering::Relaxed);
         if lease != 0 {
-            let mut client = self.client.clone();
+            let mut client = self.client();
             let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
         }
     }
@@ -304,9 +340,12 @@ impl EtcdStore {
                     }
                 }
             }
-            let mut client = self.client.clone();
+            let mut client = self.client();
             let failure = match client.lease_keep_alive(lease).await {
-                Err(e) => format!("lease keep-alive: {e}"),
+                Err(e) => {
+                    self.sign_in_again_if(&e).await;
+                    format!("lease keep-alive: {e}")
+                }
                 Ok((mut keeper, mut answers)) => loop {
                     if let Err(e) = keeper.keep_alive().await {
                         break format!("lease keep-alive: {e}");
@@ -321,7 +360,10 @@ impl EtcdStore {
                             break "the lease expired".to_string();
                         }
                         Ok(Ok(None)) => break "etcd closed the keep-alive stream".to_string(),
-                        Ok(Err(e)) => break format!("lease keep-alive: {e}"),
+                        Ok(Err(e)) => {
+                            self.sign_in_again_if(&e).await;
+                            break format!("lease keep-alive: {e}");
+                        }
                         Err(_) => break format!("no keep-alive answer within {beat:?}"),
                     }
                     self.release_orphans().await;
@@ -389,13 +431,12 @@ impl EtcdStore {
                 held_by = None;
             }
             if let Some(holder) = held_by {
-                let holder = serde_json::from_slice::<Presence>(&holder).unwrap_or_else(|_| {
-                    Presence {
+                let holder =
+                    serde_json::from_slice::<Presence>(&holder).unwrap_or_else(|_| Presence {
                         relay: "another relay".to_string(),
                         remote: "unknown".to_string(),
                         ..presence.clone()
-                    }
-                });
+                    });
                 self.give_up(&presence, &holder);
             }
         }
@@ -411,13 +452,16 @@ impl EtcdStore {
     /// Follows every key under the prefix from `revision` on, for good.
     async fn follow(&self, mut revision: i64) {
         loop {
-            let mut client = self.client.clone();
+            let mut client = self.client();
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(revision + 1)
                 .with_progress_notify();
             let failure = match client.watch(self.prefix.clone(), Some(options)).await {
-                Err(e) => format!("watch: {e}"),
+                Err(e) => {
+                    self.sign_in_again_if(&e).await;
+                    format!("watch: {e}")
+                }
                 Ok((mut watcher, mut stream)) => {
                     let mut progress = tokio::time::interval(self.ttl);
                     loop {
@@ -450,7 +494,10 @@ impl EtcdStore {
                                     }
                                 }
                                 Ok(None) => break "etcd closed the watch".to_string(),
-                                Err(e) => break format!("watch: {e}"),
+                                Err(e) => {
+                                    self.sign_in_again_if(&e).await;
+                                    break format!("watch: {e}");
+                                }
                             }
                         }
                     }
