@@ -10,7 +10,11 @@ use std::{
 use anyhow::Context as _;
 use tokio::process::Command;
 
-use crate::{free_ports, Child};
+use crate::{free_port_run, Child};
+
+/// etcd clusters running at once in one test binary: each is three processes that
+/// must hold elections in time, beside the relays and agents of their tests.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Members' election settings, loose enough for a loaded 2-core machine.
 const HEARTBEAT_MS: &str = "100";
@@ -27,6 +31,8 @@ pub struct EtcdCluster {
     tls: Option<EtcdTls>,
     /// `root:password` once authentication is on.
     root: Option<String>,
+    /// This cluster's turn among the binary's clusters.
+    _slot: tokio::sync::SemaphorePermit<'static>,
     dir: tempfile::TempDir,
 }
 
@@ -96,7 +102,28 @@ impl EtcdCluster {
     }
 
     async fn start_with(n: usize, tls: bool) -> anyhow::Result<Self> {
-        let ports = free_ports(2 * n);
+        // A port picked free may be taken before etcd binds it (by another test); a
+        // member that cannot bind exits, and the cluster never gets healthy. Then the
+        // whole cluster starts again on other ports.
+        const TRIES: usize = 3;
+        let mut failure = None;
+        for _ in 0..TRIES {
+            match Self::try_start(n, tls).await {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => failure = Some(e),
+            }
+        }
+        Err(failure
+            .unwrap_or_else(|| anyhow::anyhow!("no try"))
+            .context(format!("no healthy etcd cluster in {TRIES} tries")))
+    }
+
+    async fn try_start(n: usize, tls: bool) -> anyhow::Result<Self> {
+        let slot = SLOTS.acquire().await?;
+        // Below the ephemeral range, where no outgoing connection of this machine (a
+        // relay's to etcd, say) takes one meanwhile.
+        let base = free_port_run(u16::try_from(2 * n)?);
+        let ports: Vec<u16> = (base..).take(2 * n).collect();
         let (clients, peers) = ports.split_at(n);
         let dir = tempfile::tempdir()?;
         let tls = match tls {
@@ -109,6 +136,7 @@ impl EtcdCluster {
             peers: peers.to_vec(),
             tls,
             root: None,
+            _slot: slot,
             dir,
         };
         for i in 0..n {
@@ -169,11 +197,21 @@ impl EtcdCluster {
         Ok(())
     }
 
-    /// Waits until member `i` answers a health check (which needs a leader).
-    async fn ready(&self, i: usize) -> anyhow::Result<()> {
+    /// Waits until member `i` answers a health check (which needs a leader); an error
+    /// at once if a member exited (it could not bind its ports, say).
+    async fn ready(&mut self, i: usize) -> anyhow::Result<()> {
         let endpoint = self.endpoint(i);
         let deadline = tokio::time::Instant::now() + crate::READY_TIMEOUT;
         loop {
+            if let Some(j) = (0..self.members.len())
+                .find(|&j| self.members[j].as_mut().is_some_and(Child::has_exited))
+            {
+                let said = self.members[j]
+                    .as_ref()
+                    .map(Child::output)
+                    .unwrap_or_default();
+                anyhow::bail!("etcd member m{j} exited: {}", said.join("\n"));
+            }
             let health = self.etcdctl_at(&endpoint, &["endpoint", "health"]).await;
             match health {
                 Ok(_) => return Ok(()),

@@ -398,6 +398,11 @@ impl Child {
         })
     }
 
+    /// True once the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Waits for an output line containing `needle`; returns it.
     pub async fn wait_for_line(&mut self, needle: &str) -> anyhow::Result<String> {
         self.wait_for_nth_line(needle, 1).await

@@ -419,25 +419,10 @@ async fn the_store_failing_leaves_streams_alone_and_heals_by_itself() {
 
 #[tokio::test]
 async fn a_relay_that_cannot_reach_etcd_says_so_and_exits() {
-    let dir = tempfile::tempdir().unwrap();
-    let [port, dead] = free_ports(2)[..] else {
-        unreachable!()
-    };
-    let config = format!(
-        "listen = \"127.0.0.1:{port}\"\nshared_token = \"{TOKEN}\"\n[cluster]\n\
-         etcd_endpoints = \"http://127.0.0.1:{dead}\"\nrelay_id = \"relay-a\"\n\
-         advertise = \"http://127.0.0.1:{port}\"\n"
-    );
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut cmd = tokio::process::Command::new(e2e::bin("relay").unwrap());
-    cmd.arg("--config").arg(&path);
-    let mut relay = e2e::Child::spawn("relay", cmd).unwrap();
-    let status = relay.wait().await.unwrap();
-    assert!(!status.success(), "the relay ran without its store");
-    let said = relay.output();
-    let errors: Vec<&String> = said.iter().filter(|l| l.contains("ERROR")).collect();
-    assert_eq!(errors.len(), 1, "one line: {said:#?}");
+    let dead = free_ports(1)[0];
+    let said = failed_start(&[format!("http://127.0.0.1:{dead}")], "relay-a", "").await;
+    let errors: Vec<&str> = said.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one line: {said}");
     assert!(
         errors[0].contains(&format!(
             "cannot reach the cluster store (etcd at http://127.0.0.1:{dead})"
@@ -509,6 +494,35 @@ async fn garbage_in_etcd_is_skipped_and_a_quiet_fleet_writes_nothing() {
     assert_eq!(after, before, "a quiet fleet wrote to etcd");
     assert!(a.process.process.count_lines("panicked") == 0);
     fleet.stop().await;
+
+    // A second relay under the same id (a copied config) is refused at its start: it
+    // would take relay-a's cameras for its own.
+    let said = failed_start(&etcd.endpoints(), "relay-a", "").await;
+    assert!(
+        said.contains("relay id \"relay-a\" is in use by a live relay"),
+        "{said}"
+    );
+}
+
+/// Starts a relay `id` on etcd at `endpoints` (with `extra` lines in `[cluster]`) that
+/// must exit at once; what it said.
+async fn failed_start(endpoints: &[String], id: &str, extra: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_ports(1)[0];
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    let config = format!(
+        "listen = \"127.0.0.1:{listen}\"\nshared_token = \"{TOKEN}\"\n[cluster]\n\
+         etcd_endpoints = [{}]\nrelay_id = \"{id}\"\nadvertise = \"http://127.0.0.1:{listen}\"\n{extra}",
+        endpoints.join(", ")
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = tokio::process::Command::new(e2e::bin("relay").unwrap());
+    cmd.arg("--config").arg(&path);
+    let mut relay = e2e::Child::spawn(id, cmd).unwrap();
+    let status = relay.wait().await.unwrap();
+    assert!(!status.success(), "relay {id} started");
+    relay.output().join("\n")
 }
 
 /// Polls etcd until `agent`'s record shows its data link as `link`.
@@ -554,23 +568,8 @@ async fn relays_reach_etcd_over_tls_and_a_restarted_relay_keeps_its_cameras_port
     until_holder(&etcd, "cam-1", Some("relay-a"), Duration::from_secs(5)).await;
 
     // Without its client certificate a relay is turned away by etcd, and says so.
-    let dir = tempfile::tempdir().unwrap();
-    let listen = free_ports(1)[0];
-    let tls = etcd.tls().unwrap();
-    let config = format!(
-        "listen = \"127.0.0.1:{listen}\"\nshared_token = \"{TOKEN}\"\n[cluster]\n\
-         etcd_endpoints = \"{}\"\nrelay_id = \"relay-b\"\n\
-         advertise = \"http://127.0.0.1:{listen}\"\netcd_ca = {:?}\n",
-        etcd.endpoint(0),
-        tls.ca
-    );
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config).unwrap();
-    let mut cmd = tokio::process::Command::new(e2e::bin("relay").unwrap());
-    cmd.arg("--config").arg(&path);
-    let mut relay = e2e::Child::spawn("relay-b", cmd).unwrap();
-    assert!(!relay.wait().await.unwrap().success());
-    let said = relay.output().join("\n");
+    let ca = format!("etcd_ca = {:?}\n", etcd.tls().unwrap().ca);
+    let said = failed_start(&etcd.endpoints(), "relay-b", &ca).await;
     assert!(said.contains("cannot reach the cluster store"), "{said}");
 }
 

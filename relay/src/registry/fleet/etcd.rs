@@ -171,6 +171,7 @@ impl EtcdStore {
             }),
             taken,
         });
+        store.check_relay_id().await?;
         let revision = store
             .announce(lease)
             .await
@@ -262,6 +263,34 @@ impl EtcdStore {
                     tokio::time::sleep(RETRY / 4 * attempt).await;
                 }
             }
+        }
+    }
+
+    /// Refuses a relay id that a live relay elsewhere announces: two relays under one id
+    /// would each take the other's cameras for their own. The same id at the same
+    /// address is this relay's previous run, whose lease has not run out yet.
+    async fn check_relay_id(&self) -> anyhow::Result<()> {
+        let key = self.key("relays/", &self.relay_id);
+        let found = self
+            .request(|mut client| {
+                let key = key.clone();
+                async move { client.get(key, None).await }
+            })
+            .await
+            .with_context(|| format!("reading {key} in etcd at {}", self.endpoints))?;
+        let other = found
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<RelayRecord>(kv.value()).ok())
+            .filter(|record| record.advertise != self.record.advertise);
+        match other {
+            Some(record) => anyhow::bail!(
+                "relay id {:?} is in use by a live relay at {}; give each relay its own \
+                 cluster.relay_id",
+                self.relay_id,
+                record.advertise
+            ),
+            None => Ok(()),
         }
     }
 
