@@ -143,18 +143,14 @@ fn held_elsewhere(shared: &Shared, id: &str) -> Option<Presence> {
         return None;
     }
     let cluster = shared.registry.store().cluster()?;
-    cluster
-        .cameras()
-        .into_iter()
-        .find(|p| p.agent_id == id && p.relay != cluster.relay_id())
+    cluster.camera(id).filter(|p| p.relay != cluster.relay_id())
 }
 
-/// Sends an operator's request about a camera another relay holds to that relay; an
+/// Sends an operator's POST about a camera another relay holds to that relay; an
 /// error if this request was forwarded already (the camera moved meanwhile).
 async fn forward_to_holder(
     shared: &Shared,
     holder: &Presence,
-    method: axum::http::Method,
     path: &str,
     headers: &HeaderMap,
     body: Option<Vec<u8>>,
@@ -187,7 +183,6 @@ async fn forward_to_holder(
         cluster.relay_id(),
         &holder.relay,
         &record.advertise,
-        method,
         path,
         headers,
         body,
@@ -251,7 +246,7 @@ fn known(shared: &Shared, id: &str) -> Result<(), ApiError> {
             .registry
             .store()
             .cluster()
-            .is_some_and(|c| c.cameras().iter().any(|p| p.agent_id == id))
+            .is_some_and(|c| c.camera(id).is_some())
     };
     if shared.registry.get(id).is_some() || shared.registry.knows(id) || in_cluster() {
         Ok(())
@@ -346,15 +341,7 @@ async fn control(
     if let Some(holder) = held_elsewhere(&shared, &id) {
         let path = format!("/agents/{id}/control");
         let body = serde_json::to_vec(&body).ok();
-        return forward_to_holder(
-            &shared,
-            &holder,
-            axum::http::Method::POST,
-            &path,
-            &headers,
-            body,
-        )
-        .await;
+        return forward_to_holder(&shared, &holder, &path, &headers, body).await;
     }
     let session = online(&shared, &id)?;
     let sent = std::time::Instant::now();
@@ -508,15 +495,7 @@ async fn restart_tunnel(
 ) -> Result<Response, ApiError> {
     if let Some(holder) = held_elsewhere(&shared, &id) {
         let path = format!("/tunnels/{id}/restart");
-        return forward_to_holder(
-            &shared,
-            &holder,
-            axum::http::Method::POST,
-            &path,
-            &headers,
-            None,
-        )
-        .await;
+        return forward_to_holder(&shared, &holder, &path, &headers, None).await;
     }
     let session = online(&shared, &id)?;
     let Some(conn) = session.current_tunnel() else {

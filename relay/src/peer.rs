@@ -22,13 +22,12 @@ pub(crate) const FORWARDED: &str = "x-camera-relay-forwarded";
 /// camera's agent, up to `limits.command_timeout_secs`).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Sends `method path` with `body` (JSON) to the relay at `advertise`, as this relay
+/// POSTs `path` with `body` (JSON) to the relay at `advertise`, as this relay
 /// (`from`), with the operator's `Authorization`; its answer is the answer.
 pub(crate) async fn forward(
     from: &str,
     to: &str,
     advertise: &str,
-    method: Method,
     path: &str,
     headers: &HeaderMap,
     body: Option<Vec<u8>>,
@@ -52,7 +51,7 @@ pub(crate) async fn forward(
             .map_err(|e| format!("HTTP handshake with {authority}: {e}"))?;
         tokio::spawn(connection);
         let mut request = hyper::Request::builder()
-            .method(method)
+            .method(Method::POST)
             .uri(path)
             .header(header::HOST, authority)
             .header(FORWARDED, from);

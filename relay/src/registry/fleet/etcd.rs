@@ -851,6 +851,11 @@ impl EtcdStore {
         cameras
     }
 
+    /// The camera `agent_id`, if it is online anywhere in the cluster.
+    pub(crate) fn camera(&self, agent_id: &str) -> Option<Presence> {
+        lock(&self.view).cameras.get(agent_id).cloned()
+    }
+
     /// The relays of the cluster, by id.
     pub(crate) fn relays(&self) -> BTreeMap<String, RelayRecord> {
         lock(&self.view)
