@@ -39,8 +39,9 @@ pub const DAHUA_STREAM_PATHS: [&str; 2] = [
 pub struct AgentConfig {
     /// Unique id of this camera at the relay.
     pub agent_id: String,
-    /// The relay's control link.
-    pub relay: RelayUrl,
+    /// The relays' control links, in the order written (never empty). A session goes to
+    /// one of them; when it is lost, the next session starts with the next one.
+    pub relays: Vec<RelayUrl>,
     /// Token presented at registration.
     pub token: Secret,
     /// Log level, from `agent.log_level`.
@@ -418,9 +419,10 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     agent_id: String,
-    tunnel_server_url: Option<String>,
+    /// One URL, or a list of a cluster's relays.
+    tunnel_server_url: Option<OneOrMany<String>>,
     /// The earlier agent's name for the relay's URL.
-    cloud_server_url: Option<String>,
+    cloud_server_url: Option<OneOrMany<String>>,
     tunnel_server_token: Option<Secret>,
     /// The earlier agent's name for the token.
     cloud_server_token: Option<Secret>,
@@ -578,14 +580,30 @@ impl AgentConfig {
                     .into(),
             )
         })?;
-        let relay = RelayUrl::parse(&url, &agent.agent_id)
-            .map_err(|r| field_error("agent.tunnel_server_url", r))?;
-        if relay.appended_id {
-            notes.push(format!(
-                "the relay URL {url:?} names the earlier server's /agent endpoint; \
-                 dialing {} as the earlier agent did",
-                relay.url
+        let urls = url.into_vec();
+        if urls.is_empty() {
+            return Err(field_error(
+                "agent.tunnel_server_url",
+                "an empty list; name at least one relay".into(),
             ));
+        }
+        let mut relays = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let relay = RelayUrl::parse(url, &agent.agent_id).map_err(|r| {
+                let field = match urls.len() {
+                    1 => "agent.tunnel_server_url".to_string(),
+                    _ => format!("agent.tunnel_server_url[{i}]"),
+                };
+                field_error(&field, r)
+            })?;
+            if relay.appended_id {
+                notes.push(format!(
+                    "the relay URL {url:?} names the earlier server's /agent endpoint; \
+                     dialing {} as the earlier agent did",
+                    relay.url
+                ));
+            }
+            relays.push(relay);
         }
         let token = prefer(
             &mut notes,
@@ -593,7 +611,7 @@ impl AgentConfig {
             ("agent.cloud_server_token", agent.cloud_server_token),
         )
         .unwrap_or_default();
-        let (security, ignored_security) = security(raw.security, &relay, dir, &field_error)?;
+        let (security, ignored_security) = security(raw.security, &relays, dir, &field_error)?;
         if token.is_empty() && security.identity.is_none() {
             return Err(field_error(
                 "agent.tunnel_server_token",
@@ -748,7 +766,7 @@ impl AgentConfig {
 
         Ok(AgentConfig {
             agent_id: agent.agent_id,
-            relay,
+            relays,
             token,
             log_level,
             camera_model,
@@ -777,7 +795,7 @@ impl AgentConfig {
         let field = |name: &str, changed: bool| changed.then(|| name.to_string());
         let applied = [
             field("agent.agent_id", self.agent_id != newer.agent_id),
-            field("agent.tunnel_server_url", self.relay != newer.relay),
+            field("agent.tunnel_server_url", self.relays != newer.relays),
             field(
                 "agent.tunnel_server_token",
                 !self.token.matches(&newer.token),
@@ -835,12 +853,12 @@ impl AgentConfig {
 /// Also returns the older agent's fields it ignores.
 fn security(
     raw: RawSecurity,
-    relay: &RelayUrl,
+    relays: &[RelayUrl],
     dir: &Path,
     field_error: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<(Security, Vec<String>), ConfigError> {
     let ssl_verify = raw.ssl_verify.unwrap_or(true);
-    if !ssl_verify && relay.url.starts_with("wss://") {
+    if !ssl_verify && relays.iter().any(|r| r.url.starts_with("wss://")) {
         return Err(field_error(
             "security.ssl_verify",
             "false is only accepted with a plain ws:// relay (development); for wss:// \
@@ -1031,7 +1049,7 @@ mod tests {
     fn reads_the_seed_schema_with_old_names() {
         let c = AgentConfig::parse(SEED, "config.json").unwrap();
         assert_eq!(c.agent_id, "dahua-2449s-il-001");
-        assert_eq!(c.relay.url, "ws://relay.example.com:8080/tunnel");
+        assert_eq!(c.relays[0].url, "ws://relay.example.com:8080/tunnel");
         assert_eq!(c.token.expose(), "s3cret");
         assert_eq!(c.log_level, tracing::Level::WARN);
         assert_eq!(c.camera_model, "dahua-2449s-il");
@@ -1133,13 +1151,47 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_is_a_list_of_relays() {
+        let c = AgentConfig::parse(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": ["wss://relay-a.example/tunnel", "wss://relay-b.example:8443"], "tunnel_server_token": "t"}}"#,
+            "config.json",
+        )
+        .unwrap();
+        let urls: Vec<&str> = c.relays.iter().map(|r| r.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "wss://relay-a.example:443/tunnel",
+                "wss://relay-b.example:8443/tunnel"
+            ]
+        );
+
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": ["ws://r", "ftp://s"], "tunnel_server_token": "t"}}"#,
+        );
+        assert!(
+            e.contains("agent.tunnel_server_url[1]") && e.contains("ftp://s"),
+            "{e}"
+        );
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": [], "tunnel_server_token": "t"}}"#,
+        );
+        assert!(e.contains("empty list"), "{e}");
+        // ssl_verify false is for plain ws:// only, whichever relay of the list is wss.
+        let e = error(
+            r#"{"agent": {"agent_id": "a", "tunnel_server_url": ["ws://r", "wss://s"], "tunnel_server_token": "t"}, "security": {"ssl_verify": false}}"#,
+        );
+        assert!(e.contains("security.ssl_verify"), "{e}");
+    }
+
+    #[test]
     fn defaults_fill_what_is_left_out() {
         let c = AgentConfig::parse(
             r#"{"agent": {"agent_id": "a", "tunnel_server_url": "wss://r.example/agent/a", "tunnel_server_token": "t"}}"#,
             "x",
         )
         .unwrap();
-        assert_eq!(c.relay.url, "wss://r.example:443/agent/a");
+        assert_eq!(c.relays[0].url, "wss://r.example:443/agent/a");
         assert_eq!(c.tunnel_port, 8554);
         assert_eq!(c.rtsp_target.port(), 554);
         assert_eq!(c.stream_paths, DAHUA_STREAM_PATHS);
@@ -1271,10 +1323,10 @@ mod tests {
         assert_eq!(c.agent_id, "dahua-2449s-il-001");
         // The earlier server's endpoint, WS /agent/{id}: the id is appended.
         assert_eq!(
-            c.relay.url,
+            c.relays[0].url,
             "ws://your-server.com:8080/agent/dahua-2449s-il-001"
         );
-        assert!(c.relay.appended_id);
+        assert!(c.relays[0].appended_id);
         assert_eq!(c.token.expose(), "your-secret-token");
         assert_eq!(c.rtsp_target, "127.0.0.1:554".parse().unwrap());
         assert_eq!(c.stream_paths, DAHUA_STREAM_PATHS);
@@ -1288,8 +1340,8 @@ mod tests {
         );
 
         let c = AgentConfig::parse(TUNNEL_DOC, "config.json").unwrap();
-        assert_eq!(c.relay.url, "ws://YOUR-TUNNEL-SERVER:8080/tunnel");
-        assert_eq!(c.relay.host, "YOUR-TUNNEL-SERVER");
+        assert_eq!(c.relays[0].url, "ws://YOUR-TUNNEL-SERVER:8080/tunnel");
+        assert_eq!(c.relays[0].host, "YOUR-TUNNEL-SERVER");
         assert_eq!(c.tunnel_port, 8554);
         assert!(c.ignored.is_empty() && c.notes.is_empty());
 
@@ -1323,7 +1375,7 @@ mod tests {
         let c = AgentConfig::parse(EVERY_FIELD, "config.json").unwrap();
         // tunnel_server_url wins over cloud_server_url, network.* over tunnel.*,
         // streaming.* over camera.*; camera.ip is the RTSP host (streaming has none).
-        assert_eq!(c.relay.url, "ws://YOUR-TUNNEL-SERVER:8080/tunnel");
+        assert_eq!(c.relays[0].url, "ws://YOUR-TUNNEL-SERVER:8080/tunnel");
         assert_eq!(c.token.expose(), "your-secret-token");
         assert_eq!(c.connection_timeout, Duration::from_secs(30));
         assert_eq!(c.reconnect_interval, Duration::from_secs(10));

@@ -1,7 +1,7 @@
 //! The agent's control link: connect the WebSocket, register, then heartbeats and
 //! commands until the link ends.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use common::tls;
 
@@ -17,7 +17,12 @@ use tokio_tungstenite::{
     Connector, MaybeTlsStream, WebSocketStream,
 };
 
-use crate::{config::AgentConfig, resolve::resolve, stats::Stats, Handled, SessionError};
+use crate::{
+    config::{AgentConfig, RelayUrl},
+    resolve::resolve,
+    stats::Stats,
+    Handled, SessionError,
+};
 
 /// Longest wait for the relay to close its end after the agent closed the control link
 /// to end a session by command.
@@ -32,10 +37,31 @@ pub(crate) struct ControlLink {
     socket: Socket,
 }
 
-/// Connects to the relay and registers; all within `network.connection_timeout`.
+/// A relay the agent reached: the URL it is configured as, and the address that
+/// answered. The session's data plane goes to that same address, not to whichever
+/// address the name resolves to first.
+#[derive(Debug, Clone)]
+pub(crate) struct Reached {
+    pub(crate) relay: RelayUrl,
+    pub(crate) addr: SocketAddr,
+}
+
+/// A session's registration, and the relay that granted it.
+#[derive(Debug)]
+pub(crate) struct Registration {
+    pub(crate) registered: Registered,
+    pub(crate) reached: Reached,
+}
+
+/// Registers with one of the configured relays: every address of every relay in turn,
+/// each given `network.connection_timeout`, starting where [`first_candidate`] says
+/// (`previous`: the candidate the last session reached). Returns the link, the
+/// registration and the candidate reached. A relay that answers (a rejection, say)
+/// ends the attempt; one that cannot be reached hands it to the next.
 pub(crate) async fn connect(
     config: &AgentConfig,
-) -> Result<(ControlLink, Registered), SessionError> {
+    previous: Option<usize>,
+) -> Result<(ControlLink, Registration, usize), SessionError> {
     let security = &config.security;
     // Accepted by the config only with a plain ws:// URL.
     if !security.ssl_verify {
@@ -46,20 +72,87 @@ pub(crate) async fn connect(
              which is only as trustworthy as this link"
         );
     }
+    let (candidates, mut failures) = candidates(config).await;
+    let count = candidates.len();
+    let start = first_candidate(&config.agent_id, previous, count);
+    for i in 0..count {
+        let index = (start + i) % count;
+        let reached = &candidates[index];
+        match register(config, reached).await {
+            Ok((link, registered)) => {
+                let registration = Registration {
+                    registered,
+                    reached: reached.clone(),
+                };
+                return Ok((link, registration, index));
+            }
+            Err(SessionError::Connect(why)) => {
+                if count > 1 {
+                    tracing::info!("{why}; trying the next relay address");
+                }
+                failures.push(why);
+            }
+            Err(answered) => return Err(answered),
+        }
+    }
+    Err(SessionError::Connect(failures.join("; ")))
+}
+
+/// Where a session starts among `count` relay addresses. The first session starts at
+/// one picked by the agent id, so a fleet given the same list spreads over it. A later
+/// one starts past the relay the last session had (it may be the one that died), at
+/// an offset picked by the agent id too, so the cameras of a dead relay spread over the
+/// others instead of all landing on its neighbour.
+fn first_candidate(agent_id: &str, previous: Option<usize>, count: usize) -> usize {
+    if count < 2 {
+        return 0;
+    }
+    // FNV-1a: stable across builds and platforms, unlike the std hasher.
+    let spread = agent_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) as usize;
+    match previous {
+        None => spread % count,
+        Some(last) => (last + 1 + spread % (count - 1)) % count,
+    }
+}
+
+/// Every address of every configured relay, in the config's order (and each name's
+/// addresses in the resolver's order), and why the relays that have none have none.
+async fn candidates(config: &AgentConfig) -> (Vec<Reached>, Vec<String>) {
+    let mut candidates = Vec::new();
+    let mut failures = Vec::new();
+    for relay in &config.relays {
+        match resolve(&relay.host, relay.port, &config.fallback_nameservers).await {
+            Ok(addrs) => candidates.extend(addrs.into_iter().map(|addr| Reached {
+                relay: relay.clone(),
+                addr,
+            })),
+            Err(e) => failures.push(format!("cannot reach {}: {e}", relay.url)),
+        }
+    }
+    (candidates, failures)
+}
+
+/// Opens the control link to `reached` and registers, within
+/// `network.connection_timeout`.
+async fn register(
+    config: &AgentConfig,
+    reached: &Reached,
+) -> Result<(ControlLink, Registered), SessionError> {
+    let url = &reached.relay.url;
     let attempt = async {
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(MAX_CONTROL_MESSAGE))
             .max_frame_size(Some(MAX_CONTROL_MESSAGE))
             .read_buffer_size(CONTROL_READ_BUFFER)
             .write_buffer_size(0);
-        let mut socket = open(config, &config.relay.url, ws_config)
-            .await
-            .map_err(|e| {
-                SessionError::Connect(format!(
-                    "cannot open the control link to {}: {e}",
-                    config.relay.url
-                ))
-            })?;
+        let mut socket = open(config, reached, url, ws_config).await.map_err(|e| {
+            SessionError::Connect(format!(
+                "cannot open the control link to {url} ({}): {e}",
+                reached.addr
+            ))
+        })?;
         let register = AgentMessage::Register(Register {
             version: PROTOCOL_VERSION,
             agent_id: config.agent_id.clone(),
@@ -92,23 +185,28 @@ pub(crate) async fn connect(
         .await
         .map_err(|_| {
             SessionError::Connect(format!(
-                "no registration answer from {} within {:?} (network.connection_timeout)",
-                config.relay.url, config.connection_timeout
+                "no registration answer from {url} ({}) within {:?} (network.connection_timeout)",
+                reached.addr, config.connection_timeout
             ))
         })?
 }
 
-/// A WebSocket to `url` on the relay's control port, over TLS unless it is `ws://`. The
-/// error says why in words an operator can act on.
+/// A WebSocket to `url` on the relay's control port at `reached`, over TLS unless it
+/// is `ws://`. The error says why in words an operator can act on.
 pub(crate) async fn open(
     config: &AgentConfig,
+    reached: &Reached,
     url: &str,
     ws_config: WebSocketConfig,
 ) -> Result<Socket, String> {
     let security = &config.security;
     let tls = tls::client_config(&security.relay_trust, security.identity.as_deref(), b"")
         .map_err(|e| format!("TLS setup: {e}"))?;
-    let tcp = dial(config).await?;
+    let tcp = TcpStream::connect(reached.addr)
+        .await
+        .map_err(|e| format!("cannot connect to the relay's control port: {e}"))?;
+    // Control messages are small and latency matters more than packing.
+    let _ = tcp.set_nodelay(true);
     let (socket, _response) = tokio_tungstenite::client_async_tls_with_config(
         url,
         tcp,
@@ -118,27 +216,6 @@ pub(crate) async fn open(
     .await
     .map_err(|e| explain_connect_error(&e, &security.trust_source))?;
     Ok(socket)
-}
-
-/// A TCP connection to the relay's control port: each of its addresses in turn.
-async fn dial(config: &AgentConfig) -> Result<TcpStream, String> {
-    let relay = &config.relay;
-    let addrs = resolve(&relay.host, relay.port, &config.fallback_nameservers).await?;
-    let mut failures = Vec::new();
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                // Control messages are small and latency matters more than packing.
-                let _ = tcp.set_nodelay(true);
-                return Ok(tcp);
-            }
-            Err(e) => failures.push(format!("{addr}: {e}")),
-        }
-    }
-    Err(format!(
-        "cannot connect to the relay's control port: {}",
-        failures.join("; ")
-    ))
 }
 
 impl ControlLink {
@@ -345,5 +422,26 @@ mod tests {
         let e = answer(400, None);
         assert!(e.contains("HTTP 400") && e.contains("control port"), "{e}");
         assert_eq!(e.lines().count(), 1);
+    }
+
+    #[test]
+    fn sessions_spread_over_relays_and_move_past_a_lost_one() {
+        // One relay: nothing to choose.
+        assert_eq!(first_candidate("cam", None, 1), 0);
+        assert_eq!(first_candidate("cam", Some(0), 1), 0);
+        // A fleet spreads over three relays, by id.
+        let mut first = [0; 3];
+        let mut after_loss = [0; 3];
+        for i in 0..300 {
+            let id = format!("cam-{i}");
+            first[first_candidate(&id, None, 3)] += 1;
+            let next = first_candidate(&id, Some(1), 3);
+            // Never straight back to the relay just lost.
+            assert_ne!(next, 1, "{id}");
+            after_loss[next] += 1;
+        }
+        assert!(first.iter().all(|&n| n > 60), "{first:?}");
+        // The cameras of a lost relay spread over both others, not onto its neighbour.
+        assert!(after_loss[0] > 100 && after_loss[2] > 100, "{after_loss:?}");
     }
 }

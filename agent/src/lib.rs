@@ -128,6 +128,8 @@ pub struct Agent {
     stats: Arc<Stats>,
     /// Published so tests and operators can wait on readiness instead of sleeping.
     state: watch::Sender<AgentState>,
+    /// Which relay address the last session reached, among those the config names.
+    reached: std::sync::Mutex<Option<usize>>,
 }
 
 impl Agent {
@@ -137,6 +139,7 @@ impl Agent {
             config: RwLock::new(Arc::new(config)),
             stats: Arc::new(Stats::default()),
             state: watch::Sender::new(AgentState::Connecting),
+            reached: std::sync::Mutex::new(None),
         }
     }
 
@@ -224,12 +227,19 @@ impl Agent {
     /// One session: register, bring the tunnel up, serve until either link ends.
     async fn session(&self, tracker: &TaskTracker, was_online: &mut bool) -> SessionError {
         let config = &self.config();
-        tracing::info!(relay = %config.relay.url, "connecting");
-        let (control, registered) = match control::connect(config).await {
+        let previous = *self.reached.lock().unwrap_or_else(|e| e.into_inner());
+        let (control, registration, reached) = match control::connect(config, previous).await {
             Ok(ok) => ok,
             Err(e) => return e,
         };
-        let port = registered
+        *self.reached.lock().unwrap_or_else(|e| e.into_inner()) = Some(reached);
+        tracing::info!(
+            relay = %registration.reached.relay.url,
+            address = %registration.reached.addr,
+            "registered"
+        );
+        let port = registration
+            .registered
             .granted
             .first()
             .map(|g| g.port)
@@ -253,7 +263,7 @@ impl Agent {
         tokio::pin!(control_run);
         let data = tunnel::run(
             config,
-            &registered,
+            &registration,
             &self.stats,
             tracker,
             &published,

@@ -53,7 +53,13 @@ async fn main() -> ExitCode {
         "camera-agent starting"
     );
     let security = &config.security;
-    if config.relay.url.starts_with("wss://") {
+    let plain: Vec<&str> = config
+        .relays
+        .iter()
+        .map(|r| r.url.as_str())
+        .filter(|url| !url.starts_with("wss://"))
+        .collect();
+    if plain.is_empty() {
         tracing::info!(
             relay_checked_against = %security.trust_source,
             client_certificate = security.identity.is_some(),
@@ -62,6 +68,7 @@ async fn main() -> ExitCode {
     } else {
         tracing::warn!(
             client_certificate = security.identity.is_some(),
+            relays = %plain.join(", "),
             "control link is plain ws://: the token crosses the network readable by anyone \
              on the path, and the relay is not verified; use wss:// outside a trial"
         );

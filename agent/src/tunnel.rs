@@ -18,8 +18,8 @@ use common::{
     backoff::Backoff,
     mux::{self, AgentEnd, WsBytes},
     protocol::{
-        read_frame, tunnel_close, write_frame, DataHello, HelloReply, Registered, StreamOpen,
-        StreamStatus, SERVICE_RTSP,
+        read_frame, tunnel_close, write_frame, DataHello, HelloReply, StreamOpen, StreamStatus,
+        SERVICE_RTSP,
     },
     splice::splice,
     stream::{RecvHalf, SendHalf},
@@ -31,8 +31,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    config::AgentConfig, control, resolve::resolve, stats::Stats, AgentState, DataLink,
-    SessionError,
+    config::AgentConfig,
+    control::{self, Registration},
+    stats::Stats,
+    AgentState, DataLink, SessionError,
 };
 
 /// How long a session's first QUIC attempt may take before the agent falls back to
@@ -69,20 +71,16 @@ pub(crate) struct Tunnel {
 /// all within `timeout`.
 async fn dial(
     config: &AgentConfig,
-    registered: &Registered,
+    registered: &Registration,
     timeout: Duration,
 ) -> Result<Tunnel, SessionError> {
     let fail = |what: &str, e: &dyn std::fmt::Display| SessionError::Tunnel(format!("{what}: {e}"));
-    let relay = resolve(
-        &config.relay.host,
-        registered.quic_port,
-        &config.fallback_nameservers,
-    )
-    .await
-    .map_err(SessionError::Tunnel)?
-    .into_iter()
-    .next()
-    .ok_or_else(|| SessionError::Tunnel(format!("{} has no address", config.relay.host)))?;
+    let Registration {
+        registered,
+        reached,
+    } = registered;
+    // The address that answered the control link, not any other the name has.
+    let relay = SocketAddr::new(reached.addr.ip(), registered.quic_port);
     // A fresh UDP socket per session: after a network change the old port may be dead.
     let local: SocketAddr = match relay {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -101,7 +99,7 @@ async fn dial(
 
     let handshake = async {
         let conn = endpoint
-            .connect(relay, &config.relay.host)
+            .connect(relay, &reached.relay.host)
             .map_err(|e| fail(&format!("cannot dial {relay}"), &e))?
             .await
             .map_err(|e| fail(&format!("QUIC handshake with {relay} failed"), &e))?;
@@ -201,9 +199,10 @@ pub(crate) struct Fallback {
 /// proves the registration on it, all within `network.connection_timeout`.
 async fn dial_fallback(
     config: &AgentConfig,
-    registered: &Registered,
+    registered: &Registration,
 ) -> Result<Fallback, SessionError> {
-    let url = config.relay.fallback_url();
+    let reached = &registered.reached;
+    let url = reached.relay.fallback_url();
     let fail = |e: &dyn std::fmt::Display| {
         SessionError::Tunnel(format!("TCP fallback link to {url}: {e}"))
     };
@@ -212,13 +211,13 @@ async fn dial_fallback(
             .max_message_size(Some(mux::MAX_MESSAGE))
             .max_frame_size(Some(mux::MAX_MESSAGE))
             .read_buffer_size(mux::READ_BUFFER);
-        let socket = control::open(config, &url, ws_config)
+        let socket = control::open(config, reached, &url, ws_config)
             .await
             .map_err(|e| fail(&e))?;
         let mut link = WsBytes::new(socket);
         let hello = DataHello {
             agent_id: config.agent_id.clone(),
-            session_key: registered.session_key,
+            session_key: registered.registered.session_key,
         };
         write_frame(&mut link, &hello).await.map_err(|e| fail(&e))?;
         link.flush().await.map_err(|e| fail(&e))?;
@@ -304,7 +303,7 @@ enum Plane {
 
 /// Connects the data plane: QUIC if it comes up within [`QUIC_FIRST_TRY`], else the
 /// TCP fallback.
-async fn connect(config: &AgentConfig, registered: &Registered) -> Result<Plane, SessionError> {
+async fn connect(config: &AgentConfig, registered: &Registration) -> Result<Plane, SessionError> {
     let quic = match dial(
         config,
         registered,
@@ -334,7 +333,7 @@ impl Plane {
     async fn serve(
         self,
         config: &Arc<AgentConfig>,
-        registered: &Registered,
+        registered: &Registration,
         stats: &Arc<Stats>,
         tracker: &TaskTracker,
         published: &Published<'_>,
@@ -393,7 +392,7 @@ impl Plane {
 /// the first data plane is up; returns why the session ended.
 pub(crate) async fn run(
     config: &Arc<AgentConfig>,
-    registered: &Registered,
+    registered: &Registration,
     stats: &Arc<Stats>,
     tracker: &TaskTracker,
     published: &Published<'_>,
