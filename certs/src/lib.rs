@@ -224,6 +224,22 @@ pub fn agent_certificate(id: &str, validity: Validity, ca: &Ca) -> Result<PemPai
     finish(params, Some(ca))
 }
 
+/// A cluster relay's certificate for its relay-to-relay links, signed by `ca`: its
+/// subject common name and a DNS name are the relay id (`[cluster] relay_id`), which
+/// the other relays check, and it serves as both server and client certificate.
+pub fn peer_certificate(id: &str, validity: Validity, ca: &Ca) -> Result<PemPair, CertError> {
+    check_agent_id(id).map_err(|why| CertError::Invalid(format!("relay id {why}")))?;
+    let mut params = CertificateParams::new(vec![id.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, id);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    validity.apply(&mut params);
+    finish(params, Some(ca))
+}
+
 /// A fresh random agent token: 32 bytes from the OS's generator, as 64 hex digits.
 pub fn new_token() -> String {
     use argon2::password_hash::rand_core::{OsRng, RngCore};
@@ -495,6 +511,22 @@ mod tests {
             text.contains("not after") && text.contains(&seen.sha256),
             "{text}"
         );
+
+        // A relay's peer certificate names its id twice; an agent's does not count as one.
+        let peer = peer_certificate("relay-a", Validity::days(RELAY_DAYS).unwrap(), &ca).unwrap();
+        let (peer_cert, _) = write_pair(dir.path(), "peer-relay-a", &peer, false).unwrap();
+        let seen = inspect(&peer_cert).unwrap();
+        assert_eq!(seen.subject, "CN=relay-a");
+        assert_eq!(seen.sans, ["DNS:relay-a"]);
+        assert_eq!(
+            common::tls::peer_relay_id(&first_certificate(&peer_cert).unwrap()).as_deref(),
+            Some("relay-a")
+        );
+        assert_eq!(
+            common::tls::peer_relay_id(&first_certificate(&agent_cert).unwrap()),
+            None
+        );
+        assert!(peer_certificate("a/b", Validity::days(1).unwrap(), &ca).is_err());
 
         assert!(
             agent_certificate("bad id", Validity::days(AGENT_DAYS).unwrap(), &ca)

@@ -66,6 +66,22 @@ enum Cmd {
         #[command(flatten)]
         out: Out,
     },
+    /// Write peer-<ID>.crt and peer-<ID>.key: a cluster relay's certificate for the
+    /// relay-to-relay links ([cluster] peer_cert/peer_key), naming its relay id, signed
+    /// by the cluster's CA.
+    Peer {
+        /// The relay id (as in its relay.toml, [cluster] relay_id).
+        #[arg(long)]
+        id: String,
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = certs::RELAY_DAYS)]
+        days: u32,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Print a fresh random token for an agent (its config's agent.tunnel_server_token)
     /// and the argon2 hash the relay's config stores instead ([[agents]] token_hash).
     Token {
@@ -134,6 +150,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &out,
                 &id,
                 &certs::agent_certificate(&id, Validity::days(days)?, &ca)?,
+            )?;
+        }
+        Cmd::Peer { id, ca, days, out } => {
+            let ca = load_ca(&ca)?;
+            write(
+                &out,
+                &format!("peer-{id}"),
+                &certs::peer_certificate(&id, Validity::days(days)?, &ca)?,
             )?;
         }
         Cmd::Token { id } => {

@@ -23,6 +23,14 @@
 //! [`HelloReply`], exactly as on QUIC; then the byte stream carries a yamux session
 //! (relay as client, agent as server, [`crate::mux`]) whose streams carry what QUIC
 //! streams do: a framed [`StreamOpen`], a framed [`StreamStatus`], raw bytes.
+//!
+//! # Between relays of a cluster (QUIC, ALPN [`PEER_ALPN`])
+//! A relay that a Watcher reached, but that does not hold the camera, opens a
+//! bidirectional stream on its connection to the relay that does (both sides present
+//! certificates of the cluster's CA) and writes a framed [`PeerOpen`]; the holding
+//! relay answers with a framed [`StreamStatus`], and raw bytes follow both ways: the
+//! Watcher's connection, as it came, which the holding relay carries to the camera as
+//! if the Watcher had connected to it.
 
 use std::fmt;
 
@@ -39,6 +47,9 @@ pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN of the QUIC data plane; names the protocol and its version.
 pub const ALPN: &[u8] = b"camtunnel/1";
+
+/// ALPN of the relay-to-relay QUIC connections.
+pub const PEER_ALPN: &[u8] = b"camtunnel-peer/1";
 
 /// Appended to the control URL's path for the data plane's TCP fallback
 /// (`/tunnel` → `/tunnel/data`).
@@ -380,7 +391,23 @@ pub struct StreamOpen {
     pub connection_id: u64,
 }
 
-/// The agent's answer to a [`StreamOpen`], before any payload byte.
+/// Header a relay writes first on a stream to the relay holding a camera: which
+/// Watcher connection follows, and for which camera.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerOpen {
+    /// The camera's agent id.
+    pub camera: String,
+    /// The Watcher named the camera in its URLs (`/<agent-id>/…`, the shared port),
+    /// rather than dialing the camera's own port.
+    pub shared: bool,
+    /// The Watcher's address, as the first relay saw it.
+    pub watcher: String,
+    /// The first relay's id of the connection, for matching logs on both relays.
+    pub connection_id: u64,
+}
+
+/// The agent's answer to a [`StreamOpen`] (and the holding relay's to a
+/// [`PeerOpen`]), before any payload byte.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamStatus {
     /// The agent is connected to the service; payload follows.

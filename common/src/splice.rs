@@ -66,10 +66,21 @@ impl Meter for ByteCounters {
     }
 }
 
-/// The sending half of a data stream, which a failed splice abandons.
+/// A sending half a failed splice abandons: a data stream's, or the TCP side's.
 pub trait StreamSend: AsyncWrite + Unpin {
     /// Tells the peer at once that no more bytes will come.
     fn reset(self);
+}
+
+/// A TCP connection's writing half is reset by closing it with a RST.
+impl StreamSend for OwnedWriteHalf {
+    fn reset(self) {
+        reset_tcp(self.as_ref());
+        // Dropped, the writing half would shut down with a FIN first: the peer would
+        // take the reset for a clean end. Forgotten, the socket closes with the reading
+        // half, and resets.
+        self.forget();
+    }
 }
 
 impl StreamSend for SendHalf {
@@ -123,13 +134,15 @@ impl Layer for Plain {
 }
 
 /// The TCP side of a splice, split: its reading half (which may begin with bytes
-/// already read from the socket) and its writing half.
+/// already read from the socket) and its writing half. Between relays of a cluster,
+/// the "TCP side" of the relay holding the camera is the data stream from the relay the
+/// Watcher connected to: the same splice, with a stream's halves here.
 #[derive(Debug)]
-pub struct Tcp<R> {
+pub struct Tcp<R, W = OwnedWriteHalf> {
     /// Bytes from the TCP peer.
     pub read: R,
     /// Bytes to the TCP peer; also how the connection is reset.
-    pub write: OwnedWriteHalf,
+    pub write: W,
 }
 
 /// Copies both ways between `tcp` and a data stream, as they are, until both
@@ -155,8 +168,8 @@ where
 /// end. If either side fails, or a layer refuses what it read, the stream is reset and
 /// the TCP connection is reset, so neither peer waits on a half-dead connection.
 /// `meter` counts as bytes move.
-pub async fn splice_with<T, R, S, U, D, M>(
-    tcp: Tcp<T>,
+pub async fn splice_with<T, W, R, S, U, D, M>(
+    tcp: Tcp<T, W>,
     mut recv: R,
     mut send: S,
     layers: (U, D),
@@ -164,6 +177,7 @@ pub async fn splice_with<T, R, S, U, D, M>(
 ) -> io::Result<Transfer>
 where
     T: AsyncRead + Unpin,
+    W: StreamSend,
     R: AsyncRead + Unpin,
     S: StreamSend,
     U: Layer,
@@ -181,10 +195,7 @@ where
         Ok((from_tcp, to_tcp)) => Ok(Transfer { from_tcp, to_tcp }),
         Err(e) => {
             send.reset();
-            reset_tcp(tcp_write.as_ref());
-            // Dropped, the writing half would shut down with a FIN first: the peer would
-            // take the reset for a clean end. Closed with the reading half, it resets.
-            tcp_write.forget();
+            tcp_write.reset();
             drop(tcp_read);
             Err(e)
         }

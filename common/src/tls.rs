@@ -22,7 +22,7 @@ use rustls::{
     DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-use crate::protocol::{hex, ALPN};
+use crate::protocol::{hex, ALPN, PEER_ALPN};
 
 /// How long a QUIC connection may stay silent before it is declared dead.
 pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,6 +111,20 @@ pub fn peer_common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
+}
+
+/// The relay id a cluster relay's certificate names: its subject common name, which it
+/// also carries as a DNS name (as `certs peer` issues them). `None` for any other
+/// certificate: an agent's, from the same CA perhaps, names no DNS name.
+pub fn peer_relay_id(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let sans = cert.subject_alternative_name().ok()??;
+    sans.value
+        .general_names
+        .iter()
+        .any(|name| matches!(name, x509_parser::extensions::GeneralName::DNSName(d) if *d == cn))
+        .then(|| cn.to_string())
 }
 
 /// SHA-256 of a DER blob.
@@ -244,6 +258,39 @@ pub fn quic_client_config(
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport(max_streams, keep_alive)));
     Ok(config)
+}
+
+/// Watcher connections one relay may carry through another at once.
+pub const PEER_MAX_STREAMS: u32 = 16_384;
+
+/// QUIC configurations of a cluster relay's relay-to-relay endpoint, which both serves
+/// and dials: it presents `identity` either way, serves only relays presenting a
+/// client certificate `ca` issued (without one the handshake fails), and dials only
+/// relays whose certificate `ca` issued for the relay id dialled (the server name).
+pub fn peer_quic_configs(
+    identity: &Identity,
+    ca: &RootCertStore,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TlsError> {
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(Arc::new(ca.clone()), provider())
+                .build()
+                .map_err(|e| TlsError::Quic(format!("cluster CA: {e}")))?,
+        )
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    server.alpn_protocols = vec![PEER_ALPN.to_vec()];
+    let server = QuicServerConfig::try_from(server).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(Arc::new(transport(PEER_MAX_STREAMS, QUIC_KEEP_ALIVE)));
+    // Relays have fixed addresses.
+    server.migration(false);
+
+    let client = client_config(&RelayTrust::Ca(ca.clone()), Some(identity), PEER_ALPN)?;
+    let client = QuicClientConfig::try_from(client).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client));
+    client.transport_config(Arc::new(transport(PEER_MAX_STREAMS, QUIC_KEEP_ALIVE)));
+    Ok((server, client))
 }
 
 /// Accepts exactly the server certificates named by their SHA-256, whatever their names

@@ -50,7 +50,6 @@ pub struct EtcdTls {
 impl EtcdTls {
     /// Issues the files into `dir` with the `certs` binary.
     async fn issue(dir: &Path) -> anyhow::Result<Self> {
-        let certs = crate::bin("certs")?;
         let dir_arg = dir.to_str().context("temporary directory")?;
         for args in [
             vec!["ca", "--out", dir_arg],
@@ -73,13 +72,7 @@ impl EtcdTls {
                 dir_arg,
             ],
         ] {
-            let output = Command::new(&certs).args(&args).output().await?;
-            anyhow::ensure!(
-                output.status.success(),
-                "certs {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr)
-            );
+            crate::certs(&args).await?;
         }
         Ok(EtcdTls {
             ca: dir.join("ca.crt"),

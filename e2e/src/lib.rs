@@ -579,6 +579,18 @@ pub struct Probe {
     pub frames: u32,
 }
 
+/// Runs the project's `certs` tool with `args`; its error output if it fails.
+pub async fn certs(args: &[&str]) -> anyhow::Result<()> {
+    let output = Command::new(bin("certs")?).args(args).output().await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "certs {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 /// Decodes `frames` video frames from `url` with ffprobe over RTSP/TCP.
 pub async fn ffprobe(url: impl AsRef<str>, frames: u32) -> anyhow::Result<Probe> {
     ffprobe_with(&Place::host(), url, frames, &["-rtsp_transport", "tcp"]).await

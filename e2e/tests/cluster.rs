@@ -21,9 +21,11 @@ const TTL_SECS: u64 = 4;
 /// A relay of the cluster, with its config in its own directory.
 struct ClusterRelay {
     process: RelayProcess,
-    /// Address its camera ports listen on (each relay its own loopback address, as
-    /// each would be its own host).
+    /// Address its camera ports and its shared port listen on (each relay its own
+    /// loopback address, as each would be its own host).
     camera_host: String,
+    /// Its shared RTSP port (`/<agent-id>/…`).
+    shared: u16,
     /// Holds its config file.
     dir: tempfile::TempDir,
 }
@@ -52,11 +54,14 @@ impl ClusterRelay {
         extra: &str,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_ports(1)[0];
+        let [port, shared] = free_ports(2)[..] else {
+            unreachable!()
+        };
         let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
         let config = format!(
             "listen = \"127.0.0.1:{port}\"\n\
              camera_bind = \"{camera_host}\"\n\
+             shared_listen = \"{camera_host}:{shared}\"\n\
              camera_ports = \"{}-{}\"\n\
              shared_token = \"{TOKEN}\"\n\
              [cluster]\n\
@@ -84,6 +89,7 @@ impl ClusterRelay {
         ClusterRelay {
             process,
             camera_host: camera_host.to_string(),
+            shared,
             dir,
         }
     }
@@ -116,6 +122,14 @@ impl ClusterRelay {
         format!(
             "rtsp://admin:admin@{}:{port}{MAIN_STREAM}",
             self.camera_host
+        )
+    }
+
+    /// Camera `agent` on the relay's shared port.
+    fn shared_rtsp(&self, agent: &str) -> String {
+        format!(
+            "rtsp://admin:admin@{}:{}/{agent}{MAIN_STREAM}",
+            self.camera_host, self.shared
         )
     }
 }
@@ -604,4 +618,120 @@ async fn relays_sign_in_to_etcd_and_again_after_it_restarts() {
     online_port(&mut cam_2).await;
     until_holder(&etcd, "cam-2", Some("relay-a"), Duration::from_secs(10)).await;
     until_holder(&etcd, "cam-1", Some("relay-a"), Duration::from_secs(10)).await;
+}
+
+/// The cluster's CA and the relays' peer certificates, issued by the `certs` tool.
+struct ClusterCa {
+    dir: tempfile::TempDir,
+}
+
+impl ClusterCa {
+    async fn issue(relays: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().to_str().unwrap();
+        e2e::certs(&["ca", "--name", "cluster CA", "--out", out])
+            .await
+            .unwrap();
+        for id in relays {
+            e2e::certs(&["peer", "--id", id, "--ca", out, "--out", out])
+                .await
+                .unwrap();
+        }
+        ClusterCa { dir }
+    }
+
+    fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// `[cluster]` lines giving relay `id` a relay-to-relay endpoint.
+    fn peer_lines(&self, id: &str) -> String {
+        format!(
+            "peer_listen = \"127.0.0.1:{}\"\npeer_cert = {:?}\npeer_key = {:?}\npeer_ca = {:?}\n",
+            free_ports(1)[0],
+            self.path(&format!("peer-{id}.crt")),
+            self.path(&format!("peer-{id}.key")),
+            self.path("ca.crt"),
+        )
+    }
+}
+
+/// The value of the `camera_relay_peer_streams_total` sample with these labels.
+fn peer_streams(metrics: &str, relay: &str, direction: &str, result: &str) -> f64 {
+    let labels = [
+        format!("relay=\"{relay}\""),
+        format!("direction=\"{direction}\""),
+        format!("result=\"{result}\""),
+    ];
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("camera_relay_peer_streams_total{"))
+        .find(|l| labels.iter().all(|label| l.contains(label.as_str())))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A relay of the cluster with a relay-to-relay endpoint.
+async fn linked_relay(
+    id: &str,
+    camera_host: &str,
+    first: u16,
+    etcd: &EtcdCluster,
+    ca: &ClusterCa,
+) -> ClusterRelay {
+    ClusterRelay::start_configured(id, camera_host, first..=first + 3, etcd, &ca.peer_lines(id))
+        .await
+}
+
+#[tokio::test]
+async fn a_watcher_at_any_relay_decodes_any_camera() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let ca = ClusterCa::issue(&["relay-a", "relay-b"]).await;
+    let first = free_port_run(4);
+    let a = linked_relay("relay-a", "127.0.0.1", first, &etcd, &ca).await;
+    let b = linked_relay("relay-b", "127.0.0.2", first, &etcd, &ca).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let mut cam_1 = AgentProcess::spawn("cam-1@a", &agent_json("cam-1", &a, &camera)).unwrap();
+    online_port(&mut cam_1).await;
+    let mut cam_2 = AgentProcess::spawn("cam-2@b", &agent_json("cam-2", &b, &camera)).unwrap();
+    online_port(&mut cam_2).await;
+    for relay in [&a, &b] {
+        until_listed(relay, "cam-1", "relay-a").await;
+        until_listed(relay, "cam-2", "relay-b").await;
+    }
+
+    // Every camera through every relay's shared port: ffprobe, and GStreamer's rtspsrc.
+    for relay in [&a, &b] {
+        for agent in ["cam-1", "cam-2"] {
+            let url = relay.shared_rtsp(agent);
+            let probe = ffprobe(&url, 5).await.unwrap();
+            assert!(probe.frames >= 5, "{url}: {probe:?}");
+        }
+    }
+    e2e::gst_decode(
+        &e2e::Place::host(),
+        &a.shared_rtsp("cam-2"),
+        &["protocols=tcp"],
+        10,
+    )
+    .await
+    .unwrap();
+
+    // Each crossing counted on both relays; the holder did the RTSP work (its
+    // camera's series count the media), the other only carried bytes.
+    let on_a = api(&a, "GET", "/metrics", None).await.body;
+    let on_b = api(&b, "GET", "/metrics", None).await.body;
+    assert_eq!(peer_streams(&on_a, "relay-b", "out", "ok"), 2.0, "{on_a}");
+    assert_eq!(peer_streams(&on_b, "relay-a", "in", "ok"), 2.0, "{on_b}");
+    assert_eq!(peer_streams(&on_b, "relay-a", "out", "ok"), 1.0, "{on_b}");
+    assert!(
+        e2e::metric(&on_b, "camera_relay_video_frames_total{camera=\"cam-2\"}")
+            .is_some_and(|f| f >= 25.0),
+        "{on_b}"
+    );
+    assert_eq!(
+        e2e::metric(&on_a, "camera_relay_video_frames_total{camera=\"cam-2\"}"),
+        None,
+        "relay A applied RTSP awareness to a camera it does not hold"
+    );
 }

@@ -73,6 +73,22 @@ pub struct ClusterConfig {
     pub identity: Option<(PathBuf, PathBuf)>,
     /// etcd user and password, if etcd has authentication on.
     pub user: Option<(String, Secret)>,
+    /// The relay-to-relay links that carry Watchers to the relay holding their camera;
+    /// `None`: this relay answers for cameras held elsewhere that they are elsewhere.
+    pub peer: Option<PeerConfig>,
+}
+
+/// A cluster relay's relay-to-relay endpoint (QUIC, mutual TLS).
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// UDP address the endpoint binds.
+    pub listen: SocketAddr,
+    /// `host:port` other relays dial (announced in etcd).
+    pub advertise: String,
+    /// This relay's certificate and key from `certs peer --id <relay_id>`.
+    pub identity: (PathBuf, PathBuf),
+    /// The cluster's CA, which issued every relay's peer certificate.
+    pub ca: PathBuf,
 }
 
 /// Default TTL of a relay's etcd lease.
@@ -271,6 +287,21 @@ struct FileCluster {
     etcd_key: Option<PathBuf>,
     etcd_user: Option<String>,
     etcd_password: Option<Secret>,
+    peer_listen: Option<SocketAddr>,
+    peer_advertise: Option<String>,
+    peer_cert: Option<PathBuf>,
+    peer_key: Option<PathBuf>,
+    peer_ca: Option<PathBuf>,
+}
+
+/// The host of an `http(s)://host:port/…` URL (brackets kept around IPv6).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => host,
+        _ => authority,
+    }
 }
 
 impl FileCluster {
@@ -366,7 +397,54 @@ impl FileCluster {
                 "TLS files are set, so every endpoint must be https://",
             ));
         }
+        let peer = match (
+            self.peer_listen,
+            self.peer_cert,
+            self.peer_key,
+            self.peer_ca,
+        ) {
+            (None, None, None, None) => {
+                if self.peer_advertise.is_some() {
+                    return Err(invalid(
+                        origin,
+                        &field("peer_advertise"),
+                        "set peer_listen too, or leave both out",
+                    ));
+                }
+                None
+            }
+            (Some(listen), Some(cert), Some(key), Some(ca)) => {
+                let advertise = match self.peer_advertise {
+                    Some(address) => address,
+                    None => format!("{}:{}", url_host(&self.advertise), listen.port()),
+                };
+                if !advertise.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+                }) {
+                    return Err(invalid(
+                        origin,
+                        &field("peer_advertise"),
+                        &format!("{advertise:?} is not host:port, e.g. 10.0.0.11:8445"),
+                    ));
+                }
+                Some(PeerConfig {
+                    listen,
+                    advertise,
+                    identity: (cert, key),
+                    ca,
+                })
+            }
+            _ => {
+                return Err(invalid(
+                    origin,
+                    &field("peer_listen"),
+                    "the relay-to-relay link needs all of peer_listen, peer_cert, peer_key \
+                     and peer_ca (certificates from `certs peer --id <relay_id>`), or none",
+                ))
+            }
+        };
         Ok(ClusterConfig {
+            peer,
             endpoints,
             relay_id: self.relay_id,
             advertise: self.advertise.trim_end_matches('/').to_string(),
@@ -892,6 +970,25 @@ mod tests {
         );
         assert_eq!(cluster.lease_ttl, DEFAULT_LEASE_TTL);
         assert_eq!(cluster.key_prefix, "/camera-relay/");
+        assert!(cluster.peer.is_none());
+        let peer = RelayConfig::from_toml(
+            &format!(
+                "{base}etcd_endpoints = \"http://e:2379\"\npeer_listen = \"0.0.0.0:8445\"\n\
+                 peer_cert = \"peer-relay-a.crt\"\npeer_key = \"peer-relay-a.key\"\npeer_ca = \"ca.crt\"\n"
+            ),
+            "relay.toml",
+        )
+        .unwrap()
+        .cluster
+        .unwrap()
+        .peer
+        .unwrap();
+        assert_eq!(
+            peer.advertise, "10.0.0.11:8445",
+            "the advertised host, the peer port"
+        );
+        assert_eq!(url_host("https://[2001:db8::1]:8080/x"), "[2001:db8::1]");
+        assert_eq!(url_host("http://relay-a.lan"), "relay-a.lan");
         assert!(RelayConfig::from_toml("shared_token = \"t\"\n", "x")
             .unwrap()
             .cluster
@@ -932,6 +1029,21 @@ mod tests {
                 "etcd_endpoints = \"http://e:2379\"\nkey_prefix = \"/x\"\n",
                 "cluster.key_prefix",
                 "end with",
+            ),
+            (
+                "etcd_endpoints = \"http://e:2379\"\npeer_listen = \"0.0.0.0:8445\"\n",
+                "cluster.peer_listen",
+                "certs peer",
+            ),
+            (
+                "etcd_endpoints = \"http://e:2379\"\npeer_advertise = \"h:1\"\n",
+                "cluster.peer_advertise",
+                "peer_listen",
+            ),
+            (
+                "etcd_endpoints = \"http://e:2379\"\npeer_listen = \"0.0.0.0:8445\"\npeer_cert = \"c\"\npeer_key = \"k\"\npeer_ca = \"ca\"\npeer_advertise = \"10.0.0.11\"\n",
+                "cluster.peer_advertise",
+                "host:port",
             ),
         ] {
             let e = err(&format!("{base}{extra}"));

@@ -1,7 +1,10 @@
 //! The Watcher listeners: every TCP connection a Watcher makes to a camera's own port,
 //! or to the shared port naming the camera as `/<agent-id>/…`, rides a fresh
 //! bidirectional stream on that camera's QUIC tunnel (or, while UDP is blocked, on its
-//! TCP fallback link).
+//! TCP fallback link). In a cluster, a Watcher for a camera another relay holds rides a
+//! stream of the link to that relay ([`crate::peer::link`]), which carries it on as if
+//! the Watcher had connected there: its RTSP awareness applies once, at the relay that
+//! holds the camera.
 
 use std::{
     future::Future,
@@ -14,9 +17,11 @@ use std::{
 
 use common::{
     protocol::{
-        check_agent_id, decode_frame_prefix, write_frame, StreamOpen, StreamStatus, SERVICE_RTSP,
+        check_agent_id, decode_frame_prefix, read_frame, write_frame, PeerOpen, StreamOpen,
+        StreamStatus, SERVICE_RTSP,
     },
-    splice::reset_tcp,
+    splice::{splice, ByteCounters},
+    stream::{RecvHalf, SendHalf},
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf},
@@ -27,8 +32,9 @@ use tracing::Instrument;
 
 use crate::{
     config::Limits,
+    peer::link::PeerLinks,
     registry::AgentSession,
-    rtsp::{self, Watcher},
+    rtsp::{self, Front, Watcher},
     shard::Shard,
     MediaStats, Registry,
 };
@@ -81,7 +87,7 @@ async fn serve_camera(
         |tcp, id| {
             let (session, limits) = (session.clone(), limits.clone());
             let watcher = Watcher {
-                tcp,
+                front: Front::Tcp(tcp),
                 preread: Vec::new(),
                 prefix: String::new(),
                 started: Instant::now(),
@@ -99,6 +105,7 @@ async fn serve_camera(
 pub(crate) async fn serve_shared(
     listener: TcpListener,
     registry: Arc<Registry>,
+    peers: Option<Arc<PeerLinks>>,
     limits: Limits,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -110,21 +117,46 @@ pub(crate) async fn serve_shared(
         &tracker,
         |tcp, id| {
             let (registry, limits, shutdown) = (registry.clone(), limits.clone(), shutdown.clone());
+            let peers = peers.clone();
             async move {
                 let routed = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    routed = route(tcp, &registry, &limits) => routed?,
+                    routed = route(tcp, &registry, peers.is_some(), &limits) => routed?,
                 };
-                match routed {
-                    Some((watcher, session)) => {
+                match (routed, peers) {
+                    (Routed::Here(watcher, session), _) => {
                         carry_on_shard(watcher, id, session, registry, limits).await
                     }
-                    None => Ok(()),
+                    (Routed::Elsewhere(elsewhere), Some(peers)) => {
+                        carry_to_peer(elsewhere, id, &peers, &registry, &limits).await
+                    }
+                    _ => Ok(()),
                 }
             }
         },
     )
     .await;
+}
+
+/// Where a shared-port Watcher goes.
+enum Routed {
+    /// To the camera, held by this relay.
+    Here(Watcher, Arc<AgentSession>),
+    /// To the relay of the cluster that holds the camera.
+    Elsewhere(Elsewhere),
+    /// Nowhere: the relay answered it.
+    Answered,
+}
+
+/// A Watcher for a camera another relay holds.
+struct Elsewhere {
+    tcp: TcpStream,
+    /// What was read of it so far.
+    preread: Vec<u8>,
+    /// Its first request's head, to answer it if the other relay cannot be reached.
+    head: Vec<u8>,
+    camera: String,
+    relay: String,
 }
 
 /// Accepts connections on `listener` until `stop`, each served by `serve` (given the
@@ -165,14 +197,7 @@ async fn accept_watchers<F, Fut>(
         tracker.spawn(
             async move {
                 if let Err(e) = work.await {
-                    if let Some(reason) = failure_reason(&e) {
-                        registry
-                            .metrics()
-                            .stream_open_failures_total
-                            .with_label_values(&[reason])
-                            .inc();
-                    }
-                    log_watcher_error(&e);
+                    report(&registry, &e);
                 }
             }
             .instrument(span),
@@ -186,8 +211,9 @@ async fn accept_watchers<F, Fut>(
 async fn route(
     mut tcp: TcpStream,
     registry: &Registry,
+    linked: bool,
     limits: &Limits,
-) -> anyhow::Result<Option<(Watcher, Arc<AgentSession>)>> {
+) -> anyhow::Result<Routed> {
     let started = Instant::now();
     let (preread, head) =
         tokio::time::timeout(limits.first_request_timeout, rtsp::first_request(&mut tcp))
@@ -209,8 +235,32 @@ async fn route(
         tracing::warn!(
             "shared port: the request names no camera (expected /<agent-id>/… in its URL)"
         );
-        return Ok(None);
+        return Ok(Routed::Answered);
     };
+    let elsewhere = registry
+        .store()
+        .cluster()
+        .and_then(|store| store.camera(&camera))
+        .filter(|presence| Some(presence.relay.as_str()) != registry.relay_id());
+    if let (None, Some(presence)) = (registry.get(&camera), elsewhere) {
+        tracing::Span::current().record("camera", camera.as_str());
+        if linked {
+            return Ok(Routed::Elsewhere(Elsewhere {
+                tcp,
+                preread,
+                head,
+                camera,
+                relay: presence.relay,
+            }));
+        }
+        let reason = format!("Camera {camera} Is On Relay {}", presence.relay);
+        refuse(tcp, &head, 503, &reason).await;
+        tracing::warn!(
+            "shared port: answered 503 {reason}; set [cluster] peer_listen (and its \
+             certificates) on the relays to carry Watchers between them"
+        );
+        return Ok(Routed::Answered);
+    }
     let Some(session) = registry.get(&camera) else {
         let (code, reason) = match check_agent_id(&camera) {
             Err(_) => (404, "Unknown Camera".to_string()),
@@ -219,16 +269,163 @@ async fn route(
         };
         refuse(tcp, &head, code, &reason).await;
         tracing::warn!(camera = %camera.escape_debug(), "shared port: answered {code} {reason}");
-        return Ok(None);
+        return Ok(Routed::Answered);
     };
     tracing::Span::current().record("camera", camera.as_str());
     let watcher = Watcher {
-        tcp,
+        front: Front::Tcp(tcp),
         preread,
         prefix: format!("/{camera}"),
         started,
     };
-    Ok(Some((watcher, session)))
+    Ok(Routed::Here(watcher, session))
+}
+
+/// Carries a Watcher to the relay holding its camera, over the link to it: the
+/// connection as it came, bytes already read first. The other relay's answer to the
+/// stream comes first; a refusal resets the Watcher's connection.
+async fn carry_to_peer(
+    watcher: Elsewhere,
+    connection_id: u64,
+    peers: &Arc<PeerLinks>,
+    registry: &Registry,
+    limits: &Limits,
+) -> anyhow::Result<()> {
+    let Elsewhere {
+        tcp,
+        preread,
+        head,
+        camera,
+        relay,
+    } = watcher;
+    let counted = |result: &str| {
+        registry
+            .metrics()
+            .peer_streams_total
+            .with_label_values(&[relay.as_str(), "out", result])
+            .inc();
+    };
+    let opened = tokio::time::timeout(limits.tunnel_wait, peers.open(&relay)).await;
+    let (send, recv) = match opened {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            counted("unreachable");
+            refuse(tcp, &head, 503, &format!("Relay {relay} Unreachable")).await;
+            anyhow::bail!("relay {relay} holds the camera: {e}");
+        }
+        Err(_) => {
+            counted("unreachable");
+            refuse(tcp, &head, 503, &format!("Relay {relay} Unreachable")).await;
+            anyhow::bail!(
+                "relay {relay} holds the camera, and no stream to it opened within {:?}",
+                limits.tunnel_wait
+            );
+        }
+    };
+    counted("ok");
+    tcp.set_nodelay(true)?;
+    let mut send = SendHalf::Quic(send);
+    let header = PeerOpen {
+        camera,
+        shared: true,
+        watcher: tcp.peer_addr()?.to_string(),
+        connection_id,
+    };
+    write_frame(&mut send, &header).await?;
+    send.write_all(&preread).await?;
+    tracing::debug!(%relay, "Watcher carried to the relay holding the camera");
+    let gate = StatusGate::new(recv, limits.stream_answer_timeout);
+    let transfer = splice(tcp, gate, send, &ByteCounters::default()).await?;
+    tracing::debug!(
+        from_watcher = transfer.from_tcp,
+        to_watcher = transfer.to_tcp,
+        %relay,
+        "Watcher connection done"
+    );
+    Ok(())
+}
+
+/// Serves a stream another relay of the cluster opened: a Watcher that connected there
+/// for a camera this relay holds, carried here as if it had connected to this relay.
+pub(crate) async fn carry_from_peer(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    relay: String,
+    connection_id: u64,
+    registry: Arc<Registry>,
+    limits: Limits,
+) {
+    let mut send = SendHalf::Quic(send);
+    let counted = |result: &str| {
+        registry
+            .metrics()
+            .peer_streams_total
+            .with_label_values(&[relay.as_str(), "in", result])
+            .inc();
+    };
+    let header = tokio::time::timeout(
+        limits.first_request_timeout,
+        read_frame::<_, PeerOpen>(&mut recv),
+    )
+    .await;
+    let checked = match header {
+        Err(_) => Err("no stream header in time".to_string()),
+        Ok(Err(e)) => Err(format!("a bad stream header: {e}")),
+        Ok(Ok(open)) => match (check_agent_id(&open.camera), open.watcher.parse()) {
+            (Err(why), _) => Err(format!("a bad camera id: {why}")),
+            (_, Err(_)) => Err(format!("a bad Watcher address {:?}", open.watcher)),
+            (Ok(()), Ok(addr)) => Ok((open, addr)),
+        },
+    };
+    let (open, watcher_addr) = match checked {
+        Ok(checked) => checked,
+        Err(why) => {
+            counted("bad_header");
+            tracing::warn!("relay {relay} opened a stream with {why}; reset");
+            return send.reset();
+        }
+    };
+    tracing::Span::current().record("camera", open.camera.as_str());
+    let Some(session) = registry.get(&open.camera) else {
+        counted("not_here");
+        let why = format!(
+            "camera {} is not on relay {}",
+            open.camera,
+            registry.relay_id().unwrap_or("?")
+        );
+        tracing::info!("relay {relay} sent a Watcher for a camera not here: {why}");
+        if write_frame(&mut send, &StreamStatus::Failed(why))
+            .await
+            .is_ok()
+        {
+            send.finish(REFUSAL_LINGER).await;
+        }
+        return;
+    };
+    counted("ok");
+    if write_frame(&mut send, &StreamStatus::Connected)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let watcher = Watcher {
+        front: Front::Peer {
+            recv: RecvHalf::Quic(recv),
+            send,
+            watcher: watcher_addr,
+        },
+        preread: Vec::new(),
+        prefix: match open.shared {
+            true => format!("/{}", open.camera),
+            false => String::new(),
+        },
+        started: Instant::now(),
+    };
+    if let Err(e) = carry_on_shard(watcher, connection_id, session, registry.clone(), limits).await
+    {
+        report(&registry, &e);
+    }
 }
 
 /// Answers a request with the relay's own error and hangs up once the Watcher has read
@@ -263,16 +460,38 @@ async fn carry_on_shard(
     let Some(shard) = session.shard().cloned() else {
         return carry(watcher, connection_id, &session, &registry, &limits).await;
     };
-    // Detached from the main runtime here, attached to the shard's there.
-    let tcp = watcher.tcp.into_std()?;
+    // A socket is detached from the main runtime here, attached to the shard's there
+    // (a stream from another relay is not tied to a runtime).
+    let Watcher {
+        front,
+        preread,
+        prefix,
+        started,
+    } = watcher;
+    let front = match front {
+        Front::Tcp(tcp) => Movable::Socket(tcp.into_std()?),
+        peer @ Front::Peer { .. } => Movable::Stream(peer),
+    };
     let carried = async move {
+        let front = match front {
+            Movable::Socket(tcp) => Front::Tcp(TcpStream::from_std(tcp)?),
+            Movable::Stream(peer) => peer,
+        };
         let watcher = Watcher {
-            tcp: TcpStream::from_std(tcp)?,
-            ..watcher
+            front,
+            preread,
+            prefix,
+            started,
         };
         carry(watcher, connection_id, &session, &registry, &limits).await
     };
     shard.handle.spawn(carried.in_current_span()).await?
+}
+
+/// A Watcher's side on its way to a shard.
+enum Movable {
+    Socket(std::net::TcpStream),
+    Stream(Front),
 }
 
 /// Carries one Watcher connection through the camera's tunnel.
@@ -283,18 +502,20 @@ async fn carry(
     registry: &Registry,
     limits: &Limits,
 ) -> anyhow::Result<()> {
-    let tcp = &watcher.tcp;
     let entry = registry.open_watcher(
         connection_id,
         &session.id,
-        tcp.peer_addr()?,
+        watcher.front.watcher_addr()?,
         watcher.started,
     );
-    // Camera traffic is paced small writes; Nagle would hold them back (~45 ms at p99).
-    tcp.set_nodelay(true)?;
+    if let Front::Tcp(tcp) = &watcher.front {
+        // Camera traffic is paced small writes; Nagle would hold them back (~45 ms at
+        // p99).
+        tcp.set_nodelay(true)?;
+    }
     let active = ActiveStream::enter(session);
     if active.count > limits.max_streams_per_camera {
-        reset_tcp(tcp);
+        watcher.front.reset();
         return Err(Unreached::StreamLimit(limits.max_streams_per_camera).into());
     }
     tracing::debug!(camera = %session.id, "Watcher connected");
@@ -322,7 +543,7 @@ async fn carry(
     // proxy understands RTSP; any other protocol passes through byte for byte.
     let gate = StatusGate::new(recv, limits.stream_answer_timeout);
     let outcome = tokio::select! {
-        outcome = rtsp::proxy(watcher, gate, send, rtsp::Observed { bytes: &entry.session.bytes, request: &entry.session.request, metrics: &session.metrics }, limits.stall_after) => outcome,
+        outcome = rtsp::proxy(watcher, (gate, send), rtsp::Observed { bytes: &entry.session.bytes, request: &entry.session.request, metrics: &session.metrics }, limits.stall_after) => outcome,
         _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
     };
     log_media(&outcome.media);
@@ -354,6 +575,18 @@ fn log_media(media: &MediaStats) {
         stalls = media.stalls,
         "media of the Watcher session"
     );
+}
+
+/// Counts and logs why a Watcher connection failed.
+fn report(registry: &Registry, e: &anyhow::Error) {
+    if let Some(reason) = failure_reason(e) {
+        registry
+            .metrics()
+            .stream_open_failures_total
+            .with_label_values(&[reason])
+            .inc();
+    }
+    log_watcher_error(e);
 }
 
 fn log_watcher_error(e: &anyhow::Error) {

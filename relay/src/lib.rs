@@ -32,6 +32,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use common::{protocol::hex, tls};
+use peer::link::PeerLinks;
 use registry::fleet::{
     etcd::{EtcdStore, Taken},
     local::LocalStore,
@@ -78,6 +79,8 @@ pub struct Relay {
     /// In a cluster: the cameras other relays take from this one, and the revision the
     /// store's watch goes on from.
     cluster: Option<(mpsc::UnboundedReceiver<Taken>, i64)>,
+    /// In a cluster with `peer_listen`: the links to the other relays.
+    peers: Option<Arc<PeerLinks>>,
     shared: Arc<Shared>,
 }
 
@@ -154,18 +157,40 @@ impl Relay {
             ?quic_ports,
             "relay ready: {config}"
         );
+        let registry = Arc::new(Registry::new(
+            config.auth,
+            ports,
+            store,
+            Arc::new(metrics::Metrics::new()?),
+        ));
+        let tracker = TaskTracker::new();
+        let peer = config.cluster.as_ref().and_then(|c| c.peer.as_ref());
+        let peers = match (peer, registry.store().cluster()) {
+            (Some(peer), Some(store)) => {
+                let links = PeerLinks::bind(
+                    peer,
+                    store.clone(),
+                    registry.clone(),
+                    config.limits.clone(),
+                    tracker.clone(),
+                )?;
+                tracing::info!(
+                    listen = ?links.local_addr(),
+                    advertise = %peer.advertise,
+                    "relay-to-relay links served"
+                );
+                Some(Arc::new(links))
+            }
+            _ => None,
+        };
         Ok(Relay {
             listener,
             shared_listener,
             control_tls,
             cluster,
+            peers,
             shared: Arc::new(Shared {
-                registry: Arc::new(Registry::new(
-                    config.auth,
-                    ports,
-                    store,
-                    Arc::new(metrics::Metrics::new()?),
-                )),
+                registry,
                 throttle: throttle::Throttle::new(
                     config.limits.failed_registrations,
                     config.limits.max_registration_backoff,
@@ -177,7 +202,7 @@ impl Relay {
                 api: config.api,
                 shards,
                 cert_sha256,
-                tracker: TaskTracker::new(),
+                tracker,
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -206,6 +231,11 @@ impl Relay {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// Address of the relay-to-relay endpoint (UDP), in a cluster that has one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peers.as_ref().and_then(|p| p.local_addr())
+    }
+
     /// The live agents.
     pub fn registry(&self) -> Arc<Registry> {
         self.shared.registry.clone()
@@ -219,6 +249,7 @@ impl Relay {
             shared_listener,
             control_tls,
             cluster,
+            peers,
             shared,
         } = self;
         let root = shared.shutdown.clone();
@@ -245,10 +276,14 @@ impl Relay {
                 shared.tracker.clone(),
             )));
         }
+        if let Some(peers) = &peers {
+            shared.tracker.spawn(peers.clone().serve(root.clone()));
+        }
         if let Some(listener) = shared_listener {
             shared.tracker.spawn(forward::serve_shared(
                 listener,
                 shared.registry.clone(),
+                peers,
                 shared.limits.clone(),
                 shared.tracker.clone(),
                 root.clone(),

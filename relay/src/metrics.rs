@@ -37,6 +37,10 @@ pub struct Metrics {
     pub streams_opened_total: IntCounterVec,
     /// From a Watcher's connect to the first byte back from the camera.
     pub session_setup_seconds: Histogram,
+    /// Watcher connections carried between relays of a cluster, by the other relay and
+    /// the direction (`out`: to the relay holding the camera; `in`: from the relay the
+    /// Watcher connected to), and by result.
+    pub peer_streams_total: IntCounterVec,
 }
 
 /// What the relay knows of an online agent at scrape time; its series exist only
@@ -210,6 +214,18 @@ impl Metrics {
                         "From a Watcher's TCP connect to the first byte back from the camera.",
                     )
                     .buckets(exponential_buckets(0.001, 2.0, 14)?),
+                )?,
+            )?,
+            peer_streams_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "peer_streams_total",
+                        "Watcher connections carried between relays of the cluster, by the \
+                         other relay, direction (out: to the relay holding the camera; in: \
+                         from the relay the Watcher connected to) and result (ok, or why not).",
+                    ),
+                    &["relay", "direction", "result"],
                 )?,
             )?,
             registry,

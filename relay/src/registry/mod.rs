@@ -274,6 +274,11 @@ impl Registry {
         &self.store
     }
 
+    /// This relay's id in its cluster, if it is in one.
+    pub(crate) fn relay_id(&self) -> Option<&str> {
+        self.store.cluster().map(|store| store.relay_id())
+    }
+
     /// The live session of `agent_id`, if any.
     pub fn get(&self, agent_id: &str) -> Option<Arc<AgentSession>> {
         self.lock_sessions().get(agent_id).cloned()

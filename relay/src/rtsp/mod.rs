@@ -12,4 +12,4 @@ mod session;
 
 pub use media::MediaStats;
 pub(crate) use message::{camera_of, response};
-pub(crate) use session::{first_request, proxy, Observed, Watcher};
+pub(crate) use session::{first_request, proxy, Front, Observed, Watcher};

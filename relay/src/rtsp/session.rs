@@ -10,6 +10,7 @@
 use std::{
     future::Future,
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -20,8 +21,8 @@ use std::{
 };
 
 use common::{
-    splice::{splice_with, ByteCounters, Layer, Meter, Out, Tcp, Transfer},
-    stream::SendHalf,
+    splice::{reset_tcp, splice_with, ByteCounters, Layer, Meter, Out, StreamSend, Tcp, Transfer},
+    stream::{RecvHalf, SendHalf},
 };
 use tokio::{
     io::{AsyncRead, AsyncReadExt},
@@ -76,9 +77,9 @@ pub(crate) struct Observed<'a> {
 /// A Watcher connection as the proxy takes it.
 #[derive(Debug)]
 pub(crate) struct Watcher {
-    pub(crate) tcp: TcpStream,
-    /// Bytes already read from `tcp` (the shared port reads the first request to learn
-    /// which camera is wanted); they go first.
+    pub(crate) front: Front,
+    /// Bytes already read from `front` (the shared port reads the first request to
+    /// learn which camera is wanted); they go first.
     pub(crate) preread: Vec<u8>,
     /// `/<agent-id>` on the shared port, empty on a camera's own port.
     pub(crate) prefix: String,
@@ -86,12 +87,47 @@ pub(crate) struct Watcher {
     pub(crate) started: Instant,
 }
 
+/// Where a Watcher's bytes come from.
+#[derive(Debug)]
+pub(crate) enum Front {
+    /// The Watcher's own TCP connection to this relay.
+    Tcp(TcpStream),
+    /// A stream from another relay of the cluster, which the Watcher connected to; it
+    /// passes the connection on as it is (the RTSP awareness is this relay's).
+    Peer {
+        recv: RecvHalf,
+        send: SendHalf,
+        /// The Watcher's address, as the other relay saw it.
+        watcher: SocketAddr,
+    },
+}
+
+impl Front {
+    /// The Watcher's address.
+    pub(crate) fn watcher_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Front::Tcp(tcp) => tcp.peer_addr(),
+            Front::Peer { watcher, .. } => Ok(*watcher),
+        }
+    }
+
+    /// Ends the connection at once: a TCP reset, or a stream reset.
+    pub(crate) fn reset(self) {
+        match self {
+            Front::Tcp(tcp) => {
+                reset_tcp(&tcp);
+                drop(tcp);
+            }
+            Front::Peer { send, .. } => send.reset(),
+        }
+    }
+}
+
 /// Carries one Watcher connection through a QUIC stream until both directions end.
 /// Media that stops for `stall_after` while playing is a stall.
 pub(crate) async fn proxy<R>(
     watcher: Watcher,
-    camera_recv: R,
-    camera_send: SendHalf,
+    camera: (R, SendHalf),
     observed: Observed<'_>,
     stall_after: Duration,
 ) -> Outcome
@@ -99,18 +135,49 @@ where
     R: AsyncRead + Unpin,
 {
     let Watcher {
-        tcp,
+        front,
         preread,
         prefix,
         started,
     } = watcher;
-    let (read, write) = tcp.into_split();
-    let read = io::Cursor::new(preread).chain(read);
+    match front {
+        Front::Tcp(tcp) => {
+            let (read, write) = tcp.into_split();
+            let front = Tcp {
+                read: io::Cursor::new(preread).chain(read),
+                write,
+            };
+            proxy_from(front, camera, observed, stall_after, &prefix, started).await
+        }
+        Front::Peer { recv, send, .. } => {
+            let front = Tcp {
+                read: io::Cursor::new(preread).chain(recv),
+                write: send,
+            };
+            proxy_from(front, camera, observed, stall_after, &prefix, started).await
+        }
+    }
+}
+
+/// [`proxy`], once the Watcher's side is split into its halves.
+async fn proxy_from<T, W, R>(
+    front: Tcp<T, W>,
+    (camera_recv, camera_send): (R, SendHalf),
+    observed: Observed<'_>,
+    stall_after: Duration,
+    prefix: &str,
+    started: Instant,
+) -> Outcome
+where
+    T: AsyncRead + Unpin,
+    W: StreamSend,
+    R: AsyncRead + Unpin,
+{
     let (answers_tx, answers_rx) = mpsc::channel(PENDING_ANSWERS);
     let authority = OnceLock::new();
     let naming = Naming {
         authority: &authority,
-        prefix: &prefix,
+        prefix,
     };
     // False after the Watcher asked to PAUSE or TEARDOWN: silence is then expected.
     let playing = AtomicBool::new(true);
@@ -131,9 +198,8 @@ where
         held: None,
         first_byte_sent: false,
     };
-    let tcp = Tcp { read, write };
     let layers = (requests, &mut responses);
-    let result = splice_with(tcp, camera_recv, camera_send, layers, &observed).await;
+    let result = splice_with(front, camera_recv, camera_send, layers, &observed).await;
     Outcome {
         result,
         media: responses.media.finish(),

@@ -50,6 +50,10 @@ const ATTEMPTS: u32 = 3;
 pub(crate) struct RelayRecord {
     /// Where other relays and operators reach its control port.
     pub advertise: String,
+    /// Where other relays reach its relay-to-relay endpoint (`host:port`, UDP), if it
+    /// has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
     /// Its software version.
     pub version: String,
     /// When it started, Unix seconds.
@@ -151,6 +155,7 @@ impl EtcdStore {
             relay_id: config.relay_id.clone(),
             record: RelayRecord {
                 advertise: config.advertise.clone(),
+                peer: config.peer.as_ref().map(|p| p.advertise.clone()),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 since,
             },

@@ -1,6 +1,9 @@
 //! Reaching another relay of the cluster: an operator's request about a camera that
 //! relay holds (a command, a tunnel restart) is forwarded to it, over HTTP to the
-//! address it announced (`cluster.advertise`), with the operator's own credentials.
+//! address it announced (`cluster.advertise`), with the operator's own credentials;
+//! Watchers ride the relay-to-relay links of [`link`].
+
+pub(crate) mod link;
 
 use std::time::Duration;
 
