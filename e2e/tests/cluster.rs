@@ -735,3 +735,189 @@ async fn a_watcher_at_any_relay_decodes_any_camera() {
         "relay A applied RTSP awareness to a camera it does not hold"
     );
 }
+
+/// The test's own end of a relay-to-relay link: presents `cert` of `ca_dir` (files
+/// `<cert>.crt` and `<cert>.key`), trusts the cluster's CA, dials `relay` at `addr`.
+async fn dial_peer(
+    ca: &ClusterCa,
+    cert_dir: &std::path::Path,
+    cert: &str,
+    relay: &str,
+    addr: std::net::SocketAddr,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let identity = common::tls::Identity::from_pem_files(
+        &cert_dir.join(format!("{cert}.crt")),
+        &cert_dir.join(format!("{cert}.key")),
+    )
+    .unwrap();
+    let roots = common::tls::load_roots(&ca.path("ca.crt")).unwrap();
+    let (_, client) = common::tls::peer_quic_configs(&identity, &roots).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint
+        .connect_with(client, addr, relay)
+        .unwrap()
+        .await
+}
+
+/// Why the relay closed `conn`, in its words.
+async fn closed_because(conn: quinn::Connection) -> String {
+    match conn.closed().await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            String::from_utf8_lossy(&close.reason).into_owned()
+        }
+        other => panic!("closed by something else than the relay's refusal: {other}"),
+    }
+}
+
+/// A relay-to-relay stream header, framed as on the wire.
+async fn frame(open: &common::protocol::PeerOpen) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    common::protocol::write_frame(&mut bytes, open).await.unwrap();
+    bytes
+}
+
+/// Opens a stream, writes `bytes`, finishes; what comes back, or the stream's error.
+async fn exchange(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(bytes).await.unwrap();
+    let _ = send.finish();
+    recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn the_relay_to_relay_port_serves_only_the_clusters_relays() {
+    use common::protocol::{PeerOpen, StreamStatus};
+
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let ca = ClusterCa::issue(&["relay-a", "relay-c", "relay-x"]).await;
+    let ca_dir = ca.dir.path().to_str().unwrap().to_string();
+    e2e::certs(&["agent", "--id", "relay-z", "--ca", &ca_dir, "--out", &ca_dir])
+        .await
+        .unwrap();
+    let rogue = tempfile::tempdir().unwrap();
+    let rogue_dir = rogue.path().to_str().unwrap();
+    e2e::certs(&["ca", "--out", rogue_dir]).await.unwrap();
+    e2e::certs(&["peer", "--id", "relay-c", "--ca", rogue_dir, "--out", rogue_dir])
+        .await
+        .unwrap();
+
+    let mut a = linked_relay("relay-a", "127.0.0.1", free_port_run(4), &etcd, &ca).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let mut cam_1 = AgentProcess::spawn("cam-1", &agent_json("cam-1", &a, &camera)).unwrap();
+    let port = online_port(&mut cam_1).await;
+    let announced: serde_json::Value =
+        serde_json::from_str(&record(&etcd, "relays", "relay-a").await.unwrap()).unwrap();
+    let addr: std::net::SocketAddr = announced["peer"].as_str().unwrap().parse().unwrap();
+
+    // A certificate from another CA does not get through the handshake (in TLS 1.3 the
+    // client may think it is done before the relay checks its certificate: then the
+    // connection closes with a TLS alert).
+    let e = match dial_peer(&ca, rogue.path(), "peer-relay-c", "relay-a", addr).await {
+        Err(e) => e,
+        Ok(conn) => conn.closed().await,
+    };
+    assert!(
+        matches!(e, quinn::ConnectionError::ConnectionClosed(_)),
+        "{e}"
+    );
+    a.said("relay-to-relay handshake failed").await;
+    // The cluster's CA, but no relay: an agent's certificate, a relay the store does
+    // not announce, this relay's own id.
+    for (cert, why) in [
+        ("relay-z", "names no relay id"),
+        ("peer-relay-x", "announces no relay of that id"),
+        ("peer-relay-a", "this relay's own id"),
+    ] {
+        let conn = dial_peer(&ca, ca.dir.path(), cert, "relay-a", addr)
+            .await
+            .unwrap();
+        let reason = closed_because(conn).await;
+        assert!(reason.contains(why), "{cert}: {reason}");
+    }
+
+    // relay-c, once announced, gets in; garbage on its streams resets those streams
+    // and nothing else.
+    etcd.put(
+        &format!("{PREFIX}relays/relay-c"),
+        r#"{"advertise":"http://127.0.0.1:9","version":"test","since":0}"#,
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = api(&a, "GET", "/metrics", None).await.body;
+        if e2e::metric(&metrics, "camera_relay_cluster_relays") == Some(2.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conn = dial_peer(&ca, ca.dir.path(), "peer-relay-c", "relay-a", addr)
+        .await
+        .unwrap();
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i * 151 % 251) as u8).collect();
+    for bad in [
+        garbage.clone(),
+        vec![0xff, 0xff, 1, 2, 3],
+        frame(&PeerOpen {
+            camera: "../etc".into(),
+            shared: false,
+            watcher: "192.0.2.7:5555".into(),
+            connection_id: 1,
+        })
+        .await,
+        frame(&PeerOpen {
+            camera: "cam-1".into(),
+            shared: false,
+            watcher: "not an address".into(),
+            connection_id: 1,
+        })
+        .await,
+    ] {
+        let answer = exchange(&conn, &bad).await;
+        assert!(answer.is_err(), "{bad:?} answered {answer:?}");
+    }
+    // A camera this relay does not hold: a refusal that says so.
+    let nope = frame(&PeerOpen {
+        camera: "nope".into(),
+        shared: false,
+        watcher: "192.0.2.7:5555".into(),
+        connection_id: 2,
+    })
+    .await;
+    let answer = exchange(&conn, &nope).await.unwrap();
+    let (status, _) = common::protocol::decode_frame_prefix::<StreamStatus>(&answer)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status,
+        StreamStatus::Failed("camera nope is not on relay relay-a".into())
+    );
+    // A camera it holds: the Watcher's bytes reach the camera and its answer comes back.
+    let mut open = frame(&PeerOpen {
+        camera: "cam-1".into(),
+        shared: false,
+        watcher: "192.0.2.7:5555".into(),
+        connection_id: 3,
+    })
+    .await;
+    open.extend_from_slice(
+        format!("OPTIONS rtsp://127.0.0.1:{port}{MAIN_STREAM} RTSP/1.0\r\nCSeq: 1\r\n\r\n")
+            .as_bytes(),
+    );
+    let answer = exchange(&conn, &open).await.unwrap();
+    let (status, used) = common::protocol::decode_frame_prefix::<StreamStatus>(&answer)
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StreamStatus::Connected);
+    let reply = String::from_utf8_lossy(&answer[used..]);
+    assert!(reply.starts_with("RTSP/1.0 200"), "{reply}");
+
+    // The relay serves on as before.
+    let probe = ffprobe(a.rtsp(port), 5).await.unwrap();
+    assert!(probe.frames >= 5, "{probe:?}");
+    let metrics = api(&a, "GET", "/metrics", None).await.body;
+    assert_eq!(peer_streams(&metrics, "relay-c", "in", "bad_header"), 4.0);
+    assert_eq!(peer_streams(&metrics, "relay-c", "in", "not_here"), 1.0);
+    assert_eq!(peer_streams(&metrics, "relay-c", "in", "ok"), 1.0);
+}
