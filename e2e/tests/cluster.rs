@@ -753,10 +753,7 @@ async fn dial_peer(
     let roots = common::tls::load_roots(&ca.path("ca.crt")).unwrap();
     let (_, client) = common::tls::peer_quic_configs(&identity, &roots).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint
-        .connect_with(client, addr, relay)
-        .unwrap()
-        .await
+    endpoint.connect_with(client, addr, relay).unwrap().await
 }
 
 /// Why the relay closed `conn`, in its words.
@@ -772,7 +769,9 @@ async fn closed_because(conn: quinn::Connection) -> String {
 /// A relay-to-relay stream header, framed as on the wire.
 async fn frame(open: &common::protocol::PeerOpen) -> Vec<u8> {
     let mut bytes = Vec::new();
-    common::protocol::write_frame(&mut bytes, open).await.unwrap();
+    common::protocol::write_frame(&mut bytes, open)
+        .await
+        .unwrap();
     bytes
 }
 
@@ -791,15 +790,19 @@ async fn the_relay_to_relay_port_serves_only_the_clusters_relays() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let ca = ClusterCa::issue(&["relay-a", "relay-c", "relay-x"]).await;
     let ca_dir = ca.dir.path().to_str().unwrap().to_string();
-    e2e::certs(&["agent", "--id", "relay-z", "--ca", &ca_dir, "--out", &ca_dir])
-        .await
-        .unwrap();
+    e2e::certs(&[
+        "agent", "--id", "relay-z", "--ca", &ca_dir, "--out", &ca_dir,
+    ])
+    .await
+    .unwrap();
     let rogue = tempfile::tempdir().unwrap();
     let rogue_dir = rogue.path().to_str().unwrap();
     e2e::certs(&["ca", "--out", rogue_dir]).await.unwrap();
-    e2e::certs(&["peer", "--id", "relay-c", "--ca", rogue_dir, "--out", rogue_dir])
-        .await
-        .unwrap();
+    e2e::certs(&[
+        "peer", "--id", "relay-c", "--ca", rogue_dir, "--out", rogue_dir,
+    ])
+    .await
+    .unwrap();
 
     let mut a = linked_relay("relay-a", "127.0.0.1", free_port_run(4), &etcd, &ca).await;
     let camera = CameraSim::start(&[]).await.unwrap();
@@ -920,4 +923,83 @@ async fn the_relay_to_relay_port_serves_only_the_clusters_relays() {
     assert_eq!(peer_streams(&metrics, "relay-c", "in", "bad_header"), 4.0);
     assert_eq!(peer_streams(&metrics, "relay-c", "in", "not_here"), 1.0);
     assert_eq!(peer_streams(&metrics, "relay-c", "in", "ok"), 1.0);
+}
+
+#[tokio::test]
+async fn cameras_of_a_killed_relay_come_back_on_the_other_at_the_same_urls() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let ca = ClusterCa::issue(&["relay-a", "relay-b"]).await;
+    let first = free_port_run(4);
+    let mut relays = vec![
+        linked_relay("relay-a", "127.0.0.1", first, &etcd, &ca).await,
+        linked_relay("relay-b", "127.0.0.2", first, &etcd, &ca).await,
+    ];
+    let camera = CameraSim::start(&[]).await.unwrap();
+    // Every camera knows both relays, and picks its first by its id.
+    let ids = ["cam-1", "cam-2", "cam-3", "cam-4"];
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for id in ids {
+        let mut json = agent_json(id, &relays[0], &camera);
+        json["agent"]["tunnel_server_url"] = serde_json::json!([relays[0].url(), relays[1].url()]);
+        let mut agent = AgentProcess::spawn(id, &json).unwrap();
+        ports.push(online_port(&mut agent).await);
+        agents.push(agent);
+    }
+    let mut held = Vec::new();
+    for id in ids {
+        held.push(holder(&etcd, id).await.unwrap().0);
+    }
+    let on_a = held.iter().filter(|r| *r == "relay-a").count();
+    assert!(
+        on_a > 0 && on_a < ids.len(),
+        "the fleet did not spread over both relays: {held:?}"
+    );
+    // The victim holds at least one camera; the survivor's URLs reach every camera.
+    let (victim, survivor) = (0, 1);
+    for id in ids {
+        until_listed(
+            &relays[survivor],
+            id,
+            &held[ids.iter().position(|i| *i == id).unwrap()],
+        )
+        .await;
+        let probe = ffprobe(relays[survivor].shared_rtsp(id), 3).await.unwrap();
+        assert!(probe.frames >= 3, "{id}: {probe:?}");
+    }
+
+    relays[victim].process.process.kill().await.unwrap();
+    let killed = std::time::Instant::now();
+    let moved: Vec<usize> = (0..ids.len()).filter(|&i| held[i] == "relay-a").collect();
+    for &i in &moved {
+        // Back online on the survivor, on the port it had.
+        let line = agents[i]
+            .process
+            .wait_for_nth_line("online: the relay serves this camera", 2)
+            .await
+            .unwrap();
+        assert_eq!(port_on(&line), ports[i], "{} changed ports", ids[i]);
+    }
+    for &i in &moved {
+        let probe = ffprobe(relays[survivor].shared_rtsp(ids[i]), 3)
+            .await
+            .unwrap();
+        assert!(probe.frames >= 3, "{}: {probe:?}", ids[i]);
+    }
+    println!(
+        "from SIGKILL of relay-a to its {} cameras decoding on relay-b: {:.2} s",
+        moved.len(),
+        killed.elapsed().as_secs_f64()
+    );
+    // Every camera decodes through the same URLs on the survivor as before.
+    for (i, id) in ids.iter().enumerate() {
+        until_holder(&etcd, id, Some("relay-b"), e2e::READY_TIMEOUT).await;
+        for url in [
+            relays[survivor].shared_rtsp(id),
+            relays[survivor].rtsp(ports[i]),
+        ] {
+            let probe = ffprobe(&url, 3).await.unwrap();
+            assert!(probe.frames >= 3, "{url}: {probe:?}");
+        }
+    }
 }
