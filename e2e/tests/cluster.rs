@@ -930,7 +930,7 @@ async fn cameras_of_a_killed_relay_come_back_on_the_other_at_the_same_urls() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let ca = ClusterCa::issue(&["relay-a", "relay-b"]).await;
     let first = free_port_run(4);
-    let mut relays = vec![
+    let mut relays = [
         linked_relay("relay-a", "127.0.0.1", first, &etcd, &ca).await,
         linked_relay("relay-b", "127.0.0.2", first, &etcd, &ca).await,
     ];
