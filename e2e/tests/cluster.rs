@@ -68,6 +68,7 @@ impl ClusterRelay {
              etcd_endpoints = [{}]\n\
              relay_id = \"{id}\"\n\
              advertise = \"http://127.0.0.1:{port}\"\n\
+             rtsp_advertise = \"{camera_host}:{shared}\"\n\
              lease_ttl_secs = {TTL_SECS}\n",
             camera_ports.start(),
             camera_ports.end(),
@@ -1002,4 +1003,62 @@ async fn cameras_of_a_killed_relay_come_back_on_the_other_at_the_same_urls() {
             assert!(probe.frames >= 3, "{url}: {probe:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_relay_redirects_watchers_to_the_relay_holding_the_camera() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let first = free_port_run(4);
+    let a = ClusterRelay::start_configured(
+        "relay-a",
+        "127.0.0.1",
+        first..=first + 3,
+        &etcd,
+        "watchers = \"redirect\"\n",
+    )
+    .await;
+    // Relay B neither redirects nor has a link: it says where the camera is.
+    let b = ClusterRelay::start("relay-b", "127.0.0.2", first, &etcd).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let mut cam_1 = AgentProcess::spawn("cam-1@a", &agent_json("cam-1", &a, &camera)).unwrap();
+    online_port(&mut cam_1).await;
+    let mut cam_2 = AgentProcess::spawn("cam-2@b", &agent_json("cam-2", &b, &camera)).unwrap();
+    online_port(&mut cam_2).await;
+    until_listed(&a, "cam-2", "relay-b").await;
+    until_listed(&b, "cam-1", "relay-a").await;
+
+    // ffmpeg and GStreamer follow the redirect to relay B and decode there. (rtspsrc
+    // does not carry credentials written into its URL over a redirect, and the relay
+    // never sees them to put them into the new one: they go in its properties.)
+    let probe = ffprobe(a.shared_rtsp("cam-2"), 5).await.unwrap();
+    assert!(probe.frames >= 5, "{probe:?}");
+    e2e::gst_decode(
+        &e2e::Place::host(),
+        &a.shared_rtsp("cam-2").replace("admin:admin@", ""),
+        &["protocols=tcp", "user-id=admin", "user-pw=admin"],
+        10,
+    )
+    .await
+    .unwrap();
+    let on_a = api(&a, "GET", "/metrics", None).await.body;
+    assert_eq!(
+        peer_streams(&on_a, "relay-b", "out", "redirected"),
+        2.0,
+        "{on_a}"
+    );
+    let on_b = api(&b, "GET", "/metrics", None).await.body;
+    assert!(
+        e2e::metric(
+            &on_b,
+            "camera_relay_watcher_sessions_total{camera=\"cam-2\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{on_b}"
+    );
+    // A camera held here is served here, redirect or not.
+    let probe = ffprobe(a.shared_rtsp("cam-1"), 3).await.unwrap();
+    assert!(probe.frames >= 3, "{probe:?}");
+
+    let e = ffprobe(b.shared_rtsp("cam-1"), 3).await.unwrap_err();
+    assert!(e.to_string().contains("503"), "{e}");
 }

@@ -73,9 +73,27 @@ pub struct ClusterConfig {
     pub identity: Option<(PathBuf, PathBuf)>,
     /// etcd user and password, if etcd has authentication on.
     pub user: Option<(String, Secret)>,
+    /// What this relay does with a shared-port Watcher for a camera another relay
+    /// holds.
+    pub crossing: Crossing,
+    /// `host:port` where Watchers reach this relay's shared port (announced, for other
+    /// relays' redirects).
+    pub rtsp_advertise: Option<String>,
     /// The relay-to-relay links that carry Watchers to the relay holding their camera;
     /// `None`: this relay answers for cameras held elsewhere that they are elsewhere.
     pub peer: Option<PeerConfig>,
+}
+
+/// What a relay does with a Watcher for a camera another relay holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crossing {
+    /// Carries it there over the relay-to-relay link (or says where the camera is, if
+    /// there is no link).
+    Forward,
+    /// Answers its DESCRIBE with a redirect to the holding relay's shared port
+    /// (`rtsp_advertise`), for clients that follow one; forwards what it cannot
+    /// redirect.
+    Redirect,
 }
 
 /// A cluster relay's relay-to-relay endpoint (QUIC, mutual TLS).
@@ -292,6 +310,15 @@ struct FileCluster {
     peer_cert: Option<PathBuf>,
     peer_key: Option<PathBuf>,
     peer_ca: Option<PathBuf>,
+    watchers: Option<String>,
+    rtsp_advertise: Option<String>,
+}
+
+/// `host:port`, with a port from 1 up.
+fn is_host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 /// The host of an `http(s)://host:port/…` URL (brackets kept around IPv6).
@@ -305,7 +332,11 @@ fn url_host(url: &str) -> &str {
 }
 
 impl FileCluster {
-    fn resolve(self, origin: &str) -> Result<ClusterConfig, ConfigError> {
+    fn resolve(
+        self,
+        origin: &str,
+        shared_listen: Option<SocketAddr>,
+    ) -> Result<ClusterConfig, ConfigError> {
         let field = |name: &str| format!("cluster.{name}");
         let endpoints = self.etcd_endpoints.into_vec();
         if endpoints.is_empty() {
@@ -418,15 +449,6 @@ impl FileCluster {
                     Some(address) => address,
                     None => format!("{}:{}", url_host(&self.advertise), listen.port()),
                 };
-                if !advertise.rsplit_once(':').is_some_and(|(host, port)| {
-                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-                }) {
-                    return Err(invalid(
-                        origin,
-                        &field("peer_advertise"),
-                        &format!("{advertise:?} is not host:port, e.g. 10.0.0.11:8445"),
-                    ));
-                }
                 Some(PeerConfig {
                     listen,
                     advertise,
@@ -443,7 +465,45 @@ impl FileCluster {
                 ))
             }
         };
+        let crossing = match self.watchers.as_deref() {
+            None | Some("forward") => Crossing::Forward,
+            Some("redirect") => Crossing::Redirect,
+            Some(other) => {
+                return Err(invalid(
+                    origin,
+                    &field("watchers"),
+                    &format!("{other:?} is not \"forward\" or \"redirect\""),
+                ))
+            }
+        };
+        let rtsp_advertise = match (self.rtsp_advertise, shared_listen) {
+            (Some(address), _) => Some(address),
+            (None, Some(shared)) => {
+                Some(format!("{}:{}", url_host(&self.advertise), shared.port()))
+            }
+            (None, None) => None,
+        };
+        for (name, address) in [
+            ("rtsp_advertise", rtsp_advertise.as_deref()),
+            (
+                "peer_advertise",
+                peer.as_ref().map(|p| p.advertise.as_str()),
+            ),
+        ] {
+            if address.is_some_and(|a| !is_host_port(a)) {
+                return Err(invalid(
+                    origin,
+                    &field(name),
+                    &format!(
+                        "{:?} is not host:port, e.g. 10.0.0.11:8553",
+                        address.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
         Ok(ClusterConfig {
+            crossing,
+            rtsp_advertise,
             peer,
             endpoints,
             relay_id: self.relay_id,
@@ -861,7 +921,10 @@ impl RelayConfig {
                 public_metrics: file.public_metrics,
             },
             limits,
-            cluster: file.cluster.map(|c| c.resolve(origin)).transpose()?,
+            cluster: file
+                .cluster
+                .map(|c| c.resolve(origin, file.shared_listen))
+                .transpose()?,
         })
     }
 }

@@ -105,7 +105,7 @@ async fn serve_camera(
 pub(crate) async fn serve_shared(
     listener: TcpListener,
     registry: Arc<Registry>,
-    peers: Option<Arc<PeerLinks>>,
+    crossing: Crossings,
     limits: Limits,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -117,20 +117,20 @@ pub(crate) async fn serve_shared(
         &tracker,
         |tcp, id| {
             let (registry, limits, shutdown) = (registry.clone(), limits.clone(), shutdown.clone());
-            let peers = peers.clone();
+            let crossing = crossing.clone();
             async move {
                 let routed = tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    routed = route(tcp, &registry, peers.is_some(), &limits) => routed?,
+                    routed = route(tcp, &registry, &limits) => routed?,
                 };
-                match (routed, peers) {
-                    (Routed::Here(watcher, session), _) => {
+                match routed {
+                    Routed::Here(watcher, session) => {
                         carry_on_shard(watcher, id, session, registry, limits).await
                     }
-                    (Routed::Elsewhere(elsewhere), Some(peers)) => {
-                        carry_to_peer(elsewhere, id, &peers, &registry, &limits).await
+                    Routed::Elsewhere(elsewhere) => {
+                        cross(elsewhere, id, &crossing, &registry, &limits).await
                     }
-                    _ => Ok(()),
+                    Routed::Answered => Ok(()),
                 }
             }
         },
@@ -206,14 +206,8 @@ async fn accept_watchers<F, Fut>(
 }
 
 /// Reads a shared-port Watcher's first request and finds the camera it names. A camera
-/// that is unknown or offline is answered here (`Ok(None)`), with a reason phrase
-/// naming it.
-async fn route(
-    mut tcp: TcpStream,
-    registry: &Registry,
-    linked: bool,
-    limits: &Limits,
-) -> anyhow::Result<Routed> {
+/// that is unknown or offline is answered here, with a reason phrase naming it.
+async fn route(mut tcp: TcpStream, registry: &Registry, limits: &Limits) -> anyhow::Result<Routed> {
     let started = Instant::now();
     let (preread, head) =
         tokio::time::timeout(limits.first_request_timeout, rtsp::first_request(&mut tcp))
@@ -225,13 +219,12 @@ async fn route(
                 )
             })??;
     let Some(camera) = rtsp::camera_of(&head).map(str::to_string) else {
-        refuse(
-            tcp,
+        let answer = rtsp::response(
             &head,
             404,
             "No Camera In URL; use rtsp://relay:port/agent-id/...",
-        )
-        .await;
+        );
+        refuse(tcp, &answer).await;
         tracing::warn!(
             "shared port: the request names no camera (expected /<agent-id>/… in its URL)"
         );
@@ -244,22 +237,13 @@ async fn route(
         .filter(|presence| Some(presence.relay.as_str()) != registry.relay_id());
     if let (None, Some(presence)) = (registry.get(&camera), elsewhere) {
         tracing::Span::current().record("camera", camera.as_str());
-        if linked {
-            return Ok(Routed::Elsewhere(Elsewhere {
-                tcp,
-                preread,
-                head,
-                camera,
-                relay: presence.relay,
-            }));
-        }
-        let reason = format!("Camera {camera} Is On Relay {}", presence.relay);
-        refuse(tcp, &head, 503, &reason).await;
-        tracing::warn!(
-            "shared port: answered 503 {reason}; set [cluster] peer_listen (and its \
-             certificates) on the relays to carry Watchers between them"
-        );
-        return Ok(Routed::Answered);
+        return Ok(Routed::Elsewhere(Elsewhere {
+            tcp,
+            preread,
+            head,
+            camera,
+            relay: presence.relay,
+        }));
     }
     let Some(session) = registry.get(&camera) else {
         let (code, reason) = match check_agent_id(&camera) {
@@ -267,7 +251,7 @@ async fn route(
             Ok(()) if registry.knows(&camera) => (503, format!("Camera {camera} Offline")),
             Ok(()) => (404, format!("Unknown Camera {camera}")),
         };
-        refuse(tcp, &head, code, &reason).await;
+        refuse(tcp, &rtsp::response(&head, code, &reason)).await;
         tracing::warn!(camera = %camera.escape_debug(), "shared port: answered {code} {reason}");
         return Ok(Routed::Answered);
     };
@@ -280,6 +264,106 @@ async fn route(
     };
     Ok(Routed::Here(watcher, session))
 }
+
+/// How this relay's Watchers reach cameras other relays hold.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Crossings {
+    /// The links to the other relays, if this relay has them.
+    pub(crate) peers: Option<Arc<PeerLinks>>,
+    /// Redirect Watchers to the holding relay where possible.
+    pub(crate) redirect: bool,
+}
+
+/// Sends a Watcher for a camera another relay holds on its way: redirected there if so
+/// configured, else (or if it cannot be) carried over the link; without a link, told
+/// where the camera is.
+async fn cross(
+    watcher: Elsewhere,
+    connection_id: u64,
+    crossing: &Crossings,
+    registry: &Registry,
+    limits: &Limits,
+) -> anyhow::Result<()> {
+    let watcher = match crossing.redirect {
+        true => match redirect(watcher, registry, limits).await? {
+            Some(watcher) => watcher,
+            None => return Ok(()),
+        },
+        false => watcher,
+    };
+    if let Some(peers) = &crossing.peers {
+        return carry_to_peer(watcher, connection_id, peers, registry, limits).await;
+    }
+    let reason = format!("Camera {} Is On Relay {}", watcher.camera, watcher.relay);
+    refuse(watcher.tcp, &rtsp::response(&watcher.head, 503, &reason)).await;
+    tracing::warn!(
+        "shared port: answered 503 {reason}; set [cluster] peer_listen (and its \
+         certificates) on the relays to carry Watchers between them, or watchers = \
+         \"redirect\" to send them there"
+    );
+    Ok(())
+}
+
+/// Sends a Watcher to the relay holding its camera with an RTSP redirect: OPTIONS is
+/// answered here, DESCRIBE with `302 Moved Temporarily` to the same URL on the holding
+/// relay's shared port (as it announces it, `rtsp_advertise`). What cannot be
+/// redirected comes back, to be carried: a relay that announces no RTSP address, a
+/// first request other than these two, pipelined requests.
+async fn redirect(
+    mut watcher: Elsewhere,
+    registry: &Registry,
+    limits: &Limits,
+) -> anyhow::Result<Option<Elsewhere>> {
+    let Some(target) = registry
+        .store()
+        .cluster()
+        .and_then(|store| store.relays().get(&watcher.relay)?.rtsp.clone())
+    else {
+        return Ok(Some(watcher));
+    };
+    loop {
+        if watcher.preread.len() != watcher.head.len() {
+            return Ok(Some(watcher));
+        }
+        let location = match rtsp::method_of(&watcher.head) {
+            Some("DESCRIBE") => rtsp::redirected_uri(&watcher.head, &target),
+            Some("OPTIONS") => {
+                let answer = rtsp::response_with(&watcher.head, 200, "OK", &[("Public", PUBLIC)]);
+                watcher.tcp.write_all(&answer).await?;
+                let next = rtsp::first_request(&mut watcher.tcp);
+                let (preread, head) = tokio::time::timeout(limits.first_request_timeout, next)
+                    .await
+                    .map_err(|_| anyhow::anyhow!("no request after OPTIONS in time"))??;
+                if rtsp::camera_of(&head) != Some(watcher.camera.as_str()) {
+                    anyhow::bail!("the Watcher asked for another camera after OPTIONS");
+                }
+                (watcher.preread, watcher.head) = (preread, head);
+                continue;
+            }
+            _ => None,
+        };
+        let Some(location) = location else {
+            return Ok(Some(watcher));
+        };
+        let answer = rtsp::response_with(
+            &watcher.head,
+            302,
+            "Moved Temporarily",
+            &[("Location", &location)],
+        );
+        refuse(watcher.tcp, &answer).await;
+        registry
+            .metrics()
+            .peer_streams_total
+            .with_label_values(&[watcher.relay.as_str(), "out", "redirected"])
+            .inc();
+        tracing::info!(relay = %watcher.relay, %location, "Watcher redirected to the relay holding the camera");
+        return Ok(None);
+    }
+}
+
+/// The methods a relay answering OPTIONS for a camera it redirects names.
+const PUBLIC: &str = "OPTIONS, DESCRIBE, SETUP, PLAY, PAUSE, TEARDOWN, GET_PARAMETER";
 
 /// Carries a Watcher to the relay holding its camera, over the link to it: the
 /// connection as it came, bytes already read first. The other relay's answer to the
@@ -310,12 +394,14 @@ async fn carry_to_peer(
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             counted("unreachable");
-            refuse(tcp, &head, 503, &format!("Relay {relay} Unreachable")).await;
+            let answer = rtsp::response(&head, 503, &format!("Relay {relay} Unreachable"));
+            refuse(tcp, &answer).await;
             anyhow::bail!("relay {relay} holds the camera: {e}");
         }
         Err(_) => {
             counted("unreachable");
-            refuse(tcp, &head, 503, &format!("Relay {relay} Unreachable")).await;
+            let answer = rtsp::response(&head, 503, &format!("Relay {relay} Unreachable"));
+            refuse(tcp, &answer).await;
             anyhow::bail!(
                 "relay {relay} holds the camera, and no stream to it opened within {:?}",
                 limits.tunnel_wait
@@ -430,12 +516,8 @@ pub(crate) async fn carry_from_peer(
 
 /// Answers a request with the relay's own error and hangs up once the Watcher has read
 /// it (or after [`REFUSAL_LINGER`]).
-async fn refuse(mut tcp: TcpStream, request: &[u8], code: u16, reason: &str) {
-    if tcp
-        .write_all(&rtsp::response(request, code, reason))
-        .await
-        .is_err()
-    {
+async fn refuse(mut tcp: TcpStream, answer: &[u8]) {
+    if tcp.write_all(answer).await.is_err() {
         return;
     }
     let _ = tcp.shutdown().await;

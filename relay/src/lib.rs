@@ -81,6 +81,8 @@ pub struct Relay {
     cluster: Option<(mpsc::UnboundedReceiver<Taken>, i64)>,
     /// In a cluster with `peer_listen`: the links to the other relays.
     peers: Option<Arc<PeerLinks>>,
+    /// In a cluster: redirect Watchers for other relays' cameras there.
+    redirect: bool,
     shared: Arc<Shared>,
 }
 
@@ -189,6 +191,10 @@ impl Relay {
             control_tls,
             cluster,
             peers,
+            redirect: config
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.crossing == config::Crossing::Redirect),
             shared: Arc::new(Shared {
                 registry,
                 throttle: throttle::Throttle::new(
@@ -250,6 +256,7 @@ impl Relay {
             control_tls,
             cluster,
             peers,
+            redirect,
             shared,
         } = self;
         let root = shared.shutdown.clone();
@@ -280,10 +287,11 @@ impl Relay {
             shared.tracker.spawn(peers.clone().serve(root.clone()));
         }
         if let Some(listener) = shared_listener {
+            let crossing = forward::Crossings { peers, redirect };
             shared.tracker.spawn(forward::serve_shared(
                 listener,
                 shared.registry.clone(),
-                peers,
+                crossing,
                 shared.limits.clone(),
                 shared.tracker.clone(),
                 root.clone(),

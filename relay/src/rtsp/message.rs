@@ -90,6 +90,16 @@ fn check_transport(head: &[u8]) -> Decision {
 
 /// The relay's own response to the request `head`: status line, its `CSeq`, no body.
 pub(crate) fn response(head: &[u8], code: u16, reason: &str) -> Vec<u8> {
+    response_with(head, code, reason, &[])
+}
+
+/// [`response`] with `headers` added.
+pub(crate) fn response_with(
+    head: &[u8],
+    code: u16,
+    reason: &str,
+    headers: &[(&str, &str)],
+) -> Vec<u8> {
     let text = String::from_utf8_lossy(head);
     let cseq = text
         .split("\r\n")
@@ -98,10 +108,30 @@ pub(crate) fn response(head: &[u8], code: u16, reason: &str) -> Vec<u8> {
         .map(header_value)
         .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
         .unwrap_or("0");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     format!(
-        "RTSP/1.0 {code} {reason}\r\nCSeq: {cseq}\r\nServer: camera-relay\r\nContent-Length: 0\r\n\r\n"
+        "RTSP/1.0 {code} {reason}\r\nCSeq: {cseq}\r\nServer: camera-relay\r\n{extra}Content-Length: 0\r\n\r\n"
     )
     .into_bytes()
+}
+
+/// The method of a request head.
+pub(crate) fn method_of(head: &[u8]) -> Option<&str> {
+    let line = head.split(|&b| b == b'\r').next()?;
+    std::str::from_utf8(line).ok()?.split(' ').next()
+}
+
+/// A request head's URI with its host and port replaced by `authority`: where a
+/// Watcher is sent when another relay serves its camera. The path, query and any
+/// credentials stay as they were.
+pub(crate) fn redirected_uri(head: &[u8], authority: &str) -> Option<String> {
+    let uri = request_uri(head)?;
+    let end = path_start(uri)?;
+    let host_start = uri[..end].rfind('@').map_or("rtsp://".len(), |at| at + 1);
+    Some(format!("{}{authority}{}", &uri[..host_start], &uri[end..]))
 }
 
 /// The request URI of a request head.
@@ -294,6 +324,32 @@ mod tests {
 
     fn view<'a>(authority: &'a str, prefix: &'a str) -> WatcherView<'a> {
         WatcherView { authority, prefix }
+    }
+
+    #[test]
+    fn a_redirect_keeps_path_query_and_credentials() {
+        let head = b"DESCRIBE rtsp://admin:pw@relay-a:8553/cam-1/cam/realmonitor?channel=1&subtype=0 RTSP/1.0\r\nCSeq: 2\r\n\r\n";
+        assert_eq!(method_of(head), Some("DESCRIBE"));
+        assert_eq!(
+            redirected_uri(head, "relay-b.example:8553").as_deref(),
+            Some("rtsp://admin:pw@relay-b.example:8553/cam-1/cam/realmonitor?channel=1&subtype=0")
+        );
+        let plain = b"DESCRIBE rtsp://10.0.0.1:8553/cam-1 RTSP/1.0\r\nCSeq: 2\r\n\r\n";
+        assert_eq!(
+            redirected_uri(plain, "[2001:db8::2]:8553").as_deref(),
+            Some("rtsp://[2001:db8::2]:8553/cam-1")
+        );
+        assert_eq!(redirected_uri(b"OPTIONS * RTSP/1.0\r\n\r\n", "x:1"), None);
+        let answer = response_with(
+            head,
+            302,
+            "Moved Temporarily",
+            &[("Location", "rtsp://b/x")],
+        );
+        assert_eq!(
+            String::from_utf8(answer).unwrap(),
+            "RTSP/1.0 302 Moved Temporarily\r\nCSeq: 2\r\nServer: camera-relay\r\nLocation: rtsp://b/x\r\nContent-Length: 0\r\n\r\n"
+        );
     }
 
     #[test]

@@ -11,5 +11,5 @@ mod scanner;
 mod session;
 
 pub use media::MediaStats;
-pub(crate) use message::{camera_of, response};
+pub(crate) use message::{camera_of, method_of, redirected_uri, response, response_with};
 pub(crate) use session::{first_request, proxy, Front, Observed, Watcher};

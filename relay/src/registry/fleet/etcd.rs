@@ -54,6 +54,9 @@ pub(crate) struct RelayRecord {
     /// has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// Where Watchers reach its shared RTSP port (`host:port`), if it announces one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtsp: Option<String>,
     /// Its software version.
     pub version: String,
     /// When it started, Unix seconds.
@@ -156,6 +159,7 @@ impl EtcdStore {
             record: RelayRecord {
                 advertise: config.advertise.clone(),
                 peer: config.peer.as_ref().map(|p| p.advertise.clone()),
+                rtsp: config.rtsp_advertise.clone(),
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 since,
             },
