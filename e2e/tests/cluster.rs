@@ -135,6 +135,18 @@ impl ClusterRelay {
     }
 }
 
+/// Waits until something accepts TCP connections on `host:port`.
+async fn until_accepting(host: &str, port: u16) {
+    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+    while tokio::net::TcpStream::connect((host, port)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on {host}:{port}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The JSON record of `kind/name` in etcd, if present.
 async fn record(etcd: &EtcdCluster, kind: &str, name: &str) -> Option<String> {
     let key = format!("{PREFIX}{kind}/{name}");
@@ -931,9 +943,20 @@ async fn cameras_of_a_killed_relay_come_back_on_the_other_at_the_same_urls() {
     let etcd = EtcdCluster::start(1).await.unwrap();
     let ca = ClusterCa::issue(&["relay-a", "relay-b"]).await;
     let first = free_port_run(4);
+    // Each relay serves every camera's own port too, wherever the camera is.
+    let remote = |id: &str| format!("{}remote_camera_ports = true\n", ca.peer_lines(id));
+    let range = first..=first + 3;
     let mut relays = [
-        linked_relay("relay-a", "127.0.0.1", first, &etcd, &ca).await,
-        linked_relay("relay-b", "127.0.0.2", first, &etcd, &ca).await,
+        ClusterRelay::start_configured(
+            "relay-a",
+            "127.0.0.1",
+            range.clone(),
+            &etcd,
+            &remote("relay-a"),
+        )
+        .await,
+        ClusterRelay::start_configured("relay-b", "127.0.0.2", range, &etcd, &remote("relay-b"))
+            .await,
     ];
     let camera = CameraSim::start(&[]).await.unwrap();
     // Every camera knows both relays, and picks its first by its id.
@@ -956,17 +979,19 @@ async fn cameras_of_a_killed_relay_come_back_on_the_other_at_the_same_urls() {
         on_a > 0 && on_a < ids.len(),
         "the fleet did not spread over both relays: {held:?}"
     );
-    // The victim holds at least one camera; the survivor's URLs reach every camera.
+    // The victim holds at least one camera; the survivor's URLs reach every camera,
+    // on its shared port and on each camera's own port.
     let (victim, survivor) = (0, 1);
-    for id in ids {
-        until_listed(
-            &relays[survivor],
-            id,
-            &held[ids.iter().position(|i| *i == id).unwrap()],
-        )
-        .await;
-        let probe = ffprobe(relays[survivor].shared_rtsp(id), 3).await.unwrap();
-        assert!(probe.frames >= 3, "{id}: {probe:?}");
+    for (i, id) in ids.iter().enumerate() {
+        until_listed(&relays[survivor], id, &held[i]).await;
+        until_accepting(&relays[survivor].camera_host, ports[i]).await;
+        for url in [
+            relays[survivor].shared_rtsp(id),
+            relays[survivor].rtsp(ports[i]),
+        ] {
+            let probe = ffprobe(&url, 3).await.unwrap();
+            assert!(probe.frames >= 3, "{url}: {probe:?}");
+        }
     }
 
     relays[victim].process.process.kill().await.unwrap();

@@ -76,6 +76,9 @@ pub struct ClusterConfig {
     /// What this relay does with a shared-port Watcher for a camera another relay
     /// holds.
     pub crossing: Crossing,
+    /// Serve the own port of every camera other relays hold too (one listener per
+    /// camera of the cluster), carrying its Watchers over the link.
+    pub remote_camera_ports: bool,
     /// `host:port` where Watchers reach this relay's shared port (announced, for other
     /// relays' redirects).
     pub rtsp_advertise: Option<String>,
@@ -312,6 +315,7 @@ struct FileCluster {
     peer_ca: Option<PathBuf>,
     watchers: Option<String>,
     rtsp_advertise: Option<String>,
+    remote_camera_ports: Option<bool>,
 }
 
 /// `host:port`, with a port from 1 up.
@@ -501,7 +505,17 @@ impl FileCluster {
                 ));
             }
         }
+        let remote_camera_ports = self.remote_camera_ports.unwrap_or(false);
+        if remote_camera_ports && peer.is_none() {
+            return Err(invalid(
+                origin,
+                &field("remote_camera_ports"),
+                "serving other relays' cameras' ports needs the relay-to-relay link: set \
+                 peer_listen (and its certificates) too",
+            ));
+        }
         Ok(ClusterConfig {
+            remote_camera_ports,
             crossing,
             rtsp_advertise,
             peer,

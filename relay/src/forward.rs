@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::{
     config::Limits,
     peer::link::PeerLinks,
-    registry::AgentSession,
+    registry::{fleet::Presence, AgentSession},
     rtsp::{self, Front, Watcher},
     shard::Shard,
     MediaStats, Registry,
@@ -100,6 +100,45 @@ async fn serve_camera(
     tracing::info!(port = session.port, "camera port closed");
 }
 
+/// Serves the port of a camera another relay holds, until `stop`: each Watcher rides
+/// the link to that relay.
+pub(crate) fn open_remote_port(
+    listener: TcpListener,
+    presence: &Presence,
+    peers: Arc<PeerLinks>,
+    registry: Arc<Registry>,
+    limits: Limits,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (camera, relay) = (presence.agent_id.clone(), presence.relay.clone());
+    let track = tracker.clone();
+    let serve = async move {
+        tracing::debug!(%relay, "port of the camera on another relay open");
+        accept_watchers(
+            &listener,
+            stop.cancelled(),
+            &registry,
+            &tracker,
+            |tcp, id| {
+                let watcher = Elsewhere {
+                    tcp,
+                    preread: Vec::new(),
+                    head: None,
+                    camera: camera.clone(),
+                    relay: relay.clone(),
+                };
+                let (peers, registry, limits) = (peers.clone(), registry.clone(), limits.clone());
+                async move { carry_to_peer(watcher, id, &peers, &registry, &limits).await }
+            },
+        )
+        .await;
+    };
+    let span =
+        tracing::info_span!("remote_port", camera = %presence.agent_id, port = presence.port);
+    track.spawn(serve.instrument(span))
+}
+
 /// Accepts Watchers on the shared port until `shutdown`; the first request of each
 /// names the camera.
 pub(crate) async fn serve_shared(
@@ -153,8 +192,9 @@ struct Elsewhere {
     tcp: TcpStream,
     /// What was read of it so far.
     preread: Vec<u8>,
-    /// Its first request's head, to answer it if the other relay cannot be reached.
-    head: Vec<u8>,
+    /// Its first request's head on the shared port (to answer it if the other relay
+    /// cannot be reached); `None` on the camera's own port, where nothing is read.
+    head: Option<Vec<u8>>,
     camera: String,
     relay: String,
 }
@@ -240,7 +280,7 @@ async fn route(mut tcp: TcpStream, registry: &Registry, limits: &Limits) -> anyh
         return Ok(Routed::Elsewhere(Elsewhere {
             tcp,
             preread,
-            head,
+            head: Some(head),
             camera,
             relay: presence.relay,
         }));
@@ -295,7 +335,8 @@ async fn cross(
         return carry_to_peer(watcher, connection_id, peers, registry, limits).await;
     }
     let reason = format!("Camera {} Is On Relay {}", watcher.camera, watcher.relay);
-    refuse(watcher.tcp, &rtsp::response(&watcher.head, 503, &reason)).await;
+    let head = watcher.head.unwrap_or_default();
+    refuse(watcher.tcp, &rtsp::response(&head, 503, &reason)).await;
     tracing::warn!(
         "shared port: answered 503 {reason}; set [cluster] peer_listen (and its \
          certificates) on the relays to carry Watchers between them, or watchers = \
@@ -322,13 +363,16 @@ async fn redirect(
         return Ok(Some(watcher));
     };
     loop {
-        if watcher.preread.len() != watcher.head.len() {
+        let Some(head) = watcher.head.as_deref() else {
+            return Ok(Some(watcher));
+        };
+        if watcher.preread.len() != head.len() {
             return Ok(Some(watcher));
         }
-        let location = match rtsp::method_of(&watcher.head) {
-            Some("DESCRIBE") => rtsp::redirected_uri(&watcher.head, &target),
+        let location = match rtsp::method_of(head) {
+            Some("DESCRIBE") => rtsp::redirected_uri(head, &target),
             Some("OPTIONS") => {
-                let answer = rtsp::response_with(&watcher.head, 200, "OK", &[("Public", PUBLIC)]);
+                let answer = rtsp::response_with(head, 200, "OK", &[("Public", PUBLIC)]);
                 watcher.tcp.write_all(&answer).await?;
                 let next = rtsp::first_request(&mut watcher.tcp);
                 let (preread, head) = tokio::time::timeout(limits.first_request_timeout, next)
@@ -337,7 +381,7 @@ async fn redirect(
                 if rtsp::camera_of(&head) != Some(watcher.camera.as_str()) {
                     anyhow::bail!("the Watcher asked for another camera after OPTIONS");
                 }
-                (watcher.preread, watcher.head) = (preread, head);
+                (watcher.preread, watcher.head) = (preread, Some(head));
                 continue;
             }
             _ => None,
@@ -345,12 +389,8 @@ async fn redirect(
         let Some(location) = location else {
             return Ok(Some(watcher));
         };
-        let answer = rtsp::response_with(
-            &watcher.head,
-            302,
-            "Moved Temporarily",
-            &[("Location", &location)],
-        );
+        let answer =
+            rtsp::response_with(head, 302, "Moved Temporarily", &[("Location", &location)]);
         refuse(watcher.tcp, &answer).await;
         registry
             .metrics()
@@ -390,22 +430,26 @@ async fn carry_to_peer(
             .inc();
     };
     let opened = tokio::time::timeout(limits.tunnel_wait, peers.open(&relay)).await;
-    let (send, recv) = match opened {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
+    let failed = match opened {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(format!("relay {relay} holds the camera: {e}")),
+        Err(_) => Err(format!(
+            "relay {relay} holds the camera, and no stream to it opened within {:?}",
+            limits.tunnel_wait
+        )),
+    };
+    let (send, recv) = match failed {
+        Ok(stream) => stream,
+        Err(why) => {
             counted("unreachable");
-            let answer = rtsp::response(&head, 503, &format!("Relay {relay} Unreachable"));
-            refuse(tcp, &answer).await;
-            anyhow::bail!("relay {relay} holds the camera: {e}");
-        }
-        Err(_) => {
-            counted("unreachable");
-            let answer = rtsp::response(&head, 503, &format!("Relay {relay} Unreachable"));
-            refuse(tcp, &answer).await;
-            anyhow::bail!(
-                "relay {relay} holds the camera, and no stream to it opened within {:?}",
-                limits.tunnel_wait
-            );
+            match &head {
+                Some(head) => {
+                    let answer = rtsp::response(head, 503, &format!("Relay {relay} Unreachable"));
+                    refuse(tcp, &answer).await;
+                }
+                None => common::splice::reset_tcp(&tcp),
+            }
+            anyhow::bail!(why);
         }
     };
     counted("ok");
@@ -413,7 +457,7 @@ async fn carry_to_peer(
     let mut send = SendHalf::Quic(send);
     let header = PeerOpen {
         camera,
-        shared: true,
+        shared: head.is_some(),
         watcher: tcp.peer_addr()?.to_string(),
         connection_id,
     };

@@ -83,6 +83,8 @@ pub struct Relay {
     peers: Option<Arc<PeerLinks>>,
     /// In a cluster: redirect Watchers for other relays' cameras there.
     redirect: bool,
+    /// In a cluster: serve other relays' cameras' ports too.
+    remote_camera_ports: bool,
     shared: Arc<Shared>,
 }
 
@@ -195,6 +197,10 @@ impl Relay {
                 .cluster
                 .as_ref()
                 .is_some_and(|c| c.crossing == config::Crossing::Redirect),
+            remote_camera_ports: config
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.remote_camera_ports),
             shared: Arc::new(Shared {
                 registry,
                 throttle: throttle::Throttle::new(
@@ -257,6 +263,7 @@ impl Relay {
             cluster,
             peers,
             redirect,
+            remote_camera_ports,
             shared,
         } = self;
         let root = shared.shutdown.clone();
@@ -285,6 +292,13 @@ impl Relay {
         }
         if let Some(peers) = &peers {
             shared.tracker.spawn(peers.clone().serve(root.clone()));
+            if remote_camera_ports {
+                shared.tracker.spawn(follow_remote_ports(
+                    shared.clone(),
+                    peers.clone(),
+                    root.clone(),
+                ));
+            }
         }
         if let Some(listener) = shared_listener {
             let crossing = forward::Crossings { peers, redirect };
@@ -324,6 +338,40 @@ impl Relay {
         }
         Ok(())
     }
+}
+
+/// How often the listeners on other relays' cameras' ports are checked against the
+/// view even when it did not change (a port that was busy may be free now).
+const REMOTE_PORTS_RECHECK: Duration = Duration::from_secs(2);
+
+/// Keeps a listener on the port of every camera another relay holds, until `stop`.
+async fn follow_remote_ports(shared: Arc<Shared>, peers: Arc<PeerLinks>, stop: CancellationToken) {
+    let registry = &shared.registry;
+    let Some(store) = registry.store().cluster() else {
+        return;
+    };
+    let mut changes = store.changes();
+    loop {
+        registry
+            .follow_remote_ports(|listener, presence, stop| {
+                forward::open_remote_port(
+                    listener,
+                    presence,
+                    peers.clone(),
+                    registry.clone(),
+                    shared.limits.clone(),
+                    shared.tracker.clone(),
+                    stop,
+                )
+            })
+            .await;
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(REMOTE_PORTS_RECHECK) => {}
+        }
+    }
+    registry.close_remote_ports().await;
 }
 
 /// The soft limit on open files (`Max open files` in /proc/self/limits), if known.

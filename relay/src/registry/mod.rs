@@ -10,6 +10,7 @@ mod credentials;
 pub(crate) mod fleet;
 mod links;
 pub(crate) mod ports;
+mod remote;
 mod session;
 mod watchers;
 
@@ -60,6 +61,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Watcher connections open now, for `/streams`.
     watchers: Watchers,
+    /// Listeners on the ports of cameras other relays hold.
+    remote_ports: remote::RemotePorts,
     started: Instant,
 }
 
@@ -88,6 +91,7 @@ impl Registry {
             next_connection_id: AtomicU64::new(1),
             metrics,
             watchers: Watchers::default(),
+            remote_ports: remote::RemotePorts::default(),
             started: Instant::now(),
         }
     }
@@ -229,6 +233,9 @@ impl Registry {
             let (port, listener) = if fresh_pick {
                 ports.bind_any_from(agent_id, chosen, &remembered).await?
             } else {
+                // The camera may have been held elsewhere until now, its port served
+                // here for it.
+                self.remote_ports.close(chosen).await;
                 (chosen, ports.bind(chosen).await?)
             };
             if ports.is_pinned(agent_id) {

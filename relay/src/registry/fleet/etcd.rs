@@ -30,7 +30,7 @@ use etcd_client::{
     KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Presence, StoreHealth};
@@ -115,6 +115,8 @@ pub(crate) struct EtcdStore {
     orphans: Mutex<Vec<(String, Vec<u8>)>>,
     health: Mutex<Health>,
     taken: mpsc::UnboundedSender<Taken>,
+    /// Counts changes of the view, for whoever follows it.
+    changes: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -179,6 +181,7 @@ impl EtcdStore {
                 problem: None,
             }),
             taken,
+            changes: watch::Sender::new(0),
         });
         store.check_relay_id().await?;
         let revision = store
@@ -330,6 +333,7 @@ impl EtcdStore {
             self.apply_put(&mut view, kv);
         }
         *lock(&self.view) = view;
+        self.changes.send_modify(|n| *n += 1);
         Ok(revision)
     }
 
@@ -547,6 +551,11 @@ impl EtcdStore {
     }
 
     fn apply(&self, kind: EventType, kv: &KeyValue) {
+        self.apply_locked(kind, kv);
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn apply_locked(&self, kind: EventType, kv: &KeyValue) {
         let mut view = lock(&self.view);
         match kind {
             EventType::Put => self.apply_put(&mut view, kv),
@@ -863,6 +872,11 @@ impl EtcdStore {
     /// The camera `agent_id`, if it is online anywhere in the cluster.
     pub(crate) fn camera(&self, agent_id: &str) -> Option<Presence> {
         lock(&self.view).cameras.get(agent_id).cloned()
+    }
+
+    /// Follows the view: changes whenever it does.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The relays of the cluster, by id.
