@@ -6,8 +6,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use common::tls;
 
 use common::protocol::{
+    Redirect, Rejection,
     decode_control, encode_control, AgentMessage, CameraInfo, Command, Register, Registered,
-    RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX, MAX_CONTROL_MESSAGE,
+    RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, FEATURE_REDIRECT, FALLBACK_PATH_SUFFIX, MAX_CONTROL_MESSAGE,
     PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use futures_util::{SinkExt, StreamExt};
@@ -55,13 +56,15 @@ pub(crate) struct Registration {
 
 /// Registers with one of the configured relays: every address of every relay in turn,
 /// each given `network.connection_timeout`, starting where [`first_candidate`] says
-/// (`previous`: the candidate the last session reached). Returns the link, the
-/// registration and the candidate reached. A relay that answers (a rejection, say)
-/// ends the attempt; one that cannot be reached hands it to the next.
+/// (`previous`: the candidate the last session reached), or with the relay a
+/// `redirect` names. Returns the link, the registration and which configured candidate
+/// was reached (`None`: the redirect's). A relay that cannot be reached, or asks to be
+/// tried later, hands the attempt to the next; any other answer ends it.
 pub(crate) async fn connect(
     config: &AgentConfig,
     previous: Option<usize>,
-) -> Result<(ControlLink, Registration, usize), SessionError> {
+    redirect: Option<&Redirect>,
+) -> Result<(ControlLink, Registration, Option<usize>), SessionError> {
     let security = &config.security;
     // Accepted by the config only with a plain ws:// URL.
     if !security.ssl_verify {
@@ -72,30 +75,75 @@ pub(crate) async fn connect(
              which is only as trustworthy as this link"
         );
     }
-    let (candidates, mut failures) = candidates(config).await;
+    let mut failures = Vec::new();
+    let mut turned_away = None;
+    if let Some(redirect) = redirect {
+        match RelayUrl::parse(&redirect.url, &config.agent_id) {
+            Ok(relay) => {
+                let (sent_to, unresolved) = candidates(config, &[relay]).await;
+                failures.extend(unresolved);
+                if let Some((link, registration, _)) =
+                    first_to_register(config, &sent_to, 0, &mut failures, &mut turned_away).await?
+                {
+                    return Ok((link, registration, None));
+                }
+            }
+            Err(why) => failures.push(format!(
+                "relay {} sent this camera to {:?}, which is not a relay URL: {why}",
+                redirect.relay, redirect.url
+            )),
+        }
+    }
+    let (configured, unresolved) = candidates(config, &config.relays).await;
+    failures.extend(unresolved);
+    let start = first_candidate(&config.agent_id, previous, configured.len());
+    if let Some((link, registration, index)) =
+        first_to_register(config, &configured, start, &mut failures, &mut turned_away).await?
+    {
+        return Ok((link, registration, Some(index)));
+    }
+    Err(match turned_away {
+        Some(rejection) => SessionError::Rejected(rejection),
+        None => SessionError::Connect(failures.join("; ")),
+    })
+}
+
+/// Tries `candidates` in turn from `start` (wrapping): the first that registers this
+/// agent, and its index. Unreachable ones add to `failures`, those asking to be tried
+/// later leave their answer in `turned_away`; any other answer is the error.
+async fn first_to_register(
+    config: &AgentConfig,
+    candidates: &[Reached],
+    start: usize,
+    failures: &mut Vec<String>,
+    turned_away: &mut Option<Rejection>,
+) -> Result<Option<(ControlLink, Registration, usize)>, SessionError> {
     let count = candidates.len();
-    let start = first_candidate(&config.agent_id, previous, count);
     for i in 0..count {
         let index = (start + i) % count;
         let reached = &candidates[index];
-        match register(config, reached).await {
+        let why = match register(config, reached).await {
             Ok((link, registered)) => {
                 let registration = Registration {
                     registered,
                     reached: reached.clone(),
                 };
-                return Ok((link, registration, index));
+                return Ok(Some((link, registration, index)));
             }
-            Err(SessionError::Connect(why)) => {
-                if count > 1 {
-                    tracing::info!("{why}; trying the next relay address");
-                }
-                failures.push(why);
+            Err(SessionError::Connect(why)) => why,
+            Err(SessionError::Rejected(later @ Rejection::RetryLater { .. })) => {
+                let why = format!("{} ({}) asks to be tried later: {later}", reached.relay.url, reached.addr);
+                *turned_away = Some(later);
+                why
             }
             Err(answered) => return Err(answered),
+        };
+        if count > 1 || config.relays.len() > 1 {
+            tracing::info!("{why}; trying the next relay address");
         }
+        failures.push(why);
     }
-    Err(SessionError::Connect(failures.join("; ")))
+    Ok(None)
 }
 
 /// Where a session starts among `count` relay addresses. The first session starts at
@@ -117,12 +165,12 @@ fn first_candidate(agent_id: &str, previous: Option<usize>, count: usize) -> usi
     }
 }
 
-/// Every address of every configured relay, in the config's order (and each name's
+/// Every address of each of `relays`, in order (and each name's
 /// addresses in the resolver's order), and why the relays that have none have none.
-async fn candidates(config: &AgentConfig) -> (Vec<Reached>, Vec<String>) {
+async fn candidates(config: &AgentConfig, relays: &[RelayUrl]) -> (Vec<Reached>, Vec<String>) {
     let mut candidates = Vec::new();
     let mut failures = Vec::new();
-    for relay in &config.relays {
+    for relay in relays {
         match resolve(&relay.host, relay.port, &config.fallback_nameservers).await {
             Ok(addrs) => candidates.extend(addrs.into_iter().map(|addr| Reached {
                 relay: relay.clone(),
@@ -162,10 +210,16 @@ async fn register(
                 stream_paths: config.stream_paths.clone(),
                 rtsp_port: config.rtsp_target.port(),
             },
-            services: vec![ServiceRequest {
-                name: SERVICE_RTSP.into(),
-                port: config.tunnel_port,
-            }],
+            services: vec![
+                ServiceRequest {
+                    name: SERVICE_RTSP.into(),
+                    port: config.tunnel_port,
+                },
+                ServiceRequest {
+                    name: FEATURE_REDIRECT.into(),
+                    port: 0,
+                },
+            ],
             heartbeat_interval_secs: config
                 .heartbeat_interval
                 .as_secs()
@@ -176,6 +230,7 @@ async fn register(
         match next_message(&mut socket).await? {
             RelayMessage::Registered(registered) => Ok((ControlLink { socket }, registered)),
             RelayMessage::Rejected(rejection) => Err(SessionError::Rejected(rejection)),
+            RelayMessage::Redirect(to) => Err(SessionError::Redirected(to)),
             other => Err(SessionError::Protocol(format!(
                 "expected Registered, got {other:?}"
             ))),
@@ -249,6 +304,7 @@ impl ControlLink {
                 Err(e) => return e,
                 Ok(RelayMessage::HeartbeatAck) => continue,
                 Ok(RelayMessage::Closing(reason)) => return SessionError::Closed(reason),
+                Ok(RelayMessage::Redirect(to)) => return SessionError::Redirected(to),
                 Ok(RelayMessage::Command { id, command }) => {
                     tracing::info!(id, ?command, "command from the relay");
                     (id, handle(command))

@@ -26,7 +26,7 @@ use std::{
 
 use common::{
     backoff::Backoff,
-    protocol::{CloseReason, Command, CommandOutput, Rejection},
+    protocol::{CloseReason, Command, CommandOutput, Redirect, Rejection},
 };
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -86,6 +86,9 @@ pub enum SessionError {
     /// The relay closed the session.
     #[error("the relay closed the session: {0}")]
     Closed(CloseReason),
+    /// The relay sent the camera to another relay of its cluster.
+    #[error("the relay sends this camera to relay {} ({}): {}", .0.relay, .0.url, .0.reason)]
+    Redirected(Redirect),
     /// The link was lost.
     #[error("{0}")]
     Lost(String),
@@ -102,6 +105,9 @@ pub enum SessionError {
     #[error("restarting as asked")]
     Restart,
 }
+
+/// Redirects followed at once in a row; more wait like any failed attempt.
+const MAX_REDIRECTS_IN_A_ROW: u32 = 3;
 
 /// Why [`Agent::run`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +136,8 @@ pub struct Agent {
     state: watch::Sender<AgentState>,
     /// Which relay address the last session reached, among those the config names.
     reached: std::sync::Mutex<Option<usize>>,
+    /// Where the relay sent this camera, for the next session to try first.
+    redirect: std::sync::Mutex<Option<Redirect>>,
 }
 
 impl Agent {
@@ -140,6 +148,7 @@ impl Agent {
             stats: Arc::new(Stats::default()),
             state: watch::Sender::new(AgentState::Connecting),
             reached: std::sync::Mutex::new(None),
+            redirect: std::sync::Mutex::new(None),
         }
     }
 
@@ -167,6 +176,7 @@ impl Agent {
         let mut backoff = Backoff::new(BACKOFF_BASE, self.config().reconnect_interval);
         let tracker = TaskTracker::new();
         let mut exit = Exit::Stopped;
+        let mut redirects = 0;
         loop {
             self.state.send_replace(AgentState::Connecting);
             let mut was_online = false;
@@ -176,6 +186,7 @@ impl Agent {
             };
             if was_online {
                 backoff.reset();
+                redirects = 0;
             }
             let delay = match &ended {
                 SessionError::Restart => {
@@ -192,6 +203,17 @@ impl Agent {
                 // The relay restarts: every camera heard this at once, so spread the
                 // fleet's return over the whole interval instead of storming back.
                 SessionError::Closed(CloseReason::Shutdown) => backoff.spread(),
+                // Straight to the relay named, unless relays keep sending the camera on
+                // (their views of the cluster disagree for a moment): then as for any
+                // failure.
+                SessionError::Redirected(to) => {
+                    redirects += 1;
+                    *self.redirect.lock().unwrap_or_else(|e| e.into_inner()) = Some(to.clone());
+                    match redirects {
+                        ..=MAX_REDIRECTS_IN_A_ROW => Duration::ZERO,
+                        _ => backoff.next_delay(),
+                    }
+                }
                 // The relay says when; never sooner, but keep our own growing backoff too.
                 SessionError::Rejected(Rejection::RetryLater { secs, .. }) => backoff
                     .next_delay()
@@ -228,11 +250,19 @@ impl Agent {
     async fn session(&self, tracker: &TaskTracker, was_online: &mut bool) -> SessionError {
         let config = &self.config();
         let previous = *self.reached.lock().unwrap_or_else(|e| e.into_inner());
-        let (control, registration, reached) = match control::connect(config, previous).await {
+        let redirect = self
+            .redirect
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let connected = control::connect(config, previous, redirect.as_ref()).await;
+        let (control, registration, reached) = match connected {
             Ok(ok) => ok,
             Err(e) => return e,
         };
-        *self.reached.lock().unwrap_or_else(|e| e.into_inner()) = Some(reached);
+        if reached.is_some() {
+            *self.reached.lock().unwrap_or_else(|e| e.into_inner()) = reached;
+        }
         tracing::info!(
             relay = %registration.reached.relay.url,
             address = %registration.reached.addr,

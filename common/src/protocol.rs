@@ -148,6 +148,15 @@ pub struct ServiceRequest {
 /// Name of the camera's RTSP service.
 pub const SERVICE_RTSP: &str = "rtsp";
 
+/// Entries of [`Register::services`] whose name starts with `+` are not services but
+/// features the agent understands (their port is 0). Earlier relays pass over names
+/// they do not know, so an agent says what it understands without a new protocol
+/// version, which an earlier relay would refuse.
+pub const FEATURE_PREFIX: &str = "+";
+
+/// The agent follows [`RelayMessage::Redirect`].
+pub const FEATURE_REDIRECT: &str = "+redirect";
+
 /// Counters the agent reports with every heartbeat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStats {
@@ -181,6 +190,22 @@ pub enum RelayMessage {
     },
     /// The relay ends this control connection; the agent should connect again later.
     Closing(CloseReason),
+    /// Register with another relay of the cluster instead, now: the answer to a
+    /// Register (this relay is over its share of cameras, or draining), or the end of a
+    /// session (this relay is draining). Sent only to agents that list
+    /// [`FEATURE_REDIRECT`]; an earlier agent could not decode it.
+    Redirect(Redirect),
+}
+
+/// Where a relay sends an agent instead of serving it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redirect {
+    /// The relay to register with (its id in the cluster).
+    pub relay: String,
+    /// Its control URL, as agents dial it.
+    pub url: String,
+    /// Why, in words, for the agent's log.
+    pub reason: String,
 }
 
 /// The relay's acceptance of a registration.
