@@ -6,10 +6,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use common::tls;
 
 use common::protocol::{
-    Redirect, Rejection,
-    decode_control, encode_control, AgentMessage, CameraInfo, Command, Register, Registered,
-    RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, FEATURE_REDIRECT, FALLBACK_PATH_SUFFIX, MAX_CONTROL_MESSAGE,
-    PROTOCOL_VERSION, SERVICE_RTSP,
+    decode_control, encode_control, AgentMessage, CameraInfo, Command, Redirect, Register,
+    Registered, Rejection, RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX,
+    FEATURE_REDIRECT, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
@@ -132,7 +131,10 @@ async fn first_to_register(
             }
             Err(SessionError::Connect(why)) => why,
             Err(SessionError::Rejected(later @ Rejection::RetryLater { .. })) => {
-                let why = format!("{} ({}) asks to be tried later: {later}", reached.relay.url, reached.addr);
+                let why = format!(
+                    "{} ({}) asks to be tried later: {later}",
+                    reached.relay.url, reached.addr
+                );
                 *turned_away = Some(later);
                 why
             }

@@ -220,7 +220,12 @@ impl Agent {
                     .max(Duration::from_secs(u64::from(*secs))),
                 _ => backoff.next_delay(),
             };
-            tracing::warn!("{ended}; retrying in {:.1} s", delay.as_secs_f64());
+            match &ended {
+                SessionError::Redirected(_) => {
+                    tracing::info!("{ended}; retrying in {:.1} s", delay.as_secs_f64());
+                }
+                _ => tracing::warn!("{ended}; retrying in {:.1} s", delay.as_secs_f64()),
+            }
             let rejection = match &ended {
                 SessionError::Rejected(r) => Some(r.clone()),
                 _ => None,

@@ -1087,3 +1087,167 @@ async fn a_relay_redirects_watchers_to_the_relay_holding_the_camera() {
     let e = ffprobe(b.shared_rtsp("cam-1"), 3).await.unwrap_err();
     assert!(e.to_string().contains("503"), "{e}");
 }
+
+/// An agent for camera `id` that knows `relays`, in that order.
+fn agent_of(id: &str, relays: &[&ClusterRelay], camera: &CameraSim) -> AgentProcess {
+    let mut json = agent_json(id, relays[0], camera);
+    let urls: Vec<String> = relays.iter().map(|r| r.url()).collect();
+    json["agent"]["tunnel_server_url"] = serde_json::json!(urls);
+    AgentProcess::spawn(id, &json).unwrap()
+}
+
+/// The relay holding each of `ids`, by etcd.
+async fn holders(etcd: &EtcdCluster, ids: &[&str]) -> Vec<String> {
+    let mut held = Vec::new();
+    for id in ids {
+        held.push(holder(etcd, id).await.map(|(r, _)| r).unwrap_or_default());
+    }
+    held
+}
+
+/// Waits until `relay` sees `n` relays in the cluster.
+async fn until_relays(relay: &ClusterRelay, n: usize) {
+    let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+    loop {
+        let health = api(relay, "GET", "/health", None).await.json().unwrap();
+        if health["cluster"]["relays"].as_array().map(Vec::len) == Some(n) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{health}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_relay_above_its_share_sends_registering_cameras_to_another() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let first = free_port_run(8);
+    let a = ClusterRelay::start_configured(
+        "relay-a",
+        "127.0.0.1",
+        first..=first + 7,
+        &etcd,
+        "balance = 1.0\n",
+    )
+    .await;
+    let b = ClusterRelay::start_with("relay-b", "127.0.0.2", first..=first + 7, &etcd).await;
+    until_relays(&a, 2).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    // Every camera knows relay A only: A keeps its share and sends the rest to B.
+    let ids = ["cam-1", "cam-2", "cam-3", "cam-4"];
+    let mut agents = Vec::new();
+    for id in ids {
+        let mut agent = agent_of(id, &[&a], &camera);
+        online_port(&mut agent).await;
+        // The next camera is counted with this one.
+        let (relay, _) = holder(&etcd, id).await.unwrap();
+        until_listed(&a, id, &relay).await;
+        agents.push(agent);
+    }
+    let held = holders(&etcd, &ids).await;
+    assert_eq!(held, ["relay-a", "relay-b", "relay-a", "relay-b"]);
+    for ((agent, relay), id) in agents.iter_mut().zip(&held).zip(ids) {
+        if relay == "relay-b" {
+            let line = agent
+                .process
+                .wait_for_line("sends this camera to relay relay-b")
+                .await
+                .unwrap();
+            assert!(line.contains("above its share"), "{line}");
+            let probe = ffprobe(b.shared_rtsp(id), 3).await.unwrap();
+            assert!(probe.frames >= 3, "{probe:?}");
+        }
+    }
+    let metrics = api(&a, "GET", "/metrics", None).await.body;
+    assert_eq!(
+        e2e::metric(
+            &metrics,
+            "camera_relay_registrations_total{result=\"redirected\"}"
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn a_rolling_restart_of_every_relay_drops_no_camera_longer_than_one_reconnect() {
+    let etcd = EtcdCluster::start(1).await.unwrap();
+    let first = free_port_run(8);
+    let mut relays = Vec::new();
+    for (id, host) in [
+        ("relay-a", "127.0.0.1"),
+        ("relay-b", "127.0.0.2"),
+        ("relay-c", "127.0.0.3"),
+    ] {
+        relays.push(ClusterRelay::start_with(id, host, first..=first + 7, &etcd).await);
+    }
+    until_relays(&relays[0], 3).await;
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let ids = ["cam-1", "cam-2", "cam-3", "cam-4", "cam-5", "cam-6"];
+    let mut agents = Vec::new();
+    for id in ids {
+        let known: Vec<&ClusterRelay> = relays.iter().collect();
+        let mut agent = agent_of(id, &known, &camera);
+        online_port(&mut agent).await;
+        agents.push(agent);
+    }
+
+    for r in 0..relays.len() {
+        let id = ["relay-a", "relay-b", "relay-c"][r];
+        let before = holders(&etcd, &ids).await;
+        let online: Vec<usize> = agents
+            .iter()
+            .map(|a| {
+                a.process
+                    .count_lines("online: the relay serves this camera")
+            })
+            .collect();
+        let drain = api(&relays[r], "POST", "/relay/drain", None).await;
+        assert_eq!(drain.status, 200, "{}", drain.body);
+        // Drained: every camera it held is online elsewhere.
+        for (i, held) in before.iter().enumerate() {
+            if held == id {
+                agents[i]
+                    .process
+                    .wait_for_nth_line("online: the relay serves this camera", online[i] + 1)
+                    .await
+                    .unwrap();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+        loop {
+            let state = api(&relays[r], "GET", "/relay/drain", None)
+                .await
+                .json()
+                .unwrap();
+            if state["cameras_left"] == 0 && state["draining"] == true {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{state}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let after = holders(&etcd, &ids).await;
+        assert!(after.iter().all(|h| h != id && !h.is_empty()), "{after:?}");
+        // Maintenance done: the relay comes back and takes cameras again.
+        relays[r].restart().await;
+        until_relays(&relays[(r + 1) % 3], 3).await;
+    }
+
+    // Each camera was moved at once each time, never waiting out a backoff.
+    for (agent, id) in agents.iter().zip(ids) {
+        for line in agent.process.output() {
+            if line.contains("retrying in") {
+                assert!(line.contains("retrying in 0.0 s"), "{id}: {line}");
+            }
+        }
+    }
+    // And every camera decodes where it is now.
+    for id in ids {
+        let (relay, _) = holder(&etcd, id).await.unwrap();
+        let at = ["relay-a", "relay-b", "relay-c"]
+            .iter()
+            .position(|r| *r == relay)
+            .unwrap();
+        let probe = ffprobe(relays[at].shared_rtsp(id), 3).await.unwrap();
+        assert!(probe.frames >= 3, "{id}: {probe:?}");
+    }
+}

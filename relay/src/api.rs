@@ -52,6 +52,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/tunnels", get(tunnels))
         .route("/tunnels/{id}", get(tunnel))
         .route("/tunnels/{id}/restart", post(restart_tunnel))
+        .route("/relay/drain", get(drain_state).post(drain).delete(undrain))
         .route_layer(middleware::from_fn_with_state(shared, require_operator))
 }
 
@@ -209,9 +210,54 @@ pub(crate) async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
             "store": store,
             "relays": cluster.relays().keys().collect::<Vec<_>>(),
             "cameras_online": cluster.cameras().len(),
+            "draining": cluster.draining(),
         });
     }
     Json(health)
+}
+
+/// The relay's balance, or why there is none.
+fn balance(shared: &Shared) -> Result<&Arc<crate::balance::Balance>, ApiError> {
+    shared.balance.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            "this relay is not in a cluster ([cluster] in relay.toml): its cameras have nowhere \
+             to go"
+                .into(),
+        )
+    })
+}
+
+async fn drain_state(State(shared): State<Arc<Shared>>) -> ApiResult {
+    Ok(Json(json!(balance(&shared)?.state(&shared.registry))))
+}
+
+/// Starts draining this relay for maintenance.
+async fn drain(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let state = balance(&shared)?
+        .drain(shared.registry.clone(), &shared.tracker, &shared.shutdown)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot announce the drain: {e:#}"),
+            )
+        })?;
+    Ok(Json(json!(state)))
+}
+
+/// Stops draining.
+async fn undrain(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let state = balance(&shared)?
+        .undrain(&shared.registry)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot announce the end of the drain: {e:#}"),
+            )
+        })?;
+    Ok(Json(json!(state)))
 }
 
 async fn agents(State(shared): State<Arc<Shared>>) -> ApiResult {

@@ -76,6 +76,14 @@ pub struct ClusterConfig {
     /// What this relay does with a shared-port Watcher for a camera another relay
     /// holds.
     pub crossing: Crossing,
+    /// The control URL agents dial to register here (announced, for other relays'
+    /// redirects).
+    pub agent_url: String,
+    /// Send registering cameras elsewhere above this multiple of the cluster's average
+    /// cameras per relay; `None`: take every camera.
+    pub balance: Option<f64>,
+    /// Cameras a draining relay moves away a second.
+    pub drain_rate: u32,
     /// Serve the own port of every camera other relays hold too (one listener per
     /// camera of the cluster), carrying its Watchers over the link.
     pub remote_camera_ports: bool,
@@ -111,6 +119,9 @@ pub struct PeerConfig {
     /// The cluster's CA, which issued every relay's peer certificate.
     pub ca: PathBuf,
 }
+
+/// Default of `cluster.drain_rate`: cameras a draining relay moves a second.
+pub const DEFAULT_DRAIN_RATE: u32 = 20;
 
 /// Default TTL of a relay's etcd lease.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
@@ -316,6 +327,9 @@ struct FileCluster {
     watchers: Option<String>,
     rtsp_advertise: Option<String>,
     remote_camera_ports: Option<bool>,
+    agent_url: Option<String>,
+    balance: Option<f64>,
+    drain_rate: Option<u32>,
 }
 
 /// `host:port`, with a port from 1 up.
@@ -514,7 +528,56 @@ impl FileCluster {
                  peer_listen (and its certificates) too",
             ));
         }
+        let agent_url = match self.agent_url {
+            Some(url) if url.starts_with("ws://") || url.starts_with("wss://") => url,
+            Some(url) => {
+                return Err(invalid(
+                    origin,
+                    &field("agent_url"),
+                    &format!(
+                    "{url:?} is not a ws:// or wss:// URL, e.g. wss://relay-a.example.com/tunnel"
+                ),
+                ))
+            }
+            None => {
+                let scheme = match self.advertise.starts_with("https://") {
+                    true => "wss",
+                    false => "ws",
+                };
+                let authority = self
+                    .advertise
+                    .split_once("://")
+                    .map_or("", |(_, rest)| rest.split('/').next().unwrap_or_default());
+                format!("{scheme}://{authority}/tunnel")
+            }
+        };
+        let balance = match self.balance {
+            None => None,
+            Some(share) if (1.0..=10.0).contains(&share) => Some(share),
+            Some(_) => {
+                return Err(invalid(
+                    origin,
+                    &field("balance"),
+                    "a share from 1.0 (every relay exactly its part of the cameras) to 10.0; \
+                     1.25 lets a relay hold a quarter more than its part",
+                ))
+            }
+        };
+        let drain_rate = match self.drain_rate {
+            None => DEFAULT_DRAIN_RATE,
+            Some(rate @ 1..=10_000) => rate,
+            Some(_) => {
+                return Err(invalid(
+                    origin,
+                    &field("drain_rate"),
+                    "cameras moved a second while draining: 1 to 10000",
+                ))
+            }
+        };
         Ok(ClusterConfig {
+            agent_url,
+            balance,
+            drain_rate,
             remote_camera_ports,
             crossing,
             rtsp_advertise,

@@ -15,8 +15,8 @@ use axum::{
 use common::protocol::{
     decode_control, encode_control, peek_register_version, AgentMessage, CloseReason,
     CommandOutput, GrantedService, Register, Registered, Rejection, RelayMessage,
-    CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX, MAX_CONTROL_MESSAGE, MIN_PROTOCOL_VERSION,
-    PROTOCOL_VERSION, SERVICE_RTSP,
+    CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX, FEATURE_REDIRECT, MAX_CONTROL_MESSAGE,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
@@ -188,6 +188,35 @@ async fn serve(
         };
         return refuse_counted(&shared, &mut socket, rejection).await;
     }
+    if let Some(balance) = &shared.balance {
+        if let Some(to) = balance.redirect_for(&register.agent_id) {
+            if let Err(rejection) = shared
+                .registry
+                .check_credentials(&register, cert.0.as_deref())
+                .await
+            {
+                return refuse_counted(&shared, &mut socket, rejection).await;
+            }
+            if register.services.iter().any(|s| s.name == FEATURE_REDIRECT) {
+                count_registration(&shared, "redirected");
+                tracing::info!(relay = %to.relay, url = %to.url, "registration sent to another relay: {}", to.reason);
+                let _ = send(&mut socket, &RelayMessage::Redirect(to)).await;
+                let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
+                return;
+            }
+            if balance.state(&shared.registry).draining {
+                // An agent that cannot follow a redirect tries again by itself.
+                let rejection = Rejection::RetryLater {
+                    secs: 30,
+                    why: format!(
+                        "the relay is draining for maintenance; relay {} takes cameras",
+                        to.relay
+                    ),
+                };
+                return refuse_counted(&shared, &mut socket, rejection).await;
+            }
+        }
+    }
     let admitted = shared
         .registry
         .admit(&register, cert.0.as_deref(), peer, limits, &shared.shutdown)
@@ -250,10 +279,16 @@ async fn serve(
         Err(why) => End::Lost(why),
     };
     match &end {
-        End::Closed(reason) => {
-            tracing::info!("closing the agent's session: {reason}");
-            let _ = send(&mut socket, &RelayMessage::Closing(reason.clone())).await;
-        }
+        End::Closed(reason) => match session.moved_to() {
+            Some(to) => {
+                tracing::info!(relay = %to.relay, url = %to.url, "sending the agent to another relay: {}", to.reason);
+                let _ = send(&mut socket, &RelayMessage::Redirect(to)).await;
+            }
+            None => {
+                tracing::info!("closing the agent's session: {reason}");
+                let _ = send(&mut socket, &RelayMessage::Closing(reason.clone())).await;
+            }
+        },
         End::Lost(why) => tracing::info!("agent offline: {why}"),
         End::Violation(why) => tracing::warn!("dropping agent connection: {why}"),
     }

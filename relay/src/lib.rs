@@ -16,6 +16,7 @@
 
 mod admission;
 mod api;
+mod balance;
 pub mod config;
 mod control;
 mod data;
@@ -61,6 +62,8 @@ pub(crate) struct Shared {
     admission: std::sync::Mutex<admission::Admission>,
     /// The data-plane threads, each with its QUIC endpoint; cameras are seated on them.
     shards: shard::Shards,
+    /// In a cluster: sending cameras to other relays (balance, drain).
+    balance: Option<Arc<balance::Balance>>,
     cert_sha256: [u8; 32],
     /// Every task the relay spawns, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -168,6 +171,14 @@ impl Relay {
             Arc::new(metrics::Metrics::new()?),
         ));
         let tracker = TaskTracker::new();
+        let balance = match (&config.cluster, registry.store().cluster()) {
+            (Some(cluster), Some(store)) => Some(Arc::new(balance::Balance::new(
+                store.clone(),
+                cluster.balance,
+                cluster.drain_rate,
+            ))),
+            _ => None,
+        };
         let peer = config.cluster.as_ref().and_then(|c| c.peer.as_ref());
         let peers = match (peer, registry.store().cluster()) {
             (Some(peer), Some(store)) => {
@@ -213,6 +224,7 @@ impl Relay {
                 limits: config.limits,
                 api: config.api,
                 shards,
+                balance,
                 cert_sha256,
                 tracker,
                 shutdown: CancellationToken::new(),

@@ -286,6 +286,16 @@ impl Registry {
         self.store.cluster().map(|store| store.relay_id())
     }
 
+    /// Checks a registration's credentials, as [`Registry::admit`] does, for a relay
+    /// that sends the camera elsewhere before admitting it.
+    pub(crate) async fn check_credentials(
+        &self,
+        reg: &Register,
+        certified: Option<&str>,
+    ) -> Result<(), Rejection> {
+        credentials::check(&self.auth, reg, certified).await
+    }
+
     /// The live session of `agent_id`, if any.
     pub fn get(&self, agent_id: &str) -> Option<Arc<AgentSession>> {
         self.lock_sessions().get(agent_id).cloned()

@@ -10,7 +10,8 @@ use std::{
 use common::{
     mux::Opener,
     protocol::{
-        AgentStats, CameraInfo, CloseReason, Command, CommandOutput, Register, SESSION_KEY_LEN,
+        AgentStats, CameraInfo, CloseReason, Command, CommandOutput, Redirect, Register,
+        FEATURE_REDIRECT, SESSION_KEY_LEN,
     },
     secret::constant_time_eq,
 };
@@ -84,6 +85,11 @@ pub struct AgentSession {
     /// True if the agent registered with a client certificate; its QUIC connection
     /// must then present one too.
     pub certified: bool,
+    /// The agent follows a [`Redirect`] (it listed the feature when registering).
+    pub follows_redirects: bool,
+    /// Where the session was sent when it was ended, for the control loop to tell the
+    /// agent.
+    moved_to: Mutex<Option<Redirect>>,
     /// Commands for the agent, sent by its control loop.
     commands: mpsc::Sender<CommandRequest>,
     /// The control loop's end of `commands`, taken once.
@@ -136,6 +142,8 @@ impl AgentSession {
             remote: new.remote,
             camera: new.reg.camera.clone(),
             agent_version: new.reg.agent_version.clone(),
+            follows_redirects: new.reg.services.iter().any(|s| s.name == FEATURE_REDIRECT),
+            moved_to: Mutex::new(None),
             port: new.port,
             registered_at: SystemTime::now(),
             heartbeat_interval: new.heartbeat_interval,
@@ -158,6 +166,20 @@ impl AgentSession {
     pub fn close(&self, reason: CloseReason) {
         lock(&self.close_reason).get_or_insert(reason);
         self.cancel.cancel();
+    }
+
+    /// Ends the session, sending the agent to another relay (if it follows redirects;
+    /// else the agent hears that this relay shuts down, and comes back on its own).
+    pub(crate) fn move_to(&self, to: Redirect) {
+        if self.follows_redirects {
+            lock(&self.moved_to).get_or_insert(to);
+        }
+        self.close(CloseReason::Shutdown);
+    }
+
+    /// Where the session was sent, if it was.
+    pub(crate) fn moved_to(&self) -> Option<Redirect> {
+        lock(&self.moved_to).clone()
     }
 
     /// Why the session was closed from outside, if it was.

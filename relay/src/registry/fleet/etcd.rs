@@ -57,6 +57,12 @@ pub(crate) struct RelayRecord {
     /// Where Watchers reach its shared RTSP port (`host:port`), if it announces one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtsp: Option<String>,
+    /// The control URL agents dial to register with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
+    /// It is draining for maintenance: it takes no cameras and moves its own away.
+    #[serde(default)]
+    pub draining: bool,
     /// Its software version.
     pub version: String,
     /// When it started, Unix seconds.
@@ -101,7 +107,8 @@ pub(crate) struct EtcdStore {
     client: Mutex<Client>,
     config: ClusterConfig,
     relay_id: String,
-    record: RelayRecord,
+    /// What this relay announces; changes when it starts or stops draining.
+    record: Mutex<RelayRecord>,
     prefix: String,
     ttl: Duration,
     endpoints: String,
@@ -158,13 +165,15 @@ impl EtcdStore {
         let store = Arc::new(EtcdStore {
             client: Mutex::new(client),
             relay_id: config.relay_id.clone(),
-            record: RelayRecord {
+            record: Mutex::new(RelayRecord {
                 advertise: config.advertise.clone(),
                 peer: config.peer.as_ref().map(|p| p.advertise.clone()),
                 rtsp: config.rtsp_advertise.clone(),
+                agent_url: Some(config.agent_url.clone()),
+                draining: false,
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 since,
-            },
+            }),
             prefix: config.key_prefix.clone(),
             ttl: config.lease_ttl,
             config,
@@ -278,6 +287,35 @@ impl EtcdStore {
         }
     }
 
+    /// Writes `relays/<id>` as it is now under `lease`.
+    async fn put_record(&self, lease: i64) -> anyhow::Result<()> {
+        let record = serde_json::to_vec(&*lock(&self.record))?;
+        let key = self.key("relays/", &self.relay_id);
+        let options = PutOptions::new().with_lease(lease);
+        self.request(|mut client| {
+            let (key, record, options) = (key.clone(), record.clone(), options.clone());
+            async move { client.put(key, record, Some(options)).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Announces whether this relay is draining (other relays then send it no
+    /// cameras).
+    pub(crate) async fn set_draining(&self, draining: bool) -> anyhow::Result<()> {
+        lock(&self.record).draining = draining;
+        let lease = self.lease.load(Ordering::SeqCst);
+        if lease != 0 {
+            self.put_record(lease).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this relay announces that it is draining.
+    pub(crate) fn draining(&self) -> bool {
+        lock(&self.record).draining
+    }
+
     /// Refuses a relay id that a live relay elsewhere announces: two relays under one id
     /// would each take the other's cameras for their own. The same id at the same
     /// address is this relay's previous run, whose lease has not run out yet.
@@ -294,7 +332,7 @@ impl EtcdStore {
             .kvs()
             .first()
             .and_then(|kv| serde_json::from_slice::<RelayRecord>(kv.value()).ok())
-            .filter(|record| record.advertise != self.record.advertise);
+            .filter(|record| record.advertise != lock(&self.record).advertise);
         match other {
             Some(record) => anyhow::bail!(
                 "relay id {:?} is in use by a live relay at {}; give each relay its own \
@@ -309,14 +347,7 @@ impl EtcdStore {
     /// Writes `relays/<id>` under `lease` and reads the fleet as it is now; returns the
     /// revision the watch goes on from.
     async fn announce(&self, lease: i64) -> anyhow::Result<i64> {
-        let record = serde_json::to_vec(&self.record)?;
-        let key = self.key("relays/", &self.relay_id);
-        let options = PutOptions::new().with_lease(lease);
-        self.request(|mut client| {
-            let (key, record, options) = (key.clone(), record.clone(), options.clone());
-            async move { client.put(key, record, Some(options)).await }
-        })
-        .await?;
+        self.put_record(lease).await?;
         let all = self
             .request(|mut client| {
                 let prefix = self.prefix.clone();
