@@ -483,6 +483,12 @@ async fn responses_match_the_openapi_document() {
     assert_eq!(agent.join().await, Some(Exit::Restart));
     let _mute = mute_agent(&api).await;
     record("POST", control, api.command("mute", "ping").await);
+    // A relay alone has nowhere to drain to (the cluster tests drain for real).
+    for method in ["GET", "POST", "DELETE"] {
+        let reply = api.call(method, "/relay/drain", None).await;
+        assert_eq!(reply.status, 409, "{}", reply.body);
+        record(method, "/relay/drain", reply);
+    }
 
     e2e::check_openapi(&samples).await.unwrap();
     api.relay.stop().await.unwrap();
