@@ -8,8 +8,10 @@ use anyhow::Context as _;
 /// What each camera of the fleet is told.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    /// The relay's control URL (`wss://…/tunnel`).
-    pub relay_url: String,
+    /// The relays' control URLs (`wss://…/tunnel`), as each camera lists them.
+    pub relay_urls: Vec<String>,
+    /// Where every camera's RTSP server is (the bench target), if anywhere.
+    pub target: Option<std::net::SocketAddr>,
     /// The shared registration token.
     pub token: String,
     /// The relay certificate's SHA-256 fingerprint, pinned by every agent.
@@ -26,15 +28,19 @@ pub async fn run(config: FleetConfig) -> anyhow::Result<()> {
     let started = tokio::time::Instant::now();
     let configs = (0..config.count)
         .map(|i| {
-            let json = serde_json::json!({
+            let mut json = serde_json::json!({
                 "agent": {
                     "agent_id": format!("fleet-{i}"),
-                    "tunnel_server_url": config.relay_url,
+                    "tunnel_server_url": config.relay_urls,
                     "tunnel_server_token": config.token,
                 },
                 "security": { "relay_fingerprint": config.fingerprint },
                 "tunnel": { "tunnel_port": 0 },
             });
+            if let Some(target) = config.target {
+                json["streaming"] =
+                    serde_json::json!({ "rtsp_host": target.ip(), "rtsp_port": target.port() });
+            }
             AgentConfig::parse(&json.to_string(), "bench fleet")
         })
         .collect::<Result<Vec<_>, _>>()?;

@@ -31,7 +31,7 @@ enum Cmd {
         /// More samples, more data, more streams (tens of minutes).
         #[arg(long)]
         long: bool,
-        /// Which scenarios: all, loopback, scale, impaired.
+        /// Which scenarios: all, loopback, scale, impaired, cluster.
         #[arg(long, value_enum, default_value = "all")]
         part: run::Part,
         /// Do not install missing peers; report them as not measured.
@@ -74,9 +74,12 @@ enum Cmd {
     /// Many idle cameras (real agents) in this one process; prints `READY <seconds>`
     /// once all are online, then keeps them until killed.
     Fleet {
-        /// The relay's control URL.
+        /// The relays' control URLs (repeat, or separate with commas).
+        #[arg(long, value_delimiter = ',', required = true)]
+        relay: Vec<String>,
+        /// The cameras' RTSP server (a `bench target`).
         #[arg(long)]
-        relay: String,
+        target: Option<SocketAddr>,
         /// The shared registration token.
         #[arg(long)]
         token: String,
@@ -247,13 +250,15 @@ async fn run_command(command: Cmd) -> anyhow::Result<()> {
         } => bench::impair::run(queue, Duration::from_millis(delay_ms), loss)?,
         Cmd::Fleet {
             relay,
+            target,
             token,
             fingerprint,
             count,
             deadline_secs,
         } => {
             bench::fleet::run(bench::fleet::FleetConfig {
-                relay_url: relay,
+                relay_urls: relay,
+                target,
                 token,
                 fingerprint,
                 count,

@@ -23,6 +23,9 @@ pub enum PathKind {
     Floor,
     /// Our relay and agent: WebSocket control link, one QUIC stream per connection.
     Ours,
+    /// Ours in a cluster, the Watcher at a relay that does not hold the camera: one more
+    /// hop, relay to relay over QUIC (the cluster part only).
+    OursViaPeer,
     /// rathole over plain TCP (one control connection, a new data connection per
     /// visitor, pre-opened in a pool).
     RatholeTcp,
@@ -52,6 +55,7 @@ impl PathKind {
             PathKind::Direct => "direct TCP",
             PathKind::Floor => "quinn, no tunnel (floor)",
             PathKind::Ours => "ours (QUIC)",
+            PathKind::OursViaPeer => "ours, through another relay",
             PathKind::RatholeTcp => "rathole (TCP)",
             PathKind::RatholeNoise => "rathole (Noise)",
             PathKind::Bore => "bore",
@@ -201,6 +205,9 @@ pub async fn start(
             entries
         }
         PathKind::Floor => floor(targets, net, &mut processes).await?,
+        PathKind::OursViaPeer => {
+            bail!("a path through another relay needs a cluster: `bench run --part cluster`")
+        }
         PathKind::RatholeTcp | PathKind::RatholeNoise => {
             rathole(kind, targets, tools, net, dir.path(), &mut processes).await?
         }

@@ -43,6 +43,8 @@ pub struct Plan {
     pub fleet: usize,
     /// How long the idle fleet is watched (at least one heartbeat period).
     pub idle_time: Duration,
+    /// Fleets whose failover from a killed relay is measured (cluster part).
+    pub failover_fleets: Vec<usize>,
 }
 
 impl Plan {
@@ -61,6 +63,7 @@ impl Plan {
             loss_time: Duration::from_secs(30),
             fleet: 1_000,
             idle_time: Duration::from_secs(35),
+            failover_fleets: vec![100, 1_000],
         }
     }
 
@@ -79,6 +82,7 @@ impl Plan {
             loss_time: Duration::from_secs(180),
             fleet: 5_000,
             idle_time: Duration::from_secs(120),
+            failover_fleets: vec![100, 1_000, 5_000],
         }
     }
 }
@@ -123,6 +127,9 @@ pub async fn run(plan: &Plan, tools: &Tools) -> anyhow::Result<Vec<Scenario>> {
     if matches!(plan.part, Part::All | Part::Impaired) {
         scenarios.extend(impaired(plan, tools).await?);
     }
+    if matches!(plan.part, Part::All | Part::Cluster) && plan.paths.contains(&PathKind::Ours) {
+        scenarios.extend(crate::cluster::run(plan, &std::env::current_exe()?).await?);
+    }
     Ok(scenarios)
 }
 
@@ -137,10 +144,16 @@ pub enum Part {
     Scale,
     /// Only those over the impaired camera link (delayed setup, loss).
     Impaired,
+    /// Only the relay cluster's (the relay-to-relay hop, failover), ours only.
+    Cluster,
 }
 
 /// Starts `bench target` on the camera's side, listening on `ip`.
-async fn start_target(net: &Net, exe: &Path, ip: &str) -> anyhow::Result<(Child, SocketAddr)> {
+pub(crate) async fn start_target(
+    net: &Net,
+    exe: &Path,
+    ip: &str,
+) -> anyhow::Result<(Child, SocketAddr)> {
     let mut target = net.camera.command(exe);
     target.args(["target", "--listen", &format!("{ip}:0")]);
     let mut target = Child::spawn("target", target)?;
@@ -751,7 +764,7 @@ async fn percentiles(
 }
 
 /// Runs `bench client <args>` on the Watchers' side and parses its result line.
-async fn client<T: serde::de::DeserializeOwned>(
+pub(crate) async fn client<T: serde::de::DeserializeOwned>(
     net: &Net,
     exe: &Path,
     args: &[&str],
