@@ -8,9 +8,8 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::process::Command;
 
-use crate::{free_port_run, Child};
+use crate::{free_port_run, Child, Place};
 
 /// etcd clusters running at once in one test binary: each is three processes that
 /// must hold elections in time, beside the relays and agents of their tests.
@@ -34,6 +33,8 @@ pub struct EtcdCluster {
     /// This cluster's turn among the binary's clusters.
     _slot: tokio::sync::SemaphorePermit<'static>,
     dir: tempfile::TempDir,
+    /// The network its members (and etcdctl) run in.
+    place: Place,
 }
 
 /// Files of an etcd that serves clients over TLS and asks for their certificates, all
@@ -85,23 +86,28 @@ impl EtcdTls {
 impl EtcdCluster {
     /// Starts `n` members and waits until each serves clients.
     pub async fn start(n: usize) -> anyhow::Result<Self> {
-        Self::start_with(n, false).await
+        Self::start_with(n, false, Place::host()).await
+    }
+
+    /// Starts `n` members in `place` (a network namespace), for relays there.
+    pub async fn start_in(place: &Place, n: usize) -> anyhow::Result<Self> {
+        Self::start_with(n, false, place.clone()).await
     }
 
     /// Starts `n` members that serve clients over TLS only and ask for their
     /// certificates ([`EtcdCluster::tls`]).
     pub async fn start_tls(n: usize) -> anyhow::Result<Self> {
-        Self::start_with(n, true).await
+        Self::start_with(n, true, Place::host()).await
     }
 
-    async fn start_with(n: usize, tls: bool) -> anyhow::Result<Self> {
+    async fn start_with(n: usize, tls: bool, place: Place) -> anyhow::Result<Self> {
         // A port picked free may be taken before etcd binds it (by another test); a
         // member that cannot bind exits, and the cluster never gets healthy. Then the
         // whole cluster starts again on other ports.
         const TRIES: usize = 3;
         let mut failure = None;
         for _ in 0..TRIES {
-            match Self::try_start(n, tls).await {
+            match Self::try_start(n, tls, place.clone()).await {
                 Ok(cluster) => return Ok(cluster),
                 Err(e) => failure = Some(e),
             }
@@ -111,7 +117,7 @@ impl EtcdCluster {
             .context(format!("no healthy etcd cluster in {TRIES} tries")))
     }
 
-    async fn try_start(n: usize, tls: bool) -> anyhow::Result<Self> {
+    async fn try_start(n: usize, tls: bool, place: Place) -> anyhow::Result<Self> {
         let slot = SLOTS.acquire().await?;
         // Below the ephemeral range, where no outgoing connection of this machine (a
         // relay's to etcd, say) takes one meanwhile.
@@ -131,6 +137,7 @@ impl EtcdCluster {
             root: None,
             _slot: slot,
             dir,
+            place,
         };
         for i in 0..n {
             cluster.spawn(i)?;
@@ -150,7 +157,7 @@ impl EtcdCluster {
             .collect();
         let client = self.endpoint(i);
         let peer = format!("http://127.0.0.1:{}", self.peers[i]);
-        let mut cmd = Command::new("etcd");
+        let mut cmd = self.place.command("etcd");
         cmd.args(["--name", &format!("m{i}")])
             .arg("--data-dir")
             .arg(self.dir.path().join(format!("m{i}")))
@@ -358,7 +365,7 @@ impl EtcdCluster {
     }
 
     async fn etcdctl_at(&self, endpoints: &str, args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = Command::new("etcdctl");
+        let mut cmd = self.place.command("etcdctl");
         cmd.env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={endpoints}"))
             .args(["--command-timeout=3s", "--dial-timeout=2s"]);

@@ -659,9 +659,13 @@ impl ClusterCa {
 
     /// `[cluster]` lines giving relay `id` a relay-to-relay endpoint.
     fn peer_lines(&self, id: &str) -> String {
+        self.peer_lines_on(id, &format!("127.0.0.1:{}", free_ports(1)[0]))
+    }
+
+    /// [`ClusterCa::peer_lines`] with the endpoint on `listen`.
+    fn peer_lines_on(&self, id: &str, listen: &str) -> String {
         format!(
-            "peer_listen = \"127.0.0.1:{}\"\npeer_cert = {:?}\npeer_key = {:?}\npeer_ca = {:?}\n",
-            free_ports(1)[0],
+            "peer_listen = \"{listen}\"\npeer_cert = {:?}\npeer_key = {:?}\npeer_ca = {:?}\n",
             self.path(&format!("peer-{id}.crt")),
             self.path(&format!("peer-{id}.key")),
             self.path("ca.crt"),
@@ -1265,4 +1269,116 @@ async fn a_rolling_restart_of_every_relay_drops_no_camera_longer_than_one_reconn
         let probe = ffprobe(relays[at].shared_rtsp(id), 3).await.unwrap();
         assert!(probe.frames >= 3, "{id}: {probe:?}");
     }
+}
+
+#[tokio::test]
+async fn cameras_behind_nat_fail_over_to_another_relay_at_the_same_urls() {
+    use e2e::netns::RELAY_IP;
+    const RELAY_B_IP: &str = "203.0.113.6";
+
+    // Two cameras, each behind the NAT router; two relays on the public side, each its
+    // own address; etcd beside them.
+    let lab = e2e::Lab::new(2).unwrap();
+    let public = lab.relay();
+    e2e::netns::run(
+        &public,
+        "ip",
+        &["addr", "add", &format!("{RELAY_B_IP}/24"), "dev", "eth0"],
+    )
+    .unwrap();
+    let etcd = EtcdCluster::start_in(&public, 1).await.unwrap();
+    let ca = ClusterCa::issue(&["relay-a", "relay-b"]).await;
+    let endpoints: Vec<String> = etcd.endpoints().iter().map(|e| format!("{e:?}")).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut relays = Vec::new();
+    for (id, ip) in [("relay-a", RELAY_IP), ("relay-b", RELAY_B_IP)] {
+        let config = format!(
+            "listen = \"{ip}:8080\"\ncamera_bind = \"{ip}\"\ncamera_ports = \"8554-8557\"\n\
+             shared_listen = \"{ip}:8553\"\nshared_token = \"{TOKEN}\"\nadmin_token = \"ops\"\n[cluster]\n\
+             etcd_endpoints = [{}]\nrelay_id = \"{id}\"\nadvertise = \"http://{ip}:8080\"\n\
+             lease_ttl_secs = {TTL_SECS}\n{}",
+            endpoints.join(", "),
+            ca.peer_lines_on(id, &format!("{ip}:8445")),
+        );
+        let path = dir.path().join(format!("{id}.toml"));
+        std::fs::write(&path, config).unwrap();
+        relays.push(
+            RelayProcess::start_from_file_in(&public, &path, ip, 8080)
+                .await
+                .unwrap(),
+        );
+    }
+    let urls: Vec<String> = relays.iter().map(RelayProcess::url).collect();
+    let shared = |ip: &str, id: &str| format!("rtsp://admin:admin@{ip}:8553/{id}{MAIN_STREAM}");
+    let decodes = |url: String| {
+        let public = public.clone();
+        async move {
+            let probe = e2e::ffprobe_with(&public, &url, 3, &["-rtsp_transport", "tcp"])
+                .await
+                .unwrap();
+            assert!(probe.frames >= 3, "{url}: {probe:?}");
+        }
+    };
+
+    let mut cameras = Vec::new();
+    let mut agents = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..2 {
+        let id = format!("cam-{i}");
+        let camera = CameraSim::start_in(&lab.camera(i), &[]).await.unwrap();
+        let mut json = agent_config_json(&id, &urls[0], TOKEN, 0, camera.port);
+        json["agent"]["tunnel_server_url"] = serde_json::json!(urls);
+        let mut agent = AgentProcess::spawn_in(&lab.camera(i), &id, &json).unwrap();
+        ports.push(online_port(&mut agent).await);
+        cameras.push(camera);
+        agents.push(agent);
+    }
+    // A Watcher at either relay decodes either camera, once both relays list both.
+    for ip in [RELAY_IP, RELAY_B_IP] {
+        let deadline = tokio::time::Instant::now() + e2e::READY_TIMEOUT;
+        loop {
+            let url = format!("http://{ip}:8080/agents");
+            let agents = e2e::http(&public, "GET", &url, Some("ops"), None)
+                .await
+                .unwrap();
+            let online = agents.json().unwrap()["agents"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| a["online"] == true)
+                .count();
+            if online == 2 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{}", agents.body);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for ip in [RELAY_IP, RELAY_B_IP] {
+        for id in ["cam-0", "cam-1"] {
+            decodes(shared(ip, id)).await;
+        }
+    }
+
+    // The relay holding cam-0 dies: cam-0 comes back on the other, same port, and the
+    // other's URLs for it decode again.
+    let (held_by, _) = holder(&etcd, "cam-0").await.unwrap();
+    let (victim, survivor_ip) = match held_by.as_str() {
+        "relay-a" => (0, RELAY_B_IP),
+        _ => (1, RELAY_IP),
+    };
+    relays[victim].process.kill().await.unwrap();
+    let line = agents[0]
+        .process
+        .wait_for_nth_line("online: the relay serves this camera", 2)
+        .await
+        .unwrap();
+    assert_eq!(port_on(&line), ports[0], "cam-0 changed ports");
+    decodes(shared(survivor_ip, "cam-0")).await;
+    decodes(format!(
+        "rtsp://admin:admin@{survivor_ip}:{}{MAIN_STREAM}",
+        ports[0]
+    ))
+    .await;
+    decodes(shared(survivor_ip, "cam-1")).await;
 }

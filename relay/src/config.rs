@@ -1271,13 +1271,22 @@ mod tests {
             .collect();
         let c = RelayConfig::from_toml(&format!("shared_token = \"t\"\n[cluster]\n{section}"), "x")
             .unwrap();
-        assert_eq!(c.cluster.unwrap().endpoints.len(), 3);
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.endpoints.len(), 3);
+        assert_eq!(cluster.peer.unwrap().advertise, "10.0.0.11:8445");
+        assert_eq!(cluster.crossing, Crossing::Forward);
+        assert_eq!(cluster.balance, Some(1.25));
+        assert_eq!(cluster.agent_url, "wss://relay-a.example.com/tunnel");
         let c = RelayConfig::from_toml(
             include_str!("../../deploy/cluster/relay-a.toml"),
             "deploy/cluster/relay-a.toml",
         )
         .unwrap();
-        assert_eq!(c.cluster.unwrap().relay_id, "relay-a");
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.relay_id, "relay-a");
+        assert_eq!(cluster.peer.unwrap().advertise, "10.0.0.11:8445");
+        assert_eq!(cluster.agent_url, "ws://10.0.0.11:8080/tunnel");
+        assert_eq!(cluster.rtsp_advertise.as_deref(), Some("10.0.0.11:8553"));
     }
 
     #[test]
