@@ -67,6 +67,9 @@ impl Balance {
     /// one is draining or holds more than its share and a relay with fewer cameras
     /// takes them. `None`: it stays here.
     pub(crate) fn redirect_for(&self, agent_id: &str) -> Option<Redirect> {
+        if self.share.is_none() && !self.store.draining() {
+            return None;
+        }
         let (mine, others) = self.loads(agent_id);
         let target = least_loaded(&others, &HashMap::new())?;
         let me = self.store.relay_id();
