@@ -533,6 +533,11 @@ pub(crate) async fn carry_from_peer(
         return;
     };
     counted("ok");
+    tracing::debug!(
+        watcher = %watcher_addr,
+        their_conn = open.connection_id,
+        "Watcher carried here by relay {relay}"
+    );
     if write_frame(&mut send, &StreamStatus::Connected)
         .await
         .is_err()
