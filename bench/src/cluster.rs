@@ -24,7 +24,7 @@ use e2e::{Child, EtcdCluster};
 use crate::{
     paths::{Net, PathKind, TOKEN},
     procstat::Meter,
-    run::{client, start_target, Plan, Row, Scenario},
+    run::{client, row, start_target, Plan, Row, Scenario},
     traffic::{Percentiles, Throughput},
 };
 
@@ -166,11 +166,7 @@ async fn hop(plan: &Plan, exe: &Path) -> Scenario {
         Err(e) => {
             eprintln!("bench: cluster hop: {e:#}");
             for path in [PathKind::Ours, PathKind::OursViaPeer] {
-                scenario.rows.push(Row {
-                    path,
-                    figures: BTreeMap::new(),
-                    error: Some(format!("{e:#}")),
-                });
+                scenario.rows.push(row(path, Err(anyhow::anyhow!("{e:#}"))));
             }
         }
     }
@@ -273,18 +269,7 @@ async fn hop_figures(plan: &Plan, exe: &Path) -> anyhow::Result<Vec<Row>> {
             anyhow::Ok(figures)
         }
         .await;
-        rows.push(match figures {
-            Ok(figures) => Row {
-                path,
-                figures,
-                error: None,
-            },
-            Err(e) => Row {
-                path,
-                figures: BTreeMap::new(),
-                error: Some(format!("{e:#}")),
-            },
-        });
+        rows.push(row(path, figures));
     }
     target.kill().await?;
     Ok(rows)
@@ -313,21 +298,10 @@ async fn failover(cameras: usize, exe: &Path) -> Scenario {
     };
     eprintln!("bench: cluster failover, {cameras} cameras");
     let figures = failover_figures(cameras, exe).await;
-    scenario.rows.push(match figures {
-        Ok(figures) => Row {
-            path: PathKind::Ours,
-            figures,
-            error: None,
-        },
-        Err(e) => {
-            eprintln!("bench: cluster failover: {e:#}");
-            Row {
-                path: PathKind::Ours,
-                figures: BTreeMap::new(),
-                error: Some(format!("{e:#}")),
-            }
-        }
-    });
+    if let Err(e) = &figures {
+        eprintln!("bench: cluster failover: {e:#}");
+    }
+    scenario.rows.push(row(PathKind::Ours, figures));
     scenario
 }
 

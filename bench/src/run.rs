@@ -529,7 +529,7 @@ fn scenario(
     }
 }
 
-fn row(path: PathKind, figures: anyhow::Result<BTreeMap<String, f64>>) -> Row {
+pub(crate) fn row(path: PathKind, figures: anyhow::Result<BTreeMap<String, f64>>) -> Row {
     match figures {
         Ok(figures) => Row {
             path,

@@ -394,9 +394,7 @@ async fn redirect(
         refuse(watcher.tcp, &answer).await;
         registry
             .metrics()
-            .peer_streams_total
-            .with_label_values(&[watcher.relay.as_str(), "out", "redirected"])
-            .inc();
+            .peer_stream(&watcher.relay, "out", "redirected");
         tracing::info!(relay = %watcher.relay, %location, "Watcher redirected to the relay holding the camera");
         return Ok(None);
     }
@@ -422,13 +420,7 @@ async fn carry_to_peer(
         camera,
         relay,
     } = watcher;
-    let counted = |result: &str| {
-        registry
-            .metrics()
-            .peer_streams_total
-            .with_label_values(&[relay.as_str(), "out", result])
-            .inc();
-    };
+    let counted = |result: &str| registry.metrics().peer_stream(&relay, "out", result);
     let opened = tokio::time::timeout(limits.tunnel_wait, peers.open(&relay)).await;
     let failed = match opened {
         Ok(Ok(stream)) => Ok(stream),
@@ -486,13 +478,7 @@ pub(crate) async fn carry_from_peer(
     limits: Limits,
 ) {
     let mut send = SendHalf::Quic(send);
-    let counted = |result: &str| {
-        registry
-            .metrics()
-            .peer_streams_total
-            .with_label_values(&[relay.as_str(), "in", result])
-            .inc();
-    };
+    let counted = |result: &str| registry.metrics().peer_stream(&relay, "in", result);
     let header = tokio::time::timeout(
         limits.first_request_timeout,
         read_frame::<_, PeerOpen>(&mut recv),

@@ -40,7 +40,7 @@ pub struct Metrics {
     /// Watcher connections carried between relays of a cluster, by the other relay and
     /// the direction (`out`: to the relay holding the camera; `in`: from the relay the
     /// Watcher connected to), and by result.
-    pub peer_streams_total: IntCounterVec,
+    peer_streams_total: IntCounterVec,
 }
 
 /// What the relay knows of an online agent at scrape time; its series exist only
@@ -230,6 +230,14 @@ impl Metrics {
             )?,
             registry,
         })
+    }
+
+    /// Counts a Watcher connection carried between relays: to (`out`) or from (`in`)
+    /// `relay`, and how it went.
+    pub(crate) fn peer_stream(&self, relay: &str, direction: &str, result: &str) {
+        self.peer_streams_total
+            .with_label_values(&[relay, direction, result])
+            .inc();
     }
 
     /// The series of camera `id`.
