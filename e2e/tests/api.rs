@@ -153,7 +153,7 @@ fn agent_from_file(dir: &std::path::Path, json: &Value) -> AgentHandle {
 async fn operator_endpoints_need_the_admin_token() {
     let api = Api::start(free_port_run(4), 10.0).await;
     let url = |path: &str| format!("http://{}{path}", api.relay.control);
-    for path in ["/agents", "/streams", "/tunnels", "/metrics"] {
+    for path in ["/agents", "/streams", "/tunnels", "/metrics", "/events"] {
         for token in [None, Some("wrong")] {
             let reply = http(&Place::host(), "GET", &url(path), token, None)
                 .await
@@ -490,8 +490,40 @@ async fn responses_match_the_openapi_document() {
         record(method, "/relay/drain", reply);
     }
 
+    record(
+        "GET",
+        "/events",
+        api.call("GET", "/events?types=camera.up", None).await,
+    );
+    let stream = events_stream_head(api.relay.control).await;
+    assert!(stream.body.contains("text/event-stream"), "{}", stream.body);
+    record("GET", "/events", stream);
+
     e2e::check_openapi(&samples).await.unwrap();
     api.relay.stop().await.unwrap();
+}
+
+/// The status and head of `GET /events`, which streams on (e2e/tests/events.rs reads
+/// streams): what a client gets before the first event.
+async fn events_stream_head(relay: std::net::SocketAddr) -> HttpReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(relay).await.unwrap();
+    let request =
+        format!("GET /events HTTP/1.1\r\nHost: {relay}\r\nAuthorization: Bearer {ADMIN}\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), tcp.read(&mut byte))
+            .await
+            .expect("response head within 30 s")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed in the head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    HttpReply { status, body: head }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,6 +53,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/tunnels/{id}", get(tunnel))
         .route("/tunnels/{id}/restart", post(restart_tunnel))
         .route("/relay/drain", get(drain_state).post(drain).delete(undrain))
+        .route("/events", get(crate::events::sse::stream))
         .route_layer(middleware::from_fn_with_state(shared, require_operator))
 }
 

@@ -14,6 +14,11 @@ use std::{
 use common::{protocol::check_agent_id, OneOrMany, Secret};
 use serde::Deserialize;
 
+use crate::{
+    events::{TypeFilter, DEFAULT_HISTORY},
+    outbound::Target,
+};
+
 /// Default TCP port of the control link, and UDP port of the QUIC endpoint.
 pub const DEFAULT_PORT: u16 = 8080;
 /// First camera port of the default range.
@@ -50,7 +55,37 @@ pub struct RelayConfig {
     /// Several relays sharing one view of the fleet (`[cluster]`); `None`: this relay
     /// alone, as always.
     pub cluster: Option<ClusterConfig>,
+    /// Events kept for `GET /events` to resume from (`[events] history`).
+    pub event_history: usize,
+    /// Where events are POSTed (`[[webhooks]]`).
+    pub webhooks: Vec<WebhookConfig>,
 }
+
+/// `[[webhooks]]`: a receiver of events (docs/events.md).
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Its name in logs and metrics: `name`, or the URL's scheme, host and port.
+    pub name: String,
+    /// Where events go.
+    pub(crate) target: Target,
+    /// The event types it gets (all if empty).
+    pub types: TypeFilter,
+    /// The HMAC-SHA256 key of the signature header.
+    pub secret: Secret,
+    /// Events waiting for it at most; more are dropped (and counted).
+    pub queue: usize,
+    /// Longest one delivery attempt may take.
+    pub timeout: Duration,
+    /// Longest wait between attempts at an event the receiver did not take.
+    pub retry_max: Duration,
+}
+
+/// Default room in a webhook's queue.
+pub const DEFAULT_WEBHOOK_QUEUE: usize = 10_000;
+/// Default time a webhook delivery attempt may take.
+pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest wait between attempts at one event.
+pub const DEFAULT_WEBHOOK_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// `[cluster]`: relays that share the fleet's state through etcd (docs/cluster.md).
 #[derive(Debug, Clone)]
@@ -304,6 +339,87 @@ struct FileConfig {
     #[serde(default)]
     limits: FileLimits,
     cluster: Option<FileCluster>,
+    #[serde(default)]
+    events: FileEvents,
+    #[serde(default)]
+    webhooks: Vec<FileWebhook>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileEvents {
+    history: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebhook {
+    name: Option<String>,
+    url: String,
+    secret: Option<Secret>,
+    #[serde(default)]
+    events: Vec<String>,
+    queue: Option<usize>,
+    timeout_secs: Option<f64>,
+    retry_max_secs: Option<f64>,
+    /// CA of the receiver's certificate, when it is not in the public web PKI.
+    ca: Option<PathBuf>,
+}
+
+impl FileWebhook {
+    fn resolve(self, origin: &str, i: usize) -> Result<WebhookConfig, ConfigError> {
+        let field = |name: &str| format!("webhooks[{i}].{name}");
+        let trust = match &self.ca {
+            Some(path) => common::tls::RelayTrust::Ca(
+                common::tls::load_roots(path)
+                    .map_err(|e| invalid(origin, &field("ca"), &e.to_string()))?,
+            ),
+            None => common::tls::RelayTrust::WebPki,
+        };
+        let tls =
+            || common::tls::client_config(&trust, None, b"http/1.1").map_err(|e| e.to_string());
+        let target =
+            Target::parse(&self.url, tls).map_err(|why| invalid(origin, &field("url"), &why))?;
+        let secret = self.secret.filter(|s| !s.is_empty()).ok_or_else(|| {
+            invalid(
+                origin,
+                &field("secret"),
+                "every webhook needs a secret, the key of its events' HMAC-SHA256 signature \
+                 (any long random string, e.g. from `openssl rand -hex 32`)",
+            )
+        })?;
+        let types =
+            TypeFilter::new(self.events).map_err(|why| invalid(origin, &field("events"), &why))?;
+        let queue = match self.queue {
+            Some(0) => return Err(invalid(origin, &field("queue"), "must be at least 1")),
+            Some(n) => n,
+            None => DEFAULT_WEBHOOK_QUEUE,
+        };
+        let secs = |value: Option<f64>, name: &str, default: Duration| match value {
+            None => Ok(default),
+            Some(s) if s.is_finite() && s > 0.0 && s < 1e6 => Ok(Duration::from_secs_f64(s)),
+            Some(s) => Err(invalid(
+                origin,
+                &field(name),
+                &format!("{s} is not a positive number of seconds"),
+            )),
+        };
+        let timeout = secs(self.timeout_secs, "timeout_secs", DEFAULT_WEBHOOK_TIMEOUT)?;
+        let retry_max = secs(
+            self.retry_max_secs,
+            "retry_max_secs",
+            DEFAULT_WEBHOOK_RETRY_MAX,
+        )?;
+        Ok(WebhookConfig {
+            name: self.name.unwrap_or_else(|| target.origin()),
+            target,
+            types,
+            secret,
+            queue,
+            timeout,
+            retry_max,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -720,6 +836,8 @@ impl RelayConfig {
             limits: Limits::default(),
             api: ApiConfig::default(),
             cluster: None,
+            event_history: DEFAULT_HISTORY,
+            webhooks: Vec::new(),
         })
     }
 
@@ -1002,6 +1120,17 @@ impl RelayConfig {
                 .cluster
                 .map(|c| c.resolve(origin, file.shared_listen))
                 .transpose()?,
+            event_history: match file.events.history {
+                Some(0) => return Err(invalid(origin, "events.history", "must be at least 1")),
+                Some(n) => n,
+                None => DEFAULT_HISTORY,
+            },
+            webhooks: file
+                .webhooks
+                .into_iter()
+                .enumerate()
+                .map(|(i, hook)| hook.resolve(origin, i))
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -1089,6 +1218,55 @@ mod tests {
         RelayConfig::from_toml(text, "relay.toml")
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn webhooks_need_a_url_a_secret_and_known_event_types() {
+        let hook = |fields: &str| format!("shared_token = \"t\"\n[[webhooks]]\n{fields}\n");
+        let config = RelayConfig::from_toml(
+            &hook(
+                "url = \"https://vms.example/hooks?key=k\"\nsecret = \"s\"\n\
+                 events = [\"camera.online\", \"watcher.*\"]\ntimeout_secs = 2",
+            ),
+            "relay.toml",
+        )
+        .unwrap();
+        let webhook = &config.webhooks[0];
+        assert_eq!(webhook.name, "https://vms.example:443");
+        assert_eq!(webhook.timeout, Duration::from_secs(2));
+        assert_eq!(webhook.queue, DEFAULT_WEBHOOK_QUEUE);
+        assert!(webhook.types.passes("watcher.stalled"));
+        assert!(!webhook.types.passes("camera.offline"));
+        assert_eq!(config.event_history, DEFAULT_HISTORY);
+
+        let e = err(&hook("url = \"http://vms/\""));
+        assert!(
+            e.contains("webhooks[0].secret") && e.contains("openssl rand"),
+            "{e}"
+        );
+        let e = err(&hook("url = \"vms.example/hooks\"\nsecret = \"s\""));
+        assert!(
+            e.contains("webhooks[0].url") && e.contains("http://"),
+            "{e}"
+        );
+        let e = err(&hook(
+            "url = \"http://vms/\"\nsecret = \"s\"\nevents = [\"camera.up\"]",
+        ));
+        assert!(
+            e.contains("webhooks[0].events") && e.contains("camera.online"),
+            "{e}"
+        );
+        let e = err(&hook(
+            "url = \"https://vms/\"\nsecret = \"s\"\nca = \"/nonexistent/ca.crt\"",
+        ));
+        assert!(
+            e.contains("webhooks[0].ca") && e.contains("/nonexistent/ca.crt"),
+            "{e}"
+        );
+        let e = err(&hook("url = \"http://vms/\"\nsecret = \"s\"\nqueue = 0"));
+        assert!(e.contains("webhooks[0].queue"), "{e}");
+        let e = err("shared_token = \"t\"\n[events]\nhistory = 0\n");
+        assert!(e.contains("events.history"), "{e}");
     }
 
     #[test]

@@ -22,7 +22,8 @@ use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
 
 use crate::{
-    admission::Verdict, api, data, forward, http::ClientCertificate, registry::AgentSession, Shared,
+    admission::Verdict, api, data, events::EventKind, forward, http::ClientCertificate,
+    registry::AgentSession, Shared,
 };
 
 /// Longest wait for one control message to be written to a slow agent.
@@ -268,6 +269,16 @@ async fn serve(
     let end = match send(&mut socket, &registered(&shared, &session, shard.port)).await {
         Ok(()) => {
             log_registered(&register, &session);
+            shared.registry.events().emit(
+                &session.id,
+                EventKind::Online {
+                    port: session.port,
+                    remote: peer.to_string(),
+                    agent_version: register.agent_version.clone(),
+                    model: register.camera.model.clone(),
+                    stream_paths: register.camera.stream_paths.clone(),
+                },
+            );
             run_session(
                 &mut socket,
                 &session,
@@ -292,6 +303,15 @@ async fn serve(
         End::Lost(why) => tracing::info!("agent offline: {why}"),
         End::Violation(why) => tracing::warn!("dropping agent connection: {why}"),
     }
+    let (reason, detail) = end.describe(&session);
+    shared.registry.events().emit(
+        &session.id,
+        EventKind::Offline {
+            reason,
+            detail,
+            online_secs: session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
+        },
+    );
     shared.registry.remove(&session).await;
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
 }
@@ -328,6 +348,28 @@ enum End {
     Lost(String),
     /// The agent broke the protocol.
     Violation(String),
+}
+
+impl End {
+    /// The `camera.offline` reason (a stable word) and its words.
+    fn describe(&self, session: &AgentSession) -> (&'static str, String) {
+        match self {
+            End::Closed(_) if session.moved_to().is_some() => {
+                let to = session.moved_to().map(|to| to.relay).unwrap_or_default();
+                ("moved", format!("sent to relay {to}"))
+            }
+            End::Closed(reason) => {
+                let word = match reason {
+                    CloseReason::Replaced(_) => "replaced",
+                    CloseReason::HeartbeatTimeout(_) => "heartbeat_timeout",
+                    CloseReason::Shutdown => "shutdown",
+                };
+                (word, reason.to_string())
+            }
+            End::Lost(why) => ("lost", why.clone()),
+            End::Violation(why) => ("protocol_error", why.clone()),
+        }
+    }
 }
 
 async fn run_session(

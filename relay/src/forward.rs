@@ -10,7 +10,10 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::Ordering::{self, Relaxed},
+        Arc,
+    },
     task::{ready, Context, Poll},
     time::{Duration, Instant},
 };
@@ -32,8 +35,9 @@ use tracing::Instrument;
 
 use crate::{
     config::Limits,
+    events::{round_ms, EventKind, MediaSummary, WatcherScope},
     peer::link::PeerLinks,
-    registry::{fleet::Presence, AgentSession},
+    registry::{fleet::Presence, AgentSession, WatcherSession},
     rtsp::{self, Front, Watcher},
     shard::Shard,
     MediaStats, Registry,
@@ -611,7 +615,8 @@ enum Movable {
     Stream(Front),
 }
 
-/// Carries one Watcher connection through the camera's tunnel.
+/// Carries one Watcher connection through the camera's tunnel; its start and end are
+/// events.
 async fn carry(
     watcher: Watcher,
     connection_id: u64,
@@ -619,59 +624,117 @@ async fn carry(
     registry: &Registry,
     limits: &Limits,
 ) -> anyhow::Result<()> {
-    let entry = registry.open_watcher(
-        connection_id,
+    let peer = watcher.front.watcher_addr()?;
+    let events = registry.events();
+    events.emit(
         &session.id,
-        watcher.front.watcher_addr()?,
-        watcher.started,
+        EventKind::WatcherStarted {
+            connection_id,
+            watcher: peer.to_string(),
+        },
     );
+    let entry = registry.open_watcher(connection_id, &session.id, peer, watcher.started);
+    let scope = WatcherScope::new(events, &session.id, connection_id);
+    let started = watcher.started;
+    let (media, result) =
+        carry_open(watcher, &entry.session, scope, session, registry, limits).await;
+    let (method, path) = entry.session.request.get().cloned().unzip();
+    events.emit(
+        &session.id,
+        EventKind::WatcherEnded {
+            connection_id,
+            watcher: peer.to_string(),
+            duration_secs: round_ms(started.elapsed()),
+            method,
+            path,
+            bytes_to_watcher: entry.session.bytes.to_tcp.load(Relaxed),
+            bytes_from_watcher: entry.session.bytes.from_tcp.load(Relaxed),
+            media: media.as_ref().and_then(MediaSummary::of),
+            error: result
+                .as_ref()
+                .err()
+                .filter(|e| !is_expected_end(e))
+                .map(|e| format!("{e:#}")),
+        },
+    );
+    result
+}
+
+/// [`carry`], once the connection is listed: its media (if it got as far as the
+/// camera) and how it ended.
+async fn carry_open(
+    watcher: Watcher,
+    listed: &WatcherSession,
+    scope: WatcherScope<'_>,
+    session: &AgentSession,
+    registry: &Registry,
+    limits: &Limits,
+) -> (Option<MediaStats>, anyhow::Result<()>) {
     if let Front::Tcp(tcp) = &watcher.front {
         // Camera traffic is paced small writes; Nagle would hold them back (~45 ms at
         // p99).
-        tcp.set_nodelay(true)?;
+        if let Err(e) = tcp.set_nodelay(true) {
+            return (None, Err(e.into()));
+        }
     }
     let active = ActiveStream::enter(session);
     if active.count > limits.max_streams_per_camera {
         watcher.front.reset();
-        return Err(Unreached::StreamLimit(limits.max_streams_per_camera).into());
+        return (
+            None,
+            Err(Unreached::StreamLimit(limits.max_streams_per_camera).into()),
+        );
     }
     tracing::debug!(camera = %session.id, "Watcher connected");
-
-    let link = session
-        .link(limits.tunnel_wait)
-        .await
-        .ok_or(Unreached::NoTunnel(limits.tunnel_wait))?;
-    let (mut send, recv) = tokio::time::timeout(limits.tunnel_wait, link.open())
-        .await
-        .map_err(|_| Unreached::NoStream)??;
-    registry
-        .metrics()
-        .streams_opened_total
-        .with_label_values(&[link.transport()])
-        .inc();
-    let header = StreamOpen {
-        service: SERVICE_RTSP.to_string(),
-        connection_id,
+    let opened = async {
+        let link = session
+            .link(limits.tunnel_wait)
+            .await
+            .ok_or(Unreached::NoTunnel(limits.tunnel_wait))?;
+        let (mut send, recv) = tokio::time::timeout(limits.tunnel_wait, link.open())
+            .await
+            .map_err(|_| Unreached::NoStream)??;
+        registry
+            .metrics()
+            .streams_opened_total
+            .with_label_values(&[link.transport()])
+            .inc();
+        let header = StreamOpen {
+            service: SERVICE_RTSP.to_string(),
+            connection_id: listed.id,
+        };
+        write_frame(&mut send, &header).await?;
+        anyhow::Ok((send, recv))
     };
-    write_frame(&mut send, &header).await?;
+    let (send, recv) = match opened.await {
+        Ok(opened) => opened,
+        Err(e) => return (None, Err(e)),
+    };
 
     // Watcher bytes go out right behind the header, before the agent's answer: the
     // first request reaches the camera one round trip after connect, not two. The
     // proxy understands RTSP; any other protocol passes through byte for byte.
     let gate = StatusGate::new(recv, limits.stream_answer_timeout);
+    let observed = rtsp::Observed {
+        bytes: &listed.bytes,
+        request: &listed.request,
+        metrics: &session.metrics,
+        events: scope,
+    };
     let outcome = tokio::select! {
-        outcome = rtsp::proxy(watcher, (gate, send), rtsp::Observed { bytes: &entry.session.bytes, request: &entry.session.request, metrics: &session.metrics }, limits.stall_after) => outcome,
-        _ = session.cancelled() => anyhow::bail!("the camera's session ended"),
+        outcome = rtsp::proxy(watcher, (gate, send), observed, limits.stall_after) => outcome,
+        _ = session.cancelled() => return (None, Err(anyhow::anyhow!("the camera's session ended"))),
     };
     log_media(&outcome.media);
-    session.record_media(outcome.media);
-    let transfer = outcome.result?;
-    tracing::debug!(
-        from_watcher = transfer.from_tcp,
-        to_watcher = transfer.to_tcp,
-        "Watcher connection done"
-    );
-    Ok(())
+    session.record_media(outcome.media.clone());
+    let result = outcome.result.map(|transfer| {
+        tracing::debug!(
+            from_watcher = transfer.from_tcp,
+            to_watcher = transfer.to_tcp,
+            "Watcher connection done"
+        );
+    });
+    (Some(outcome.media), result.map_err(Into::into))
 }
 
 fn log_media(media: &MediaStats) {

@@ -20,9 +20,11 @@ mod balance;
 pub mod config;
 mod control;
 mod data;
+pub mod events;
 mod forward;
 mod http;
 pub mod metrics;
+mod outbound;
 mod peer;
 pub mod registry;
 mod rtsp;
@@ -164,13 +166,24 @@ impl Relay {
             ?quic_ports,
             "relay ready: {config}"
         );
-        let registry = Arc::new(Registry::new(
-            config.auth,
-            ports,
-            store,
-            Arc::new(metrics::Metrics::new()?),
-        ));
         let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let metrics = Arc::new(metrics::Metrics::new()?);
+        let hooks = config
+            .webhooks
+            .iter()
+            .map(|hook| {
+                tracing::info!(webhook = %hook.name, types = ?hook.types, "events are POSTed to a webhook");
+                events::webhook::start(hook, &metrics, &tracker, &shutdown)
+            })
+            .collect();
+        let events = Arc::new(events::Events::new(
+            store.cluster().map(|c| c.relay_id().to_string()),
+            config.event_history,
+            hooks,
+            metrics.clone(),
+        ));
+        let registry = Arc::new(Registry::new(config.auth, ports, store, metrics, events));
         let balance = match (&config.cluster, registry.store().cluster()) {
             (Some(cluster), Some(store)) => Some(Arc::new(balance::Balance::new(
                 store.clone(),
@@ -227,7 +240,7 @@ impl Relay {
                 balance,
                 cert_sha256,
                 tracker,
-                shutdown: CancellationToken::new(),
+                shutdown,
             }),
         })
     }

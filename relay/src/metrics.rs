@@ -41,6 +41,14 @@ pub struct Metrics {
     /// the direction (`out`: to the relay holding the camera; `in`: from the relay the
     /// Watcher connected to), and by result.
     peer_streams_total: IntCounterVec,
+    /// Events emitted, by type (docs/events.md).
+    pub events_total: IntCounterVec,
+    /// Webhook deliveries by webhook and result: `delivered`, `retried` (an attempt
+    /// failed and is repeated), `rejected` (a 4xx: the receiver will not take it),
+    /// `dropped` (its queue was full).
+    pub webhook_events_total: IntCounterVec,
+    /// Events waiting in each webhook's queue.
+    pub webhook_queue: IntGaugeVec,
 }
 
 /// What the relay knows of an online agent at scrape time; its series exist only
@@ -226,6 +234,32 @@ impl Metrics {
                          from the relay the Watcher connected to) and result (ok, or why not).",
                     ),
                     &["relay", "direction", "result"],
+                )?,
+            )?,
+            events_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("events_total", "Events emitted, by type (docs/events.md)."),
+                    &["type"],
+                )?,
+            )?,
+            webhook_events_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "webhook_events_total",
+                        "Events for webhooks, by webhook and result: delivered, retried (an \
+                         attempt failed and is repeated), rejected (answered 4xx), dropped \
+                         (the webhook's queue was full).",
+                    ),
+                    &["webhook", "result"],
+                )?,
+            )?,
+            webhook_queue: registered(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("webhook_queue", "Events waiting for each webhook."),
+                    &["webhook"],
                 )?,
             )?,
             registry,

@@ -8,14 +8,12 @@ pub(crate) mod link;
 use std::time::Duration;
 
 use axum::{
-    body::Body,
-    http::{header, HeaderMap, HeaderValue, Method, StatusCode},
+    body::Bytes,
+    http::{header, request::Builder, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
-use crate::api::ApiError;
+use crate::{api::ApiError, outbound::Target};
 
 /// Header a forwarded request carries (the forwarding relay's id), so that it is never
 /// forwarded again.
@@ -36,52 +34,26 @@ pub(crate) async fn forward(
     body: Option<Vec<u8>>,
 ) -> Result<Response, ApiError> {
     let bad_gateway = |why: String| ApiError(StatusCode::BAD_GATEWAY, why);
-    let Some(authority) = advertise
-        .strip_prefix("http://")
-        .map(|rest| rest.split('/').next().unwrap_or_default())
-    else {
-        return Err(bad_gateway(format!(
-            "relay {to:?} holds the camera, but announced {advertise:?}; this relay forwards \
-             over http:// only"
-        )));
-    };
-    let exchange = async {
-        let tcp = TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP handshake with {authority}: {e}"))?;
-        tokio::spawn(connection);
-        let mut request = hyper::Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header(header::HOST, authority)
-            .header(FORWARDED, from);
-        if let Some(auth) = headers.get(header::AUTHORIZATION) {
-            request = request.header(header::AUTHORIZATION, auth);
+    let target = Target::parse(advertise, || {
+        Err("this relay forwards over http:// only".to_string())
+    })
+    .map_err(|why| {
+        bad_gateway(format!(
+            "relay {to:?} holds the camera, but announced {advertise:?}: {why}"
+        ))
+    })?
+    .with_path(path);
+    let with_headers = |request: Builder| {
+        let request = request.header(FORWARDED, from);
+        match headers.get(header::AUTHORIZATION) {
+            Some(auth) => request.header(header::AUTHORIZATION, auth),
+            None => request,
         }
-        let request = match body {
-            Some(body) => request
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body)),
-            None => request.body(Body::empty()),
-        }
-        .map_err(|e| format!("building the request: {e}"))?;
-        let answer = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("{authority} did not answer: {e}"))?;
-        let (parts, incoming) = answer.into_parts();
-        let bytes = axum::body::to_bytes(Body::new(incoming), 1 << 20)
-            .await
-            .map_err(|e| format!("reading the answer of {authority}: {e}"))?;
-        Ok::<_, String>((parts, bytes))
     };
-    let (parts, bytes) = tokio::time::timeout(FORWARD_TIMEOUT, exchange)
+    let body = body.map(|body| ("application/json", Bytes::from(body)));
+    let (parts, bytes) = target
+        .post(with_headers, body, FORWARD_TIMEOUT)
         .await
-        .map_err(|_| format!("no answer within {FORWARD_TIMEOUT:?}"))
-        .and_then(|answer| answer)
         .map_err(|why| {
             bad_gateway(format!(
                 "relay {to:?} holds the camera; forwarding to it failed: {why}"

@@ -37,9 +37,13 @@ pub use watchers::{WatcherGuard, WatcherSession};
 
 use crate::{
     config::{AgentAuth, Limits},
+    events::{EventKind, Events},
     metrics::Metrics,
 };
-use fleet::{etcd::Taken, Store};
+use fleet::{
+    etcd::{EtcdStore, Taken},
+    Store,
+};
 use ports::PortPolicy;
 use session::NewSession;
 use watchers::Watchers;
@@ -59,6 +63,8 @@ pub struct Registry {
     store: Store,
     next_connection_id: AtomicU64,
     metrics: Arc<Metrics>,
+    /// What happens, for `/events` and webhooks.
+    events: Arc<Events>,
     /// Watcher connections open now, for `/streams`.
     watchers: Watchers,
     /// Listeners on the ports of cameras other relays hold.
@@ -74,6 +80,7 @@ impl Registry {
         ports: PortPolicy,
         store: Store,
         metrics: Arc<Metrics>,
+        events: Arc<Events>,
     ) -> Self {
         let known = auth
             .agents
@@ -90,6 +97,7 @@ impl Registry {
             store,
             next_connection_id: AtomicU64::new(1),
             metrics,
+            events,
             watchers: Watchers::default(),
             remote_ports: remote::RemotePorts::default(),
             started: Instant::now(),
@@ -149,10 +157,22 @@ impl Registry {
         let old = self.lock_sessions().remove(&reg.agent_id);
         if let Some(old) = old {
             tracing::warn!(agent = %reg.agent_id, old = %old.remote, new = %remote, "agent connected again; closing its older session");
+            self.events.emit(
+                &reg.agent_id,
+                EventKind::Replaced {
+                    old_remote: old.remote.to_string(),
+                    new_remote: remote.to_string(),
+                },
+            );
             old.close(CloseReason::Replaced(remote.to_string()));
             old.wait_released().await;
         }
+        let previous = ports.assigned(&reg.agent_id, &self.store.assignments());
         let (port, listener) = self.take_port(&ports, &reg.agent_id, requested).await?;
+        if previous != Some(port) {
+            self.events
+                .emit(&reg.agent_id, EventKind::PortAssigned { port, previous });
+        }
         let epoch = rand::random::<u64>();
         let mut presence = Presence {
             agent_id: reg.agent_id.clone(),
@@ -183,13 +203,8 @@ impl Registry {
             cancel: parent.child_token(),
             epoch,
         }));
-        if let Some(cluster) = self.store.cluster() {
-            tokio::spawn(fleet::follow_links(
-                cluster.clone(),
-                session.clone(),
-                presence,
-            ));
-        }
+        let cluster = self.store.cluster().map(|c| (c.clone(), presence));
+        tokio::spawn(follow_links(session.clone(), self.events.clone(), cluster));
         self.lock_sessions()
             .insert(session.id.clone(), session.clone());
         lock(&self.known).insert(session.id.clone());
@@ -312,6 +327,11 @@ impl Registry {
         &self.metrics
     }
 
+    /// The relay's events.
+    pub(crate) fn events(&self) -> &Arc<Events> {
+        &self.events
+    }
+
     /// The port assigned to `agent_id` (pinned, or remembered from its registrations).
     pub async fn assigned_port(&self, agent_id: &str) -> Option<u16> {
         let remembered = self.store.assignments();
@@ -358,6 +378,39 @@ impl Registry {
 
     fn lock_sessions(&self) -> MutexGuard<'_, HashMap<String, Arc<AgentSession>>> {
         lock(&self.sessions)
+    }
+}
+
+/// Follows what carries `session`'s streams until it ends: each change is a
+/// `camera.link` event and, in a cluster, goes into the camera's record.
+async fn follow_links(
+    session: Arc<AgentSession>,
+    events: Arc<Events>,
+    mut cluster: Option<(Arc<EtcdStore>, Presence)>,
+) {
+    let mut links = session.links_changed();
+    let mut current = None;
+    loop {
+        tokio::select! {
+            () = session.cancelled() => return,
+            changed = links.changed() => if changed.is_err() { return },
+        }
+        let link = session.current_link().map(|l| l.transport());
+        if link == current {
+            continue;
+        }
+        events.emit(
+            &session.id,
+            EventKind::Link {
+                link,
+                previous: current,
+            },
+        );
+        current = link;
+        if let Some((store, presence)) = &mut cluster {
+            presence.link = link.map(String::from);
+            store.update(presence.clone()).await;
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use tokio::{
     time::Sleep,
 };
 
-use crate::metrics::CameraMetrics;
+use crate::{events::WatcherScope, metrics::CameraMetrics};
 
 use super::{
     media::{MediaMeter, MediaStats, PEEK},
@@ -72,6 +72,8 @@ pub(crate) struct Observed<'a> {
     pub(crate) request: &'a OnceLock<(String, String)>,
     /// The camera's series.
     pub(crate) metrics: &'a CameraMetrics,
+    /// Where its stalls are told.
+    pub(crate) events: WatcherScope<'a>,
 }
 
 /// A Watcher connection as the proxy takes it.
@@ -193,7 +195,7 @@ where
         answers: Some(answers_rx),
         naming,
         media: Media::new(started, observed.metrics),
-        stalls: Stalls::new(stall_after, &playing),
+        stalls: Stalls::new(stall_after, &playing, observed.events),
         packet: None,
         held: None,
         first_byte_sent: false,
@@ -549,6 +551,7 @@ fn take_answers(answers: &mut Option<mpsc::Receiver<Vec<u8>>>, out: &mut Out) {
 /// When media counts as stalled: silence longer than `after` while playing.
 struct Stalls<'a> {
     after: Duration,
+    events: WatcherScope<'a>,
     /// Set by the other direction from the Watcher's requests.
     playing: &'a AtomicBool,
     /// Armed at the first media packet, pushed on by the next ones; fires when the
@@ -560,9 +563,10 @@ struct Stalls<'a> {
 }
 
 impl<'a> Stalls<'a> {
-    fn new(after: Duration, playing: &'a AtomicBool) -> Self {
+    fn new(after: Duration, playing: &'a AtomicBool, events: WatcherScope<'a>) -> Self {
         Stalls {
             after,
+            events,
             playing,
             timer: Box::pin(tokio::time::sleep(after)),
             last_packet: None,
@@ -574,8 +578,9 @@ impl<'a> Stalls<'a> {
     fn on_packet(&mut self, now: Instant) {
         if self.stalled && self.playing.load(Ordering::Relaxed) {
             let gap = self.last_packet.map(|at| now.duration_since(at));
-            let gap = gap.unwrap_or_default().as_secs_f64();
-            tracing::info!("media resumed after {gap:.1} s");
+            let gap = gap.unwrap_or_default();
+            tracing::info!("media resumed after {:.1} s", gap.as_secs_f64());
+            self.events.resumed(gap);
         }
         self.stalled = false;
         self.last_packet = Some(now);
@@ -608,6 +613,7 @@ impl<'a> Stalls<'a> {
                 "media stalled: no packet from the camera for {:?} while playing",
                 self.after
             );
+            self.events.stalled(last_packet.elapsed());
             return Poll::Ready(());
         }
     }

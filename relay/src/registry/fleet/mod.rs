@@ -9,7 +9,6 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use common::protocol::Rejection;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
 use self::{etcd::EtcdStore, local::LocalStore};
 
@@ -110,26 +109,6 @@ impl Store {
         match self {
             Store::Local(_) => None,
             Store::Etcd(store) => Some(store),
-        }
-    }
-}
-
-/// Keeps the cluster's record of `session` in step with its data link until it ends.
-pub(super) async fn follow_links(
-    store: Arc<EtcdStore>,
-    session: Arc<super::AgentSession>,
-    mut presence: Presence,
-) {
-    let mut links: watch::Receiver<_> = session.links_changed();
-    loop {
-        tokio::select! {
-            () = session.cancelled() => return,
-            changed = links.changed() => if changed.is_err() { return },
-        }
-        let link = session.current_link().map(|l| l.transport().to_string());
-        if link != presence.link {
-            presence.link = link;
-            store.update(presence.clone()).await;
         }
     }
 }
