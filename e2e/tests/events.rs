@@ -481,3 +481,130 @@ retry_max_secs = 0.5
 
     relay.process.terminate().await.unwrap();
 }
+
+/// A stand-in for Flussonic Watcher's camera API: records each camera created, after
+/// answering 503 to the first request (Watcher restarting).
+async fn watcher_api() -> (
+    SocketAddr,
+    Arc<Mutex<Vec<Value>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicU32::new(0));
+    let app = Router::new().route(
+        "/api/cameras",
+        post({
+            let created = created.clone();
+            move |body: axum::Json<Value>| async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                created.lock().unwrap().push(body.0);
+                StatusCode::CREATED
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("watcher api");
+    });
+    (addr, created, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_receiver_adds_a_camera_to_watcher_when_it_first_comes_online() {
+    let camera = CameraSim::start(&[]).await.unwrap();
+    let (watcher, created, watcher_task) = watcher_api().await;
+    let ports = free_ports(3);
+    let (relay_port, camera_port, hook_port) = (ports[0], ports[1], ports[2]);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The receiver from deploy/webhooks, as docs/events.md runs it.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/webhooks/watcher-add-camera.py");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(script)
+        .args(["--listen", &format!("127.0.0.1:{hook_port}")])
+        .args(["--watcher-api", &format!("http://{watcher}/api/cameras")])
+        .arg("--state")
+        .arg(dir.path().join("added.json"))
+        .env("WEBHOOK_SECRET", "hook-secret");
+    let mut receiver = Child::spawn("receiver", cmd).unwrap();
+    receiver
+        .wait_for_line("receiving camera-relay events")
+        .await
+        .unwrap();
+
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listen = "127.0.0.1:{relay_port}"
+camera_ports = "{camera_port}-{camera_port}"
+shared_token = "{TOKEN}"
+admin_token = "{ADMIN}"
+
+[[webhooks]]
+name = "watcher"
+url = "http://127.0.0.1:{hook_port}/events"
+secret = "hook-secret"
+events = ["camera.online"]
+retry_max_secs = 0.5
+"#
+        ),
+    )
+    .unwrap();
+    let mut relay =
+        RelayProcess::start_from_file_in(&Place::host(), &config, "127.0.0.1", relay_port)
+            .await
+            .unwrap();
+    let agent_json = agent_config_json(
+        "dahua-2449s-il-001",
+        &relay.url(),
+        TOKEN,
+        camera_port,
+        camera.port,
+    );
+    let mut agent = AgentProcess::start("agent", &agent_json).await.unwrap();
+    // Watcher was away at the first attempt; the relay tried again.
+    receiver.wait_for_line("the relay retries").await.unwrap();
+    receiver
+        .wait_for_line("added dahua-2449s-il-001 to Watcher")
+        .await
+        .unwrap();
+    let camera_entry = created.lock().unwrap()[0].clone();
+    let url = format!("rtsp://127.0.0.1:{camera_port}/cam/realmonitor?channel=1&subtype=0");
+    assert_eq!(
+        camera_entry,
+        serde_json::json!({
+            "name": "dahua-2449s-il-001",
+            "url": url,
+            "username": "admin",
+            "password": "admin",
+        })
+    );
+    // What Watcher was given plays.
+    let with_credentials = url.replace("rtsp://", "rtsp://admin:admin@");
+    assert!(ffprobe(&with_credentials, 5).await.unwrap().frames >= 5);
+
+    // The camera reconnects: online again, not added again.
+    agent.process.kill().await.unwrap();
+    let mut agent = AgentProcess::start("agent", &agent_json).await.unwrap();
+    let online = r#"camera_relay_webhook_events_total{result="delivered",webhook="watcher"}"#;
+    let mut delivered = 0.0;
+    for _ in 0..600 {
+        delivered = metric(&relay_metrics(&relay).await, online).unwrap_or(0.0);
+        if delivered >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(delivered, 2.0, "both camera.online events delivered");
+    assert_eq!(created.lock().unwrap().len(), 1, "added once");
+
+    agent.process.kill().await.unwrap();
+    relay.process.terminate().await.unwrap();
+    watcher_task.abort();
+}

@@ -1439,8 +1439,22 @@ mod tests {
         assert_eq!(c.limits.missed_heartbeats, 3);
         assert!(c.cluster.is_none(), "a relay alone unless [cluster] is set");
 
-        // Its commented [cluster] section, switched on, is the cluster example's.
+        // Its commented events and webhook, switched on, parse.
         let text = include_str!("../../deploy/relay.toml");
+        let (_, events) = text.split_once("# [events]\n").unwrap();
+        let (events, _) = events.split_once("\n\n").unwrap();
+        let events: String = events
+            .lines()
+            .filter(|line| !line.starts_with("# #"))
+            .map(|line| format!("{}\n", line.trim_start_matches('#').trim_start()))
+            .collect();
+        let c = RelayConfig::from_toml(&format!("shared_token = \"t\"\n[events]\n{events}"), "x")
+            .unwrap();
+        assert_eq!(c.event_history, 10_000);
+        assert_eq!(c.webhooks[0].name, "watcher");
+        assert!(c.webhooks[0].types.passes("camera.online"));
+
+        // Its commented [cluster] section, switched on, is the cluster example's.
         let (_, section) = text.split_once("# [cluster]\n").unwrap();
         let section: String = section
             .lines()
