@@ -72,6 +72,9 @@ pub enum CertError {
         /// Why.
         source: std::io::Error,
     },
+    /// A release key or signature could not be made.
+    #[error("{0}")]
+    Release(String),
     /// A file holds no certificate.
     #[error("{0}: no PEM certificate found")]
     NoCertificate(PathBuf),
@@ -356,21 +359,102 @@ pub fn write_pair(
     pair: &PemPair,
     force: bool,
 ) -> Result<(PathBuf, PathBuf), CertError> {
+    let [key, cert] = write_files(
+        dir,
+        [
+            (format!("{stem}.key"), pair.key.as_bytes(), 0o600),
+            (format!("{stem}.crt"), pair.cert.as_bytes(), 0o644),
+        ],
+        force,
+    )?;
+    Ok((cert, key))
+}
+
+/// Writes an Ed25519 release key pair into `dir`: `release.key` (PKCS#8, mode 0600:
+/// keep it offline) and `release.pub` (what cameras trust, in the firmware package).
+/// Returns their paths, public first.
+pub fn write_release_key(dir: &Path, force: bool) -> Result<(PathBuf, PathBuf), CertError> {
+    let key = common::release::SigningKey::generate().map_err(CertError::Release)?;
+    let [private, public] = write_files(
+        dir,
+        [
+            ("release.key".to_string(), key.to_pem().as_bytes(), 0o600),
+            (
+                "release.pub".to_string(),
+                key.public().to_pem().as_bytes(),
+                0o644,
+            ),
+        ],
+        force,
+    )?;
+    Ok((public, private))
+}
+
+/// Signs the agent binary `file` as `version` for `target` with the release key at
+/// `key`, writing the detached signature to `out`.
+pub fn sign_release(
+    file: &Path,
+    key: &Path,
+    target: &str,
+    version: &str,
+    out: &Path,
+    force: bool,
+) -> Result<common::release::Release, CertError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| CertError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let signing = common::release::SigningKey::from_pem(&read(key)?)
+        .map_err(|why| CertError::Release(format!("{}: {why}", key.display())))?;
+    if target.is_empty() || target.contains(char::is_whitespace) {
+        return Err(CertError::Release(format!(
+            "{target:?} is not a target triple (e.g. armv7-unknown-linux-gnueabihf)"
+        )));
+    }
+    if version.is_empty() || version.contains(char::is_whitespace) {
+        return Err(CertError::Release(format!(
+            "{version:?} is not a version (e.g. 0.2.0)"
+        )));
+    }
+    let release = common::release::Release::sign(&signing, target, version, &read(file)?);
+    let json =
+        serde_json::to_string_pretty(&release).map_err(|e| CertError::Release(e.to_string()))?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    write_files(dir, [(name, format!("{json}\n").as_bytes(), 0o644)], force)?;
+    Ok(release)
+}
+
+/// Writes each `(name, bytes, mode)` into `dir`, none if any exists (unless `force`);
+/// their paths, in order.
+fn write_files<const N: usize>(
+    dir: &Path,
+    files: [(String, &[u8], u32); N],
+    force: bool,
+) -> Result<[PathBuf; N], CertError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| CertError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let cert_path = dir.join(format!("{stem}.crt"));
-    let key_path = dir.join(format!("{stem}.key"));
-    for path in [&cert_path, &key_path] {
+    let paths = files.each_ref().map(|(name, _, _)| dir.join(name));
+    for path in &paths {
         if !force && path.exists() {
             return Err(CertError::Exists(path.clone()));
         }
     }
-    write_file(&key_path, pair.key.as_bytes(), 0o600).map_err(io(&key_path))?;
-    write_file(&cert_path, pair.cert.as_bytes(), 0o644).map_err(io(&cert_path))?;
-    Ok((cert_path, key_path))
+    for (path, (_, bytes, mode)) in paths.iter().zip(&files) {
+        write_file(path, bytes, *mode).map_err(io(path))?;
+    }
+    Ok(paths)
 }
 
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {

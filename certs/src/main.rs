@@ -89,6 +89,35 @@ enum Cmd {
         #[arg(long)]
         id: String,
     },
+    /// Write release.key and release.pub: the Ed25519 key pair that signs agent
+    /// releases. Cameras trust release.pub (the firmware package carries it); keep
+    /// release.key offline, where releases are signed.
+    ReleaseKey {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Sign an agent binary for over-the-air updates: writes FILE.sig, the detached
+    /// signature over the binary together with its target, version and SHA-256.
+    Sign {
+        /// The agent binary (camera-agent, as `make firmware` builds it).
+        file: PathBuf,
+        /// The release private key (release.key).
+        #[arg(long)]
+        key: PathBuf,
+        /// The Rust target the binary is for, e.g. armv7-unknown-linux-gnueabihf
+        /// (`camera-agent --version` prints it).
+        #[arg(long)]
+        target: String,
+        /// The agent version inside (`camera-agent --version` prints it).
+        #[arg(long)]
+        version: String,
+        /// Where to write the signature (default: FILE.sig).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing signature.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a certificate's subject, issuer, SANs, validity and SHA-256 fingerprint.
     Inspect {
         /// The PEM certificate file.
@@ -170,6 +199,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!();
             println!("# the relay's relay.toml (the relay never sees the token itself):");
             println!("[[agents]]\nid = \"{id}\"\ntoken_hash = \"{hash}\"");
+        }
+        Cmd::ReleaseKey { out } => {
+            let (public, private) = certs::write_release_key(&out.out, out.force)?;
+            println!(
+                "wrote {} (mode 0600: keep it offline) and {} (cameras trust it: \
+                 make firmware RELEASE_PUB={})",
+                private.display(),
+                public.display(),
+                public.display()
+            );
+        }
+        Cmd::Sign {
+            file,
+            key,
+            target,
+            version,
+            out,
+            force,
+        } => {
+            let out = out.unwrap_or_else(|| {
+                let mut name = file.clone().into_os_string();
+                name.push(".sig");
+                PathBuf::from(name)
+            });
+            let release = certs::sign_release(&file, &key, &target, &version, &out, force)?;
+            println!(
+                "wrote {}: {} ({} bytes, SHA-256 {}), signed with release key {}",
+                out.display(),
+                release.describe(),
+                release.size,
+                release.sha256,
+                release.key
+            );
         }
         Cmd::Inspect { file } => println!("{}", certs::inspect(&file)?),
         Cmd::Fingerprint { file } => println!("{}", certs::fingerprint_pem(&file)?),

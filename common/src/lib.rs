@@ -20,6 +20,7 @@ pub mod mux;
 mod one_or_many;
 pub mod process;
 pub mod protocol;
+pub mod release;
 pub mod secret;
 pub mod splice;
 pub mod stream;
