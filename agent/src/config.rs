@@ -19,6 +19,7 @@ use std::{
 
 use common::{
     protocol::{check_agent_id, sha256_from_hex, FALLBACK_PATH_SUFFIX},
+    release::PublicKey,
     tls::{self, Identity, RelayTrust},
     OneOrMany, Secret,
 };
@@ -74,6 +75,8 @@ pub struct AgentConfig {
     pub security: Security,
     /// What the `restart` command does (`agent.restart`).
     pub restart: RestartMode,
+    /// Over-the-air updates (`update`).
+    pub update: UpdatePolicy,
     /// The file this came from, for `reload_config`.
     pub source: Option<PathBuf>,
     /// Settings of the earlier agent that were present and mean nothing here
@@ -93,6 +96,22 @@ pub enum RestartMode {
     /// (`"exit"`: systemd `Restart=on-failure`, busybox init `respawn`).
     Exit,
 }
+
+/// The `update` section: which releases the camera takes (docs/updates.md).
+#[derive(Debug, Clone)]
+pub struct UpdatePolicy {
+    /// Release keys trusted (`update.release_keys`; default `release.pub` next to the
+    /// config file, if present). Without any, every update is refused.
+    pub keys: Vec<PublicKey>,
+    /// Where they came from, for the log.
+    pub key_files: Vec<PathBuf>,
+    /// How long a new agent has to come online before the previous one comes back
+    /// (`update.trial_secs`, default 120).
+    pub trial: Duration,
+}
+
+/// Default time a new agent has to come online.
+pub const DEFAULT_TRIAL: Duration = Duration::from_secs(120);
 
 /// The `security` section, with its files loaded.
 #[derive(Debug, Clone)]
@@ -413,6 +432,15 @@ struct RawConfig {
     camera: RawCamera,
     #[serde(default)]
     security: RawSecurity,
+    #[serde(default)]
+    update: RawUpdate,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpdate {
+    release_keys: Option<OneOrMany<PathBuf>>,
+    trial_secs: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -504,6 +532,50 @@ fn prefer<T: std::fmt::Debug>(
         }
         (value, other_value) => value.or(other_value),
     }
+}
+
+/// The `update` section, its key files read.
+fn update_policy(
+    raw: RawUpdate,
+    dir: &Path,
+    field_error: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<UpdatePolicy, ConfigError> {
+    let default = dir.join("release.pub");
+    let key_files = match raw.release_keys {
+        Some(files) => files.into_vec().into_iter().map(|f| dir.join(f)).collect(),
+        None if default.is_file() => vec![default],
+        None => Vec::new(),
+    };
+    let mut keys = Vec::new();
+    for (i, file) in key_files.iter().enumerate() {
+        let text = std::fs::read(file).map_err(|e| {
+            field_error(
+                &format!("update.release_keys[{i}]"),
+                format!("{}: {e}", file.display()),
+            )
+        })?;
+        keys.push(PublicKey::from_pem(&text).map_err(|why| {
+            field_error(
+                &format!("update.release_keys[{i}]"),
+                format!("{}: {why}", file.display()),
+            )
+        })?);
+    }
+    let trial = match raw.trial_secs {
+        None => DEFAULT_TRIAL,
+        Some(s) if s.is_finite() && s >= 1.0 && s < 1e6 => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(field_error(
+                "update.trial_secs",
+                format!("{s} is not a number of seconds of at least 1"),
+            ))
+        }
+    };
+    Ok(UpdatePolicy {
+        keys,
+        key_files,
+        trial,
+    })
 }
 
 /// A nameserver: an IP address, port 53 unless written as `address:port`.
@@ -632,6 +704,8 @@ impl AgentConfig {
                 ))
             }
         };
+
+        let update = update_policy(raw.update, dir, &field_error)?;
 
         // The network settings, from `network` or, where the tunnel agent kept them,
         // from `tunnel`.
@@ -781,6 +855,7 @@ impl AgentConfig {
             max_streams,
             security,
             restart,
+            update,
             source: None,
             ignored,
             notes,

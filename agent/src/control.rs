@@ -8,10 +8,11 @@ use common::tls;
 use common::protocol::{
     decode_control, encode_control, AgentMessage, CameraInfo, Command, Redirect, Register,
     Registered, Rejection, RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX,
-    FEATURE_REDIRECT, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION, SERVICE_RTSP,
+    FEATURE_REDIRECT, FEATURE_TARGET_PREFIX, FEATURE_UPDATE, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
+    SERVICE_RTSP,
 };
 use futures_util::{SinkExt, StreamExt};
-use tokio::{net::TcpStream, time::Instant};
+use tokio::{net::TcpStream, sync::mpsc, time::Instant};
 use tokio_tungstenite::{
     tungstenite::{http, protocol::WebSocketConfig, Message},
     Connector, MaybeTlsStream, WebSocketStream,
@@ -21,6 +22,7 @@ use crate::{
     config::{AgentConfig, RelayUrl},
     resolve::resolve,
     stats::Stats,
+    update::{Outgoing, Updater},
     Handled, SessionError,
 };
 
@@ -221,12 +223,20 @@ async fn register(
                     name: FEATURE_REDIRECT.into(),
                     port: 0,
                 },
+                ServiceRequest {
+                    name: FEATURE_UPDATE.into(),
+                    port: 0,
+                },
+                ServiceRequest {
+                    name: format!("{FEATURE_TARGET_PREFIX}{}", crate::TARGET),
+                    port: 0,
+                },
             ],
             heartbeat_interval_secs: config
                 .heartbeat_interval
                 .as_secs()
                 .clamp(1, u64::from(u32::MAX)) as u32,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: crate::VERSION.into(),
         });
         send(&mut socket, &register).await?;
         match next_message(&mut socket).await? {
@@ -276,18 +286,27 @@ pub(crate) async fn open(
 }
 
 impl ControlLink {
-    /// Sends heartbeats and answers commands (with `handle`) until the link ends;
-    /// returns why it ended.
+    /// Sends heartbeats, answers commands (with `handle`) and takes updates (with
+    /// `updates`, if the relay serves them) until the link ends; returns why it ended.
     pub(crate) async fn run(
         mut self,
         interval: Duration,
         stats: &Stats,
         handle: &(dyn Fn(Command) -> Handled + Sync),
+        updates: Option<&Updater>,
     ) -> SessionError {
         let silence_limit = interval * 3;
         let mut last_heard = Instant::now();
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The download under way in this session: its offer id and where its chunks go.
+        let mut download: Option<(u64, mpsc::Sender<(u64, Vec<u8>)>)> = None;
+        let (outbox_tx, mut outbox) = mpsc::channel::<Outgoing>(8);
+        if let Some(updater) = updates {
+            if let Err(e) = self.send_reports(updater).await {
+                return e;
+            }
+        }
         loop {
             let message = tokio::select! {
                 _ = ticker.tick() => {
@@ -296,6 +315,26 @@ impl ControlLink {
                     }
                     if let Err(e) = send(&mut self.socket, &AgentMessage::Heartbeat(stats.snapshot())).await {
                         return e;
+                    }
+                    continue;
+                }
+                Some(outgoing) = outbox.recv() => {
+                    match outgoing {
+                        Outgoing::Send(message) => if let Err(e) = send(&mut self.socket, &message).await {
+                            return e;
+                        },
+                        Outgoing::Restart => {
+                            self.close_politely().await;
+                            return SessionError::Restart;
+                        }
+                    }
+                    continue;
+                }
+                () = report_queued(updates) => {
+                    if let Some(updater) = updates {
+                        if let Err(e) = self.send_reports(updater).await {
+                            return e;
+                        }
                     }
                     continue;
                 }
@@ -311,6 +350,24 @@ impl ControlLink {
                     tracing::info!(id, ?command, "command from the relay");
                     (id, handle(command))
                 }
+                Ok(RelayMessage::UpdateOffer(offer)) if updates.is_some() => {
+                    if let Some(updater) = updates {
+                        tracing::info!(id = offer.id, release = %offer.release.describe(), force = offer.force, "update offered");
+                        let id = offer.id;
+                        download = Some((id, updater.start(offer, outbox_tx.clone())));
+                    }
+                    continue;
+                }
+                Ok(RelayMessage::UpdateChunk { id, offset, data }) => {
+                    match &download {
+                        Some((current, chunks)) if *current == id => {
+                            // A download that gave up has dropped its end: nothing to do.
+                            let _ = chunks.send((offset, data)).await;
+                        }
+                        _ => tracing::debug!(id, "update data for no download under way"),
+                    }
+                    continue;
+                }
                 Ok(other) => return SessionError::Protocol(format!("unexpected {other:?}")),
             };
             let reply = AgentMessage::CommandResult {
@@ -321,18 +378,42 @@ impl ControlLink {
                 return e;
             }
             if let Some(end) = handled.then {
-                // Close politely and wait for the relay's end of the close: it reads in
-                // order, so by then it has the answer. Dropping the link at once let the
-                // next session's registration overtake it, and the takeover ended this
-                // session with the answer still unread ("went offline before answering").
-                let _ = tokio::time::timeout(POLITE_CLOSE, async {
-                    let _ = self.socket.close(None).await;
-                    while let Some(Ok(_)) = self.socket.next().await {}
-                })
-                .await;
+                self.close_politely().await;
                 return end;
             }
         }
+    }
+
+    /// Sends the update reports waiting.
+    async fn send_reports(&mut self, updater: &Updater) -> Result<(), SessionError> {
+        for (id, progress) in updater.take_reports() {
+            send(
+                &mut self.socket,
+                &AgentMessage::UpdateReport { id, progress },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the link and waits for the relay's end of the close: it reads in order,
+    /// so by then it has everything sent before. Dropping the link at once let the
+    /// next session's registration overtake it, and the takeover ended this session
+    /// with the last answer still unread ("went offline before answering").
+    async fn close_politely(&mut self) {
+        let _ = tokio::time::timeout(POLITE_CLOSE, async {
+            let _ = self.socket.close(None).await;
+            while let Some(Ok(_)) = self.socket.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Resolves when `updates` has a report to send; never without updates.
+async fn report_queued(updates: Option<&Updater>) {
+    match updates {
+        Some(updater) => updater.report_queued().await,
+        None => std::future::pending().await,
     }
 }
 

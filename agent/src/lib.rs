@@ -18,6 +18,7 @@ mod control;
 mod resolve;
 pub mod stats;
 mod tunnel;
+pub mod update;
 
 use std::{
     sync::{atomic::Ordering, Arc, RwLock},
@@ -26,13 +27,20 @@ use std::{
 
 use common::{
     backoff::Backoff,
-    protocol::{CloseReason, Command, CommandOutput, Redirect, Rejection},
+    protocol::{CloseReason, Command, CommandOutput, Redirect, Rejection, FEATURE_UPDATE},
 };
 use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::{AgentConfig, RestartMode};
 pub use stats::Stats;
+
+/// The agent's version: the crate's, or the one a stamped build was given
+/// (`CAMERA_AGENT_VERSION` at build time, as `make firmware VERSION=…` sets it).
+pub const VERSION: &str = env!("CAMERA_AGENT_BUILD_VERSION");
+
+/// The Rust target triple the agent was built for; releases for others are refused.
+pub const TARGET: &str = env!("CAMERA_AGENT_TARGET");
 
 /// First backoff step after a failure; later steps double up to `network.reconnect_interval`.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
@@ -118,6 +126,20 @@ pub enum Exit {
     Restart,
 }
 
+/// Resolves when a trial that has not been confirmed runs out; never without one.
+async fn trial_over(trial: Option<(tokio::time::Instant, Duration)>, updater: &update::Updater) {
+    match trial {
+        Some((deadline, _)) => {
+            tokio::time::sleep_until(deadline).await;
+            if updater.trial().is_none() {
+                // Confirmed meanwhile.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// What the agent does with one command: its answer for the relay, and whether the
 /// session ends after the answer is sent.
 #[derive(Debug)]
@@ -138,12 +160,16 @@ pub struct Agent {
     reached: std::sync::Mutex<Option<usize>>,
     /// Where the relay sent this camera, for the next session to try first.
     redirect: std::sync::Mutex<Option<Redirect>>,
+    /// Over-the-air updates of this agent's binary.
+    updater: update::Updater,
 }
 
 impl Agent {
     /// An agent for `config`; nothing happens until [`Agent::run`].
     pub fn new(config: AgentConfig) -> Self {
+        let exe = std::env::current_exe().ok();
         Agent {
+            updater: update::Updater::new(config.update.clone(), exe),
             config: RwLock::new(Arc::new(config)),
             stats: Arc::new(Stats::default()),
             state: watch::Sender::new(AgentState::Connecting),
@@ -177,12 +203,31 @@ impl Agent {
         let tracker = TaskTracker::new();
         let mut exit = Exit::Stopped;
         let mut redirects = 0;
+        // A new agent on trial must come online by then, or the previous one comes back.
+        let trial = self
+            .updater
+            .trial()
+            .map(|within| (tokio::time::Instant::now() + within, within));
         loop {
             self.state.send_replace(AgentState::Connecting);
             let mut was_online = false;
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 ended = self.session(&tracker, &mut was_online) => ended,
+                () = trial_over(trial, &self.updater) => {
+                    let within = trial.map(|(_, within)| within).unwrap_or_default();
+                    let why = format!("the new agent was not online within {within:?} (update.trial_secs)");
+                    match self.updater.roll_back(&why) {
+                        Ok(()) => {
+                            exit = Exit::Restart;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::error!("cannot put the previous agent back: {e}; keeping this one");
+                            continue;
+                        }
+                    }
+                }
             };
             if was_online {
                 backoff.reset();
@@ -294,7 +339,13 @@ impl Agent {
         let handle = |command: Command| self.handle(command, config, quic_rtt());
         // Heartbeats flow while the data plane connects: finding that UDP is blocked
         // takes longer than the relay waits for a heartbeat.
-        let control_run = control.run(config.heartbeat_interval, &self.stats, &handle);
+        let updates = registration
+            .registered
+            .granted
+            .iter()
+            .any(|g| g.name == FEATURE_UPDATE)
+            .then_some(&self.updater);
+        let control_run = control.run(config.heartbeat_interval, &self.stats, &handle, updates);
         tokio::pin!(control_run);
         let data = tunnel::run(
             config,
@@ -302,7 +353,10 @@ impl Agent {
             &self.stats,
             tracker,
             &published,
-            || *was_online = true,
+            || {
+                *was_online = true;
+                self.updater.confirm();
+            },
         );
         tokio::select! {
             ended = &mut control_run => ended,

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs inside the IP camera: dials out to the relay and carries its RTSP sessions.
 #[derive(Parser, Debug)]
-#[command(name = "camera-agent", version)]
+#[command(name = "camera-agent", version = env!("CAMERA_AGENT_VERSION_LINE"))]
 struct Cli {
     /// Config file, in the JSON schema of the earlier camera agent.
     #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
@@ -48,7 +48,8 @@ async fn main() -> ExitCode {
     }
     tracing::info!(
         agent = %config.agent_id,
-        version = env!("CARGO_PKG_VERSION"),
+        version = agent::VERSION,
+        target = agent::TARGET,
         camera = %config.rtsp_target,
         "camera-agent starting"
     );

@@ -103,7 +103,62 @@ pub enum AgentMessage {
         /// What the agent did, or why it could not.
         result: Result<CommandOutput, String>,
     },
+    /// Asks for `len` bytes at `offset` of the release offered as `id`; answered by
+    /// [`RelayMessage::UpdateChunk`]. Sent only to relays that granted
+    /// [`FEATURE_UPDATE`].
+    UpdateFetch {
+        /// The offer's id.
+        id: u64,
+        /// Where in the binary.
+        offset: u64,
+        /// How many bytes, at most [`UPDATE_CHUNK`].
+        len: u32,
+    },
+    /// How an update goes on this camera. Sent only to relays that granted
+    /// [`FEATURE_UPDATE`].
+    UpdateReport {
+        /// The offer's id.
+        id: u64,
+        /// Where it stands.
+        progress: UpdateProgress,
+    },
 }
+
+/// Where an update stands on the camera.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateProgress {
+    /// The camera will not take the release; nothing changed on it.
+    Refused(String),
+    /// Downloading; `have` bytes are on the camera (more than 0 when resuming).
+    Downloading {
+        /// Bytes on the camera.
+        have: u64,
+    },
+    /// The download failed its check; it was deleted and nothing changed.
+    Failed(String),
+    /// Verified and installed beside the running agent; restarting into it now.
+    Installing,
+    /// The new agent runs and is online: the update is done.
+    Updated {
+        /// The version before.
+        from: String,
+        /// The version now.
+        to: String,
+    },
+    /// The new agent did not come up healthy; the previous one is back.
+    RolledBack {
+        /// The version tried.
+        from: String,
+        /// The version running again.
+        to: String,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+/// Largest [`AgentMessage::UpdateFetch`]: well inside [`MAX_CONTROL_MESSAGE`] with the
+/// chunk's framing.
+pub const UPDATE_CHUNK: u32 = 48 * 1024;
 
 /// The agent introduces itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,6 +212,16 @@ pub const FEATURE_PREFIX: &str = "+";
 /// The agent follows [`RelayMessage::Redirect`].
 pub const FEATURE_REDIRECT: &str = "+redirect";
 
+/// The agent takes over-the-air updates ([`RelayMessage::UpdateOffer`]); a relay that
+/// serves them grants it back (a [`GrantedService`] of that name), and only then does
+/// the agent send update messages.
+pub const FEATURE_UPDATE: &str = "+update";
+
+/// Prefix of the service entry naming the agent's target triple
+/// (`+target:armv7-unknown-linux-gnueabihf`), so that the relay offers only releases
+/// the camera can run.
+pub const FEATURE_TARGET_PREFIX: &str = "+target:";
+
 /// Counters the agent reports with every heartbeat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStats {
@@ -195,6 +260,31 @@ pub enum RelayMessage {
     /// session (this relay is draining). Sent only to agents that list
     /// [`FEATURE_REDIRECT`]; an earlier agent could not decode it.
     Redirect(Redirect),
+    /// Offers the agent a signed release to update to. Sent only to agents that list
+    /// [`FEATURE_UPDATE`].
+    UpdateOffer(UpdateOffer),
+    /// Bytes of an offered release, answering [`AgentMessage::UpdateFetch`]; fewer than
+    /// asked only at the end of the binary.
+    UpdateChunk {
+        /// The offer's id.
+        id: u64,
+        /// Where in the binary they start.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// A release offered to one camera.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateOffer {
+    /// Names this offer in the messages about it; the same for the same release to the
+    /// same camera, so that a download resumes after a dropped link.
+    pub id: u64,
+    /// The release and its signature.
+    pub release: crate::release::Release,
+    /// Install even if it is not newer than the running agent.
+    pub force: bool,
 }
 
 /// Where a relay sends an agent instead of serving it.

@@ -20,6 +20,7 @@ use crate::{
     metrics::{ClusterGauges, LiveAgent},
     peer,
     registry::{AgentSession, CommandError, Presence},
+    updates::api as updates,
     Shared,
 };
 
@@ -54,6 +55,24 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/tunnels/{id}/restart", post(restart_tunnel))
         .route("/relay/drain", get(drain_state).post(drain).delete(undrain))
         .route("/events", get(crate::events::sse::stream))
+        .route(
+            "/releases",
+            get(updates::releases)
+                .post(updates::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(updates::MAX_RELEASE)),
+        )
+        .route(
+            "/agents/{id}/update",
+            get(updates::agent_update).post(updates::update_agent),
+        )
+        .route(
+            "/updates",
+            get(updates::rollouts).post(updates::start_rollout),
+        )
+        .route(
+            "/updates/{id}",
+            get(updates::rollout).delete(updates::stop_rollout),
+        )
         .route_layer(middleware::from_fn_with_state(shared, require_operator))
 }
 
@@ -192,6 +211,19 @@ async fn forward_to_holder(
     .await
 }
 
+/// Forwards an operator's POST about camera `id` to the relay that holds it, if another
+/// relay of the cluster does; `None` if this relay is the one to answer.
+pub(crate) async fn forward_if_elsewhere(
+    shared: &Shared,
+    id: &str,
+    path: &str,
+    headers: &HeaderMap,
+    body: Option<Vec<u8>>,
+) -> Option<Result<Response, ApiError>> {
+    let holder = held_elsewhere(shared, id)?;
+    Some(forward_to_holder(shared, &holder, path, headers, body).await)
+}
+
 /// `GET /health`, open to all. In a cluster, `degraded` while the store is out of reach
 /// (cameras online keep streaming; new ones are refused).
 pub(crate) async fn health(State(shared): State<Arc<Shared>>) -> Json<Value> {
@@ -287,7 +319,7 @@ fn all_ids(shared: &Shared) -> Vec<String> {
     ids
 }
 
-fn known(shared: &Shared, id: &str) -> Result<(), ApiError> {
+pub(crate) fn known(shared: &Shared, id: &str) -> Result<(), ApiError> {
     let in_cluster = || {
         shared
             .registry
@@ -385,10 +417,10 @@ async fn control(
         .ok_or_else(|| bad("no \"command\" string in the body".into()))?;
     let command =
         Command::from_name(name).ok_or_else(|| bad(format!("unknown command {name:?}")))?;
-    if let Some(holder) = held_elsewhere(&shared, &id) {
-        let path = format!("/agents/{id}/control");
-        let body = serde_json::to_vec(&body).ok();
-        return forward_to_holder(&shared, &holder, &path, &headers, body).await;
+    let path = format!("/agents/{id}/control");
+    let forwarded = serde_json::to_vec(&body).ok();
+    if let Some(answer) = forward_if_elsewhere(&shared, &id, &path, &headers, forwarded).await {
+        return answer;
     }
     let session = online(&shared, &id)?;
     let sent = std::time::Instant::now();
@@ -540,9 +572,9 @@ async fn restart_tunnel(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(holder) = held_elsewhere(&shared, &id) {
-        let path = format!("/tunnels/{id}/restart");
-        return forward_to_holder(&shared, &holder, &path, &headers, None).await;
+    let path = format!("/tunnels/{id}/restart");
+    if let Some(answer) = forward_if_elsewhere(&shared, &id, &path, &headers, None).await {
+        return answer;
     }
     let session = online(&shared, &id)?;
     let Some(conn) = session.current_tunnel() else {

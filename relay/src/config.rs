@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{protocol::check_agent_id, OneOrMany, Secret};
+use common::{protocol::check_agent_id, release::PublicKey, OneOrMany, Secret};
 use serde::Deserialize;
 
 use crate::{
@@ -59,6 +59,31 @@ pub struct RelayConfig {
     pub event_history: usize,
     /// Where events are POSTed (`[[webhooks]]`).
     pub webhooks: Vec<WebhookConfig>,
+    /// Over-the-air agent updates (`[updates]`).
+    pub updates: UpdatesConfig,
+}
+
+/// `[updates]`: handing agent releases to cameras (docs/updates.md).
+#[derive(Debug, Clone)]
+pub struct UpdatesConfig {
+    /// Cameras fetching a release at once; more wait their turn.
+    pub max_transfers: usize,
+    /// Longest a camera may stay silent in the middle of an update before it counts
+    /// as failed.
+    pub camera_timeout: Duration,
+    /// If any, uploaded releases must be signed by one of these keys (the cameras
+    /// check their own keys anyway).
+    pub release_keys: Vec<PublicKey>,
+}
+
+impl Default for UpdatesConfig {
+    fn default() -> Self {
+        UpdatesConfig {
+            max_transfers: 8,
+            camera_timeout: Duration::from_secs(600),
+            release_keys: Vec::new(),
+        }
+    }
 }
 
 /// `[[webhooks]]`: a receiver of events (docs/events.md).
@@ -343,6 +368,61 @@ struct FileConfig {
     events: FileEvents,
     #[serde(default)]
     webhooks: Vec<FileWebhook>,
+    #[serde(default)]
+    updates: FileUpdates,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileUpdates {
+    max_transfers: Option<usize>,
+    camera_timeout_secs: Option<f64>,
+    #[serde(default)]
+    release_keys: Vec<PathBuf>,
+}
+
+impl FileUpdates {
+    fn resolve(self, origin: &str) -> Result<UpdatesConfig, ConfigError> {
+        let defaults = UpdatesConfig::default();
+        let max_transfers = match self.max_transfers {
+            Some(0) => {
+                return Err(invalid(
+                    origin,
+                    "updates.max_transfers",
+                    "must be at least 1",
+                ))
+            }
+            Some(n) => n,
+            None => defaults.max_transfers,
+        };
+        let camera_timeout = match self.camera_timeout_secs {
+            None => defaults.camera_timeout,
+            Some(s) if s.is_finite() && s > 0.0 && s < 1e6 => Duration::from_secs_f64(s),
+            Some(s) => {
+                return Err(invalid(
+                    origin,
+                    "updates.camera_timeout_secs",
+                    &format!("{s} is not a positive number of seconds"),
+                ))
+            }
+        };
+        let mut release_keys = Vec::new();
+        for (i, path) in self.release_keys.iter().enumerate() {
+            let field = format!("updates.release_keys[{i}]");
+            let text = std::fs::read(path)
+                .map_err(|e| invalid(origin, &field, &format!("{}: {e}", path.display())))?;
+            release_keys.push(
+                PublicKey::from_pem(&text).map_err(|why| {
+                    invalid(origin, &field, &format!("{}: {why}", path.display()))
+                })?,
+            );
+        }
+        Ok(UpdatesConfig {
+            max_transfers,
+            camera_timeout,
+            release_keys,
+        })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -838,6 +918,7 @@ impl RelayConfig {
             cluster: None,
             event_history: DEFAULT_HISTORY,
             webhooks: Vec::new(),
+            updates: UpdatesConfig::default(),
         })
     }
 
@@ -1131,6 +1212,7 @@ impl RelayConfig {
                 .enumerate()
                 .map(|(i, hook)| hook.resolve(origin, i))
                 .collect::<Result<_, _>>()?,
+            updates: file.updates.resolve(origin)?,
         })
     }
 }

@@ -15,8 +15,8 @@ use axum::{
 use common::protocol::{
     decode_control, encode_control, peek_register_version, AgentMessage, CloseReason,
     CommandOutput, GrantedService, Register, Registered, Rejection, RelayMessage,
-    CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX, FEATURE_REDIRECT, MAX_CONTROL_MESSAGE,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
+    CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX, FEATURE_REDIRECT, FEATURE_UPDATE,
+    MAX_CONTROL_MESSAGE, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use tokio::{sync::oneshot, time::Instant};
 use tracing::Instrument;
@@ -279,13 +279,8 @@ async fn serve(
                     stream_paths: register.camera.stream_paths.clone(),
                 },
             );
-            run_session(
-                &mut socket,
-                &session,
-                limits.missed_heartbeats,
-                shared.registry.metrics(),
-            )
-            .await
+            shared.updates.online();
+            run_session(&mut socket, &session, &shared).await
         }
         Err(why) => End::Lost(why),
     };
@@ -312,20 +307,29 @@ async fn serve(
             online_secs: session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
         },
     );
+    shared.updates.offline(&session);
     shared.registry.remove(&session).await;
     let _ = tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Close(None))).await;
 }
 
 /// The answer to a registration; `quic_port` is the camera's data-plane shard's.
 fn registered(shared: &Shared, session: &AgentSession, quic_port: u16) -> RelayMessage {
+    let mut granted = vec![GrantedService {
+        name: SERVICE_RTSP.into(),
+        port: session.port,
+    }];
+    if session.takes_updates {
+        // After the camera port: earlier agents read the first entry only.
+        granted.push(GrantedService {
+            name: FEATURE_UPDATE.into(),
+            port: 0,
+        });
+    }
     RelayMessage::Registered(Registered {
         session_key: session.session_key(),
         quic_port,
         cert_sha256: shared.cert_sha256,
-        granted: vec![GrantedService {
-            name: SERVICE_RTSP.into(),
-            port: session.port,
-        }],
+        granted,
     })
 }
 
@@ -372,13 +376,10 @@ impl End {
     }
 }
 
-async fn run_session(
-    socket: &mut WebSocket,
-    session: &AgentSession,
-    missed_heartbeats: u32,
-    metrics: &crate::metrics::Metrics,
-) -> End {
-    let timeout = session.heartbeat_interval * missed_heartbeats;
+async fn run_session(socket: &mut WebSocket, session: &AgentSession, shared: &Shared) -> End {
+    let metrics = shared.registry.metrics();
+    let timeout = session.heartbeat_interval * shared.limits.missed_heartbeats;
+    let mut offers = session.offers();
     let mut deadline = Instant::now() + timeout;
     let Some(mut inbox) = session.take_command_inbox() else {
         return End::Violation("the session's control loop ran twice".into());
@@ -394,6 +395,16 @@ async fn run_session(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return End::Closed(CloseReason::HeartbeatTimeout(timeout.as_secs()));
+            }
+            Ok(()) = offers.changed() => {
+                let offer = offers.borrow_and_update().clone();
+                if let Some(offer) = offer {
+                    tracing::info!(id = offer.id, release = %offer.release.describe(), "update offered to the agent");
+                    if let Err(why) = send(socket, &RelayMessage::UpdateOffer(offer)).await {
+                        return End::Lost(why);
+                    }
+                }
+                continue;
             }
             Some(request) = inbox.recv() => {
                 let id = next_id;
@@ -418,6 +429,8 @@ async fn run_session(
             Ok(AgentMessage::Heartbeat(_)) => "heartbeat",
             Ok(AgentMessage::CommandResult { .. }) => "command_result",
             Ok(AgentMessage::Register(_)) => "register",
+            Ok(AgentMessage::UpdateFetch { .. }) => "update_fetch",
+            Ok(AgentMessage::UpdateReport { .. }) => "update_report",
             Err(_) => "undecodable",
         };
         metrics
@@ -439,6 +452,23 @@ async fn run_session(
                 }
                 None => tracing::debug!(id, "result for a command nobody waits for"),
             },
+            Ok(AgentMessage::UpdateFetch { id, offset, len }) => {
+                // Nothing (an empty chunk) for an update no longer offered: the agent
+                // stops and resumes when it is offered again.
+                let data = shared
+                    .updates
+                    .fetch(&session.id, id, offset, len)
+                    .unwrap_or_default();
+                if let Err(why) =
+                    send(socket, &RelayMessage::UpdateChunk { id, offset, data }).await
+                {
+                    return End::Lost(why);
+                }
+            }
+            Ok(AgentMessage::UpdateReport { id, progress }) => {
+                tracing::info!(id, ?progress, "update report");
+                shared.updates.report(&session.id, id, progress);
+            }
             Ok(AgentMessage::Register(_)) => return End::Violation("Register sent twice".into()),
             Err(e) => return End::Violation(format!("undecodable control message: {e}")),
         }

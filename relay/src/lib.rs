@@ -30,6 +30,7 @@ pub mod registry;
 mod rtsp;
 mod shard;
 mod throttle;
+mod updates;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     shards: shard::Shards,
     /// In a cluster: sending cameras to other relays (balance, drain).
     balance: Option<Arc<balance::Balance>>,
+    /// Over-the-air agent updates.
+    updates: Arc<updates::Updates>,
     cert_sha256: [u8; 32],
     /// Every task the relay spawns, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -183,6 +186,16 @@ impl Relay {
             hooks,
             metrics.clone(),
         ));
+        let releases = updates::releases::Releases::load(
+            config.state_dir.as_deref(),
+            config.updates.release_keys.clone(),
+        )?;
+        let updates = Arc::new(updates::Updates::new(
+            releases,
+            config.updates,
+            events.clone(),
+            metrics.clone(),
+        ));
         let registry = Arc::new(Registry::new(config.auth, ports, store, metrics, events));
         let balance = match (&config.cluster, registry.store().cluster()) {
             (Some(cluster), Some(store)) => Some(Arc::new(balance::Balance::new(
@@ -238,6 +251,7 @@ impl Relay {
                 api: config.api,
                 shards,
                 balance,
+                updates,
                 cert_sha256,
                 tracker,
                 shutdown,
@@ -306,6 +320,12 @@ impl Relay {
                 }
             });
         }
+        shared.tracker.spawn(
+            shared
+                .updates
+                .clone()
+                .run(shared.registry.clone(), root.clone()),
+        );
         for shard in shared.shards.all() {
             shard.handle.spawn(shared.tracker.track_future(data::serve(
                 shard.endpoint.clone(),

@@ -49,6 +49,11 @@ pub struct Metrics {
     pub webhook_events_total: IntCounterVec,
     /// Events waiting in each webhook's queue.
     pub webhook_queue: IntGaugeVec,
+    /// Camera updates that ended, by how (`updated`, `refused`, `failed`,
+    /// `rolled_back`, `skipped`).
+    pub updates_total: IntCounterVec,
+    /// Cameras fetching a release now.
+    pub update_transfers: IntGauge,
 }
 
 /// What the relay knows of an online agent at scrape time; its series exist only
@@ -260,6 +265,24 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new("webhook_queue", "Events waiting for each webhook."),
                     &["webhook"],
+                )?,
+            )?,
+            updates_total: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "updates_total",
+                        "Over-the-air camera updates that ended, by result: updated, refused, \
+                         failed, rolled_back, skipped.",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            update_transfers: registered(
+                &registry,
+                IntGauge::new(
+                    "update_transfers",
+                    "Cameras fetching a release now (at most updates.max_transfers).",
                 )?,
             )?,
             registry,

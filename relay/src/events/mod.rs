@@ -33,6 +33,7 @@ pub const TYPES: &[&str] = &[
     "watcher.ended",
     "watcher.stalled",
     "watcher.resumed",
+    "update.progress",
 ];
 
 /// What happened; the `data` of an event (docs/events.md).
@@ -98,6 +99,18 @@ pub(crate) enum EventKind {
     /// Media came back after a stall.
     #[serde(rename = "watcher.resumed")]
     Resumed { connection_id: u64, gap_secs: f64 },
+    /// An over-the-air update of the camera's agent moved on.
+    #[serde(rename = "update.progress")]
+    UpdateProgress {
+        release: String,
+        /// `waiting`, `offered`, `downloading`, `installing`, `updated`, `refused`,
+        /// `failed`, `rolled_back`, `skipped`.
+        state: &'static str,
+        detail: Option<String>,
+        bytes: u64,
+        size: u64,
+        rollout: Option<u64>,
+    },
 }
 
 /// A Watcher connection's place in the events, for the proxy that sees its stalls.
@@ -205,6 +218,7 @@ impl EventKind {
             EventKind::WatcherEnded { .. } => "watcher.ended",
             EventKind::Stalled { .. } => "watcher.stalled",
             EventKind::Resumed { .. } => "watcher.resumed",
+            EventKind::UpdateProgress { .. } => "update.progress",
         }
     }
 }
@@ -220,7 +234,7 @@ impl TypeFilter {
         for pattern in &filter.0 {
             if !TYPES.iter().any(|t| matches(pattern, t)) {
                 return Err(format!(
-                    "{pattern:?} is no event type; types: {} (or `camera.*`, `watcher.*`, `*`)",
+                    "{pattern:?} is no event type; types: {} (or `camera.*`, `watcher.*`, `update.*`, `*`)",
                     TYPES.join(", ")
                 ));
             }

@@ -11,7 +11,7 @@ use common::{
     mux::Opener,
     protocol::{
         AgentStats, CameraInfo, CloseReason, Command, CommandOutput, Redirect, Register,
-        FEATURE_REDIRECT, SESSION_KEY_LEN,
+        UpdateOffer, FEATURE_REDIRECT, FEATURE_TARGET_PREFIX, FEATURE_UPDATE, SESSION_KEY_LEN,
     },
     secret::constant_time_eq,
 };
@@ -87,6 +87,12 @@ pub struct AgentSession {
     pub certified: bool,
     /// The agent follows a [`Redirect`] (it listed the feature when registering).
     pub follows_redirects: bool,
+    /// The agent takes over-the-air updates (it listed [`FEATURE_UPDATE`]).
+    pub takes_updates: bool,
+    /// The Rust target triple the agent runs on, if it said.
+    pub target: Option<String>,
+    /// The update offered to the agent in this session, for its control loop to send.
+    offer: watch::Sender<Option<UpdateOffer>>,
     /// Where the session was sent when it was ended, for the control loop to tell the
     /// agent.
     moved_to: Mutex<Option<Redirect>>,
@@ -143,6 +149,14 @@ impl AgentSession {
             camera: new.reg.camera.clone(),
             agent_version: new.reg.agent_version.clone(),
             follows_redirects: new.reg.services.iter().any(|s| s.name == FEATURE_REDIRECT),
+            takes_updates: new.reg.services.iter().any(|s| s.name == FEATURE_UPDATE),
+            target: new
+                .reg
+                .services
+                .iter()
+                .find_map(|s| s.name.strip_prefix(FEATURE_TARGET_PREFIX))
+                .map(String::from),
+            offer: watch::Sender::new(None),
             moved_to: Mutex::new(None),
             port: new.port,
             registered_at: SystemTime::now(),
@@ -282,6 +296,16 @@ impl AgentSession {
     /// Follows the media health of the camera's finished Watcher sessions.
     pub fn media(&self) -> watch::Receiver<Option<MediaStats>> {
         self.media.subscribe()
+    }
+
+    /// Offers the agent an update (its control loop sends it).
+    pub(crate) fn offer_update(&self, offer: UpdateOffer) {
+        self.offer.send_replace(Some(offer));
+    }
+
+    /// Follows the update offered to the agent.
+    pub(crate) fn offers(&self) -> watch::Receiver<Option<UpdateOffer>> {
+        self.offer.subscribe()
     }
 
     /// Sends `command` to the agent and waits up to `wait` for its result.
