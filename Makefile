@@ -19,9 +19,12 @@ demo: build
 
 ## Every test: unit, byte-exact echo, real RTSP end to end, reconnects, bad input, and
 ## the camera package on an emulated ARM camera. The e2e tests start the real binaries
-## and the package, so they are built first.
+## and the package, so they are built first; the update tests also take the camera a
+## build of the next version.
+NEXT_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1 | awk -F. '{ printf "%s.%s.%d", $$1, $$2, $$3 + 1 }')
 test: build
 	@CAMERA=dahua-2449s-il ./scripts/firmware.sh
+	@CAMERA=dahua-2449s-il VERSION=$(NEXT_VERSION) ./scripts/firmware.sh
 	@CAMERA=generic-aarch64 ./scripts/firmware.sh
 	$(CARGO) test --workspace --locked
 

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # make firmware CAMERA=<model> [RELAY_URL=… AGENT_ID=… TOKEN=… CA=… AGENT_CERT=… AGENT_KEY=… FALLBACK_DNS=…]
+#               [VERSION=… RELEASE_PUB=… RELEASE_KEY=…]
 # Builds the static, size-optimised camera-agent for the camera's profile
 # (firmware/cameras/<model>.toml) and packs firmware/dist/<model>/<model>_firmware.tar.gz.
+# VERSION stamps another version into the agent (packed under
+# firmware/dist/<model>-<VERSION>/); RELEASE_PUB puts the release key cameras trust for
+# over-the-air updates into the package; RELEASE_KEY signs the binary for them
+# (camera-agent.sig beside it, for POST /releases). docs/updates.md.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -28,19 +33,33 @@ PY
 target=$P_rust_target
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 dist="firmware/dist/$P_name"
+if [ -n "${VERSION:-}" ]; then
+  version=$VERSION
+  dist="firmware/dist/$P_name-$VERSION"
+fi
 stage="$dist/${P_name}_firmware"
 
+# The host's cargo (the cross toolchain brings its own) runs `certs sign`.
+host_cargo=$(command -v cargo || true)
 echo "1/4 cross toolchain for $target (scripts/cross-toolchain.sh)"
 eval "$(scripts/cross-toolchain.sh "$target")"
 
 echo "2/4 building camera-agent for $target (profile firmware: opt-level z, LTO, panic=abort, stripped, static)"
-"$CARGO" build --locked --profile firmware -p agent --bin camera-agent --target "$target"
+CAMERA_AGENT_VERSION=${VERSION:-} \
+  "$CARGO" build --locked --profile firmware -p agent --bin camera-agent --target "$target"
 binary="target/$target/firmware/camera-agent"
 
 echo "3/4 packing $stage"
 rm -rf "$stage"
 mkdir -p "$stage"
 cp "$binary" "$stage/camera-agent"
+if [ -n "${RELEASE_PUB:-}" ]; then
+  cp "$RELEASE_PUB" "$stage/release.pub"
+fi
+if [ -n "${RELEASE_KEY:-}" ]; then
+  env -u RUSTC -u CARGO "${host_cargo:-$CARGO}" run --quiet --locked -p certs -- sign "$stage/camera-agent" --key "$RELEASE_KEY" \
+    --target "$target" --version "$version" --force
+fi
 for pair in "CA:ca.crt" "AGENT_CERT:agent.crt" "AGENT_KEY:agent.key"; do
   var=${pair%%:*}
   file=${pair#*:}
@@ -73,12 +92,12 @@ if fallback:
 json.dump(config, open(sys.argv[2], "w"), indent=2)
 PY
 chmod 600 "$stage/config.json"
-for file in install.sh uninstall.sh INSTALL.md; do
+for file in install.sh uninstall.sh update-check.sh INSTALL.md; do
   sed -e "s|@PREFIX@|$P_install_prefix|g" -e "s|@CAMERA@|$P_name|g" \
       -e "s|@VERSION@|$version|g" -e "s|@TARGET@|$target|g" \
       -e "s|@DESCRIPTION@|$P_description|g" "firmware/package/$file" > "$stage/$file"
 done
-chmod 755 "$stage/install.sh" "$stage/uninstall.sh"
+chmod 755 "$stage/install.sh" "$stage/uninstall.sh" "$stage/update-check.sh"
 echo "$version ($(git rev-parse --short HEAD 2>/dev/null || echo unknown)) $target" > "$stage/VERSION"
 (cd "$stage" && sha256sum -- * | grep -v ' SHA256SUMS$' > SHA256SUMS)
 

@@ -563,7 +563,7 @@ fn update_policy(
     }
     let trial = match raw.trial_secs {
         None => DEFAULT_TRIAL,
-        Some(s) if s.is_finite() && s >= 1.0 && s < 1e6 => Duration::from_secs_f64(s),
+        Some(s) if (1.0..1e6).contains(&s) => Duration::from_secs_f64(s),
         Some(s) => {
             return Err(field_error(
                 "update.trial_secs",

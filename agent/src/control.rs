@@ -22,7 +22,7 @@ use crate::{
     config::{AgentConfig, RelayUrl},
     resolve::resolve,
     stats::Stats,
-    update::{Outgoing, Updater},
+    update::{Chunks, Outgoing, Updater},
     Handled, SessionError,
 };
 
@@ -300,7 +300,7 @@ impl ControlLink {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The download under way in this session: its offer id and where its chunks go.
-        let mut download: Option<(u64, mpsc::Sender<(u64, Vec<u8>)>)> = None;
+        let mut download: Option<(u64, Chunks)> = None;
         let (outbox_tx, mut outbox) = mpsc::channel::<Outgoing>(8);
         if let Some(updater) = updates {
             if let Err(e) = self.send_reports(updater).await {

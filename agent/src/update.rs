@@ -51,6 +51,9 @@ const TRIAL: &str = "update.trial";
 const BOOTS: &str = "update.boots";
 const ROLLED_BACK: &str = "update.rolledback";
 
+/// Where a download's chunks go: `(offset, bytes)`.
+pub(crate) type Chunks = mpsc::Sender<(u64, Vec<u8>)>;
+
 /// What the download task asks of the control loop.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
@@ -268,11 +271,7 @@ impl Updater {
 
     /// Starts taking `offer` in the background: chunks arrive through the returned
     /// sender, messages for the relay leave through `out`.
-    pub(crate) fn start(
-        &self,
-        offer: UpdateOffer,
-        out: mpsc::Sender<Outgoing>,
-    ) -> mpsc::Sender<(u64, Vec<u8>)> {
+    pub(crate) fn start(&self, offer: UpdateOffer, out: mpsc::Sender<Outgoing>) -> Chunks {
         let (chunks_tx, chunks) = mpsc::channel(WINDOW as usize + 1);
         let checked = self.check(&offer);
         let exe = self.exe.clone();

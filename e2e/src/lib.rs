@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod arm;
 mod etcd;
 mod fleet;
 pub mod netns;
@@ -509,6 +510,14 @@ impl Child {
         Ok(())
     }
 
+    /// Sends signal `name` (`-STOP`, `-CONT`…) with kill(1).
+    pub async fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.pid().context("the process has exited")?.to_string();
+        let status = Command::new("kill").args([name, &pid]).status().await?;
+        anyhow::ensure!(status.success(), "kill {name} {pid} failed");
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         if let Some(pid) = self.child.id() {
@@ -689,6 +698,26 @@ pub async fn gst_decode(
         );
     }
     Ok(())
+}
+
+/// ffmpeg playing `url` over RTSP/TCP for up to `secs`, reporting its progress
+/// (`frame=N` lines; see [`frames_decoded`]).
+pub fn ffmpeg_playing(url: &str, secs: u32) -> anyhow::Result<Child> {
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-nostdin", "-nostats", "-progress", "pipe:1"])
+        .args(["-rtsp_transport", "tcp", "-i", url])
+        .args(["-t", &secs.to_string(), "-f", "null", "-"]);
+    Child::spawn("ffmpeg", cmd)
+}
+
+/// The last frame count an [`ffmpeg_playing`] reported.
+pub fn frames_decoded(ffmpeg: &Child) -> u64 {
+    ffmpeg
+        .output()
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("frame=").and_then(|n| n.trim().parse().ok()))
+        .unwrap_or(0)
 }
 
 /// An HTTP response, as curl got it.

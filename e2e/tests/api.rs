@@ -450,6 +450,130 @@ async fn responses_match_the_openapi_document() {
     ] {
         record("GET", template, api.call("GET", path, None).await);
     }
+    // Releases and updates. This agent trusts no release key: it refuses every update
+    // (it runs inside this test binary, which must not be replaced).
+    record("GET", "/releases", api.call("GET", "/releases", None).await);
+    let keys = dir.path().join("keys");
+    e2e::certs(&["release-key", "--out", keys.to_str().unwrap()])
+        .await
+        .unwrap();
+    let binary = dir.path().join("camera-agent");
+    std::fs::write(&binary, b"\x7fELF a pretend agent").unwrap();
+    let sign = |version: &'static str, target: &'static str| {
+        let (keys, binary) = (keys.clone(), binary.clone());
+        async move {
+            let sig = binary.with_extension(format!("{version}.sig"));
+            e2e::certs(&[
+                "sign",
+                binary.to_str().unwrap(),
+                "--key",
+                keys.join("release.key").to_str().unwrap(),
+                "--target",
+                target,
+                "--version",
+                version,
+                "--out",
+                sig.to_str().unwrap(),
+            ])
+            .await
+            .unwrap();
+            serde_json::from_slice::<Value>(&std::fs::read(sig).unwrap())
+                .unwrap()
+                .to_string()
+        }
+    };
+    let host = agent::TARGET;
+    let release = sign("9.0.0", host).await;
+    record("POST", "/releases", upload(&api, &binary, None).await);
+    let kept = upload(&api, &binary, Some(&release)).await;
+    assert_eq!(kept.status, 201, "{}", kept.body);
+    record("POST", "/releases", kept);
+    let other_cpu = sign("9.0.1", "mips-unknown-linux-musl").await;
+    record(
+        "POST",
+        "/releases",
+        upload(&api, &binary, Some(&other_cpu)).await,
+    );
+    std::fs::write(&binary, b"\x7fELF another pretend agent").unwrap();
+    let replaced = upload(&api, &binary, Some(&release)).await;
+    assert_eq!(
+        replaced.status, 422,
+        "not the binary signed: {}",
+        replaced.body
+    );
+    record("POST", "/releases", replaced);
+    record("GET", "/releases", api.call("GET", "/releases", None).await);
+    let update = "/agents/{id}/update";
+    let release_id = format!("9.0.0-{host}");
+    let body = |release: &str| format!(r#"{{"release": "{release}"}}"#);
+    for (id, release) in [
+        ("cam-1", "9.0.1-mips-unknown-linux-musl"),
+        ("cam-1", "no-such-release"),
+        ("nobody", release_id.as_str()),
+        ("cam-1", release_id.as_str()),
+    ] {
+        let path = format!("/agents/{id}/update");
+        record(
+            "POST",
+            update,
+            api.call("POST", &path, Some(&body(release))).await,
+        );
+    }
+    record(
+        "POST",
+        update,
+        api.call("POST", "/agents/cam-1/update", Some("{}")).await,
+    );
+    let refused = api
+        .until("/agents/cam-1/update", |j| j["state"] == "refused")
+        .await;
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("trusts no release key"),
+        "{refused}"
+    );
+    record(
+        "GET",
+        update,
+        api.call("GET", "/agents/cam-1/update", None).await,
+    );
+    record(
+        "GET",
+        update,
+        api.call("GET", "/agents/cam-off/update", None).await,
+    );
+    let rollout = format!(r#"{{"release": "{release_id}", "agents": ["cam-*"], "batch": 2}}"#);
+    let started = api.call("POST", "/updates", Some(&rollout)).await;
+    assert_eq!(started.status, 201, "{}", started.body);
+    let rollout_id = started.json().unwrap()["id"].as_u64().unwrap();
+    record("POST", "/updates", started);
+    let nobody = format!(r#"{{"release": "{release_id}", "agents": ["zzz-*"]}}"#);
+    record(
+        "POST",
+        "/updates",
+        api.call("POST", "/updates", Some(&nobody)).await,
+    );
+    record("GET", "/updates", api.call("GET", "/updates", None).await);
+    let one = format!("/updates/{rollout_id}");
+    record("GET", "/updates/{id}", api.call("GET", &one, None).await);
+    record(
+        "GET",
+        "/updates/{id}",
+        api.call("GET", "/updates/999", None).await,
+    );
+    record(
+        "DELETE",
+        "/updates/{id}",
+        api.call("DELETE", &one, None).await,
+    );
+    record(
+        "DELETE",
+        "/updates/{id}",
+        api.call("DELETE", "/updates/999", None).await,
+    );
+
     let control = "/agents/{id}/control";
     for (id, command) in [
         ("cam-1", "ping"),
@@ -501,6 +625,31 @@ async fn responses_match_the_openapi_document() {
 
     e2e::check_openapi(&samples).await.unwrap();
     api.relay.stop().await.unwrap();
+}
+
+/// `POST /releases` of `binary` with `signature` in its header, through curl.
+async fn upload(api: &Api, binary: &std::path::Path, signature: Option<&str>) -> HttpReply {
+    const STATUS: &str = "\n--status ";
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["--silent", "--oauth2-bearer", ADMIN])
+        .args(["--write-out", &format!("{STATUS}%{{http_code}}")])
+        .args(["-H", "Content-Type: application/octet-stream"])
+        .arg("--data-binary")
+        .arg(format!("@{}", binary.display()));
+    if let Some(signature) = signature {
+        cmd.args(["-H", &format!("X-Release-Signature: {signature}")]);
+    }
+    let output = cmd
+        .arg(format!("http://{}/releases", api.relay.control))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (body, status) = text.rsplit_once(STATUS).unwrap();
+    HttpReply {
+        status: status.trim().parse().unwrap(),
+        body: body.to_string(),
+    }
 }
 
 /// The status and head of `GET /events`, which streams on (e2e/tests/events.rs reads

@@ -214,16 +214,6 @@ fn sse_events(client: &Child) -> Vec<(Option<u64>, Value)> {
     out
 }
 
-async fn signal(process: &Child, name: &str) {
-    let pid = process.pid().expect("running").to_string();
-    let status = Command::new("kill")
-        .args([name, &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-}
-
 async fn relay_metrics(relay: &RelayProcess) -> String {
     let url = format!("http://{}:{}/metrics", relay.host, relay.port);
     http(&Place::host(), "GET", &url, Some(ADMIN), None)
@@ -309,23 +299,11 @@ retry_max_secs = 0.5
     ok.wait_for("watcher.ended").await;
 
     // A Watcher plays while the camera goes silent for longer than stall_secs.
-    let mut ffmpeg_cmd = Command::new("ffmpeg");
-    ffmpeg_cmd
-        .args([
-            "-nostdin",
-            "-nostats",
-            "-progress",
-            "pipe:1",
-            "-rtsp_transport",
-            "tcp",
-        ])
-        .args(["-i", &rtsp_url(camera_port, PATH)])
-        .args(["-t", "30", "-f", "null", "-"]);
-    let mut ffmpeg = Child::spawn("ffmpeg", ffmpeg_cmd).unwrap();
+    let mut ffmpeg = e2e::ffmpeg_playing(&rtsp_url(camera_port, PATH), 30).unwrap();
     ffmpeg.wait_for_line("frame=").await.unwrap();
-    signal(&camera.process, "-STOP").await;
+    camera.process.signal("-STOP").await.unwrap();
     ok.wait_for("watcher.stalled").await;
-    signal(&camera.process, "-CONT").await;
+    camera.process.signal("-CONT").await.unwrap();
     ok.wait_for("watcher.resumed").await;
     ffmpeg.kill().await.unwrap();
     wait_until("the second watcher.ended", || {

@@ -12,13 +12,12 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot go on should panic
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command as StdCommand,
-};
+use std::{path::Path, process::Command as StdCommand};
 
 use e2e::{
-    agent_config_json, ffprobe, free_ports,
+    agent_config_json,
+    arm::{self, camera_root},
+    ffprobe, free_ports,
     netns::{camera_ip, lan_gateway, RELAY_IP},
     rtsp_url, CameraSim, Child, Lab, RelayProcess, SUB_STREAM,
 };
@@ -26,28 +25,14 @@ use e2e::{
 const CAMERA: &str = "dahua-2449s-il";
 const PREFIX: &str = "/mnt/mtd/camera_agent";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// Runs a command to completion and fails with its output if it fails.
 fn run(cmd: &mut StdCommand) -> String {
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed: {text}");
-    text
+    arm::run(cmd).unwrap()
 }
 
 /// `sh <script> <args>` inside the ARM root, through qemu.
 fn arm_sh(root: &Path, script: &str, args: &[&str]) -> String {
-    run(StdCommand::new("chroot")
-        .arg(root)
-        .args(["/usr/bin/qemu-arm-static", "/bin/sh", script])
-        .args(args))
+    arm::arm_sh(root, script, args).unwrap()
 }
 
 /// Every path under `root`, sorted.
@@ -71,74 +56,17 @@ async fn carries_a_stream(mut agent: Child, port: u16) {
     agent.kill().await.unwrap();
 }
 
-/// Debian's busybox for armhf, fetched by `make firmware CAMERA=dahua-2449s-il`.
-fn busybox() -> PathBuf {
-    let busybox = repo().join("firmware/.toolchain/busybox-static_armhf.deb");
-    assert!(
-        busybox.is_file(),
-        "{} missing: run `make firmware CAMERA={CAMERA}` (make test does)",
-        busybox.display()
-    );
-    busybox
-}
-
-/// A minimal camera root under `dir`: busybox and its applets, the device nodes every
-/// camera has (randomness for TLS, QUIC and backoff jitter), qemu to run ARM programs.
-fn camera_root(dir: &Path) -> PathBuf {
-    let busybox = busybox();
-    let root = dir.join("root");
-    run(StdCommand::new("dpkg").arg("-x").arg(&busybox).arg(&root));
-    for sub in ["usr/bin", "tmp", "dev", "etc"] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    for (node, minor) in [("null", "3"), ("random", "8"), ("urandom", "9")] {
-        let path = root.join("dev").join(node);
-        run(StdCommand::new("mknod").arg(&path).args(["c", "1", minor]));
-        run(StdCommand::new("chmod").arg("666").arg(&path));
-    }
-    std::fs::copy(
-        "/usr/bin/qemu-arm-static",
-        root.join("usr/bin/qemu-arm-static"),
-    )
-    .unwrap();
-    run(StdCommand::new("chroot").arg(&root).args([
-        "/usr/bin/qemu-arm-static",
-        "/bin/busybox",
-        "--install",
-        "-s",
-        "/bin",
-    ]));
-    root
-}
-
-/// Unpacks `camera`'s package (built by `make firmware`) into `dir`; returns the
-/// unpacked directory.
-fn unpack_package(camera: &str, dir: &Path) -> PathBuf {
-    let package = repo().join(format!("firmware/dist/{camera}/{camera}_firmware.tar.gz"));
-    assert!(
-        package.is_file(),
-        "{} missing: run `make firmware CAMERA={camera}` (make test does)",
-        package.display()
-    );
-    run(StdCommand::new("tar")
-        .arg("xzf")
-        .arg(&package)
-        .arg("-C")
-        .arg(dir));
-    dir.join(format!("{camera}_firmware"))
-}
-
 /// [`unpack_package`] of this camera into the root's /tmp; returns where, as the
 /// camera sees it.
 fn unpack_into_root(root: &Path) -> String {
-    unpack_package(CAMERA, &root.join("tmp"));
+    arm::unpack_package(CAMERA, CAMERA, &root.join("tmp")).unwrap();
     format!("/tmp/{CAMERA}_firmware")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera() {
     let dir = tempfile::tempdir().unwrap();
-    let root = camera_root(dir.path());
+    let root = camera_root(dir.path()).unwrap();
     let before = tree(&root);
 
     // Install from the unpacked package, as over SSH (not started: no init here).
@@ -191,7 +119,7 @@ async fn the_package_installs_tunnels_video_and_uninstalls_on_an_emulated_camera
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_static_agent_finds_the_relay_by_name_on_an_emulated_camera() {
     let dir = tempfile::tempdir().unwrap();
-    let root = camera_root(dir.path());
+    let root = camera_root(dir.path()).unwrap();
     let agent_bin = format!("{}/camera-agent", unpack_into_root(&root));
     let lab = Lab::new(1).unwrap();
     let relay = RelayProcess::start_in(&lab.relay(), RELAY_IP, 8080, 8554, "fw-token", &[])
@@ -293,7 +221,7 @@ async fn the_static_agent_finds_the_relay_by_name_on_an_emulated_camera() {
 async fn the_aarch64_package_tunnels_video_under_emulation() {
     const NEWER: &str = "generic-aarch64";
     let dir = tempfile::tempdir().unwrap();
-    let unpacked = unpack_package(NEWER, dir.path());
+    let unpacked = arm::unpack_package(NEWER, NEWER, dir.path()).unwrap();
     let described = run(StdCommand::new("file").arg(unpacked.join("camera-agent")));
     assert!(
         described.contains("ARM aarch64") && described.contains("statically linked"),

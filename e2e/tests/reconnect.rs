@@ -22,16 +22,6 @@ async fn wait_port_closed(port: u16) {
         });
 }
 
-async fn signal(process: &e2e::Child, name: &str) {
-    let pid = process.pid().expect("running").to_string();
-    let status = tokio::process::Command::new("kill")
-        .args([name, &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-}
-
 async fn rig() -> ProcessRig {
     ProcessRig::start(&[], "cam").await.unwrap()
 }
@@ -65,7 +55,7 @@ async fn a_dead_agent_frees_its_port_and_a_new_agent_with_its_id_takes_it() {
 
     // Silently dead: the TCP connection stays up, heartbeats stop (interval 1 s).
     let mut first = AgentProcess::start("agent-1", &rig.config).await.unwrap();
-    signal(&first.process, "-STOP").await;
+    first.process.signal("-STOP").await.unwrap();
     rig.relay
         .process
         .wait_for_line("the relay heard no heartbeat in 3 s")

@@ -43,8 +43,16 @@ for file in ca.crt agent.crt agent.key; do
     chmod 600 "$PREFIX/$file"
   fi
 done
-cp "$here/uninstall.sh" "$PREFIX/uninstall.sh"
-chmod 755 "$PREFIX/uninstall.sh"
+# The release key(s) the agent trusts for over-the-air updates (public: replaced by a
+# newer package's), and the check the supervisor runs before every start.
+if [ -f "$here/release.pub" ]; then
+  cp "$here/release.pub" "$PREFIX/release.pub"
+  chmod 644 "$PREFIX/release.pub"
+fi
+for file in uninstall.sh update-check.sh; do
+  cp "$here/$file" "$PREFIX/$file"
+  chmod 755 "$PREFIX/$file"
+done
 
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   printf '%s\n' \
@@ -52,8 +60,11 @@ if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     'Description=Camera tunnel agent' \
     'After=network-online.target' \
     'Wants=network-online.target' \
+    '# Never give up: a failing update is rolled back by update-check.sh on a later start.' \
+    'StartLimitIntervalSec=0' \
     '' \
     '[Service]' \
+    "ExecStartPre=/bin/sh $PREFIX/update-check.sh $PREFIX" \
     "ExecStart=$PREFIX/$NAME --config $PREFIX/config.json" \
     'Restart=always' \
     'RestartSec=2' \
@@ -69,10 +80,14 @@ else
   # init script starts and stops the supervisor.
   printf '%s\n' \
     '#!/bin/sh' \
-    '# Keeps camera-agent running; restarts it 2 s after any exit.' \
+    '# Keeps camera-agent running; restarts it 2 s after any exit. Before each start,' \
+    '# update-check.sh puts the previous agent back if an update keeps failing to start.' \
     "echo \$\$ > \"$PREFIX/supervise.pid\"" \
+    '# Outlives the shell that started it (no nohup: not every busybox has it).' \
+    "trap '' HUP" \
     "trap 'kill \$child 2>/dev/null; rm -f \"$PREFIX/supervise.pid\"; exit 0' TERM INT" \
     'while :; do' \
+    "  /bin/sh \"$PREFIX/update-check.sh\" \"$PREFIX\"" \
     "  \"$PREFIX/$NAME\" --config \"$PREFIX/config.json\" &" \
     '  child=$!' \
     '  wait $child || true' \
@@ -87,7 +102,7 @@ else
     'case "$1" in' \
     '  start)' \
     "    if [ -f \"$PREFIX/supervise.pid\" ] && kill -0 \"\$(cat \"$PREFIX/supervise.pid\")\" 2>/dev/null; then exit 0; fi" \
-    "    nohup \"$PREFIX/supervise.sh\" >/dev/null 2>&1 &" \
+    "    \"$PREFIX/supervise.sh\" </dev/null >/dev/null 2>&1 &" \
     '    ;;' \
     '  stop)' \
     "    if [ -f \"$PREFIX/supervise.pid\" ]; then kill \"\$(cat \"$PREFIX/supervise.pid\")\" 2>/dev/null || true; fi" \

@@ -68,6 +68,9 @@ pub struct RelayConfig {
 pub struct UpdatesConfig {
     /// Cameras fetching a release at once; more wait their turn.
     pub max_transfers: usize,
+    /// Bytes a second one camera may fetch at most (`max_rate_kbps`, kilobits); `None`:
+    /// as fast as the link goes.
+    pub max_rate: Option<u64>,
     /// Longest a camera may stay silent in the middle of an update before it counts
     /// as failed.
     pub camera_timeout: Duration,
@@ -80,6 +83,7 @@ impl Default for UpdatesConfig {
     fn default() -> Self {
         UpdatesConfig {
             max_transfers: 8,
+            max_rate: None,
             camera_timeout: Duration::from_secs(600),
             release_keys: Vec::new(),
         }
@@ -376,6 +380,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileUpdates {
     max_transfers: Option<usize>,
+    max_rate_kbps: Option<u64>,
     camera_timeout_secs: Option<f64>,
     #[serde(default)]
     release_keys: Vec<PathBuf>,
@@ -417,8 +422,20 @@ impl FileUpdates {
                 })?,
             );
         }
+        let max_rate = match self.max_rate_kbps {
+            Some(0) => {
+                return Err(invalid(
+                    origin,
+                    "updates.max_rate_kbps",
+                    "must be at least 1 (leave it out for no limit)",
+                ))
+            }
+            Some(kbps) => Some(kbps * 1000 / 8),
+            None => None,
+        };
         Ok(UpdatesConfig {
             max_transfers,
+            max_rate,
             camera_timeout,
             release_keys,
         })

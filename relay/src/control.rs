@@ -1,7 +1,12 @@
 //! The control link: agents connect with a WebSocket (`/tunnel`, or `/agent/{id}` as
 //! the older server had it), register, and send heartbeats.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
     extract::{
@@ -380,6 +385,9 @@ async fn run_session(socket: &mut WebSocket, session: &AgentSession, shared: &Sh
     let metrics = shared.registry.metrics();
     let timeout = session.heartbeat_interval * shared.limits.missed_heartbeats;
     let mut offers = session.offers();
+    // Update chunks asked for and not sent yet, paced by updates.max_rate.
+    let mut fetches: VecDeque<(u64, u64, u32)> = VecDeque::new();
+    let mut pace = Pace::new(shared.updates.max_rate());
     let mut deadline = Instant::now() + timeout;
     let Some(mut inbox) = session.take_command_inbox() else {
         return End::Violation("the session's control loop ran twice".into());
@@ -395,6 +403,17 @@ async fn run_session(socket: &mut WebSocket, session: &AgentSession, shared: &Sh
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return End::Closed(CloseReason::HeartbeatTimeout(timeout.as_secs()));
+            }
+            () = pace.ready(), if !fetches.is_empty() => {
+                let Some((id, offset, len)) = fetches.pop_front() else { continue };
+                // Nothing (an empty chunk) for an update no longer offered: the agent
+                // stops and resumes when it is offered again.
+                let data = shared.updates.fetch(&session.id, id, offset, len).unwrap_or_default();
+                pace.sent(data.len());
+                if let Err(why) = send(socket, &RelayMessage::UpdateChunk { id, offset, data }).await {
+                    return End::Lost(why);
+                }
+                continue;
             }
             Ok(()) = offers.changed() => {
                 let offer = offers.borrow_and_update().clone();
@@ -453,17 +472,12 @@ async fn run_session(socket: &mut WebSocket, session: &AgentSession, shared: &Sh
                 None => tracing::debug!(id, "result for a command nobody waits for"),
             },
             Ok(AgentMessage::UpdateFetch { id, offset, len }) => {
-                // Nothing (an empty chunk) for an update no longer offered: the agent
-                // stops and resumes when it is offered again.
-                let data = shared
-                    .updates
-                    .fetch(&session.id, id, offset, len)
-                    .unwrap_or_default();
-                if let Err(why) =
-                    send(socket, &RelayMessage::UpdateChunk { id, offset, data }).await
-                {
-                    return End::Lost(why);
+                if fetches.len() >= MAX_QUEUED_FETCHES {
+                    return End::Violation(format!(
+                        "more than {MAX_QUEUED_FETCHES} update chunks asked for at once"
+                    ));
                 }
+                fetches.push_back((id, offset, len));
             }
             Ok(AgentMessage::UpdateReport { id, progress }) => {
                 tracing::info!(id, ?progress, "update report");
@@ -471,6 +485,38 @@ async fn run_session(socket: &mut WebSocket, session: &AgentSession, shared: &Sh
             }
             Ok(AgentMessage::Register(_)) => return End::Violation("Register sent twice".into()),
             Err(e) => return End::Violation(format!("undecodable control message: {e}")),
+        }
+    }
+}
+
+/// Update chunks an agent may ask for before it has the earlier ones (it keeps 4).
+const MAX_QUEUED_FETCHES: usize = 16;
+
+/// Paces one agent's update chunks to `updates.max_rate_kbps`, if set.
+struct Pace {
+    /// Bytes a second; `None`: as fast as asked.
+    rate: Option<u64>,
+    next: Instant,
+}
+
+impl Pace {
+    fn new(rate: Option<u64>) -> Pace {
+        Pace {
+            rate,
+            next: Instant::now(),
+        }
+    }
+
+    /// Resolves when the next chunk may go.
+    async fn ready(&self) {
+        tokio::time::sleep_until(self.next).await;
+    }
+
+    /// `bytes` went out.
+    fn sent(&mut self, bytes: usize) {
+        if let Some(rate) = self.rate {
+            let now = Instant::now();
+            self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
         }
     }
 }

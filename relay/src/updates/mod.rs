@@ -368,6 +368,11 @@ impl Updates {
         rollout_view(&self.lock(), id)
     }
 
+    /// Bytes a second each camera may fetch at most (`updates.max_rate_kbps`).
+    pub(crate) fn max_rate(&self) -> Option<u64> {
+        self.config.max_rate
+    }
+
     /// A camera registered: its update may go on.
     pub(crate) fn online(&self) {
         self.wake.notify_one();
