@@ -49,6 +49,9 @@ pub struct AgentConfig {
     pub log_level: tracing::Level,
     /// Camera model reported to the relay.
     pub camera_model: String,
+    /// Labels for operators (`agent.labels`: site, floor, batch…), sent to the relay,
+    /// where rollouts can pick cameras by them.
+    pub labels: Vec<String>,
     /// Relay port this camera would like (`tunnel.tunnel_port`).
     pub tunnel_port: u16,
     /// The camera's RTSP server (`streaming.rtsp_host`, `streaming.rtsp_port`).
@@ -457,6 +460,8 @@ struct RawAgent {
     #[serde(default = "default_log_level")]
     log_level: String,
     camera_model: Option<String>,
+    #[serde(default)]
+    labels: Vec<String>,
     restart: Option<String>,
 }
 
@@ -531,6 +536,19 @@ fn prefer<T: std::fmt::Debug>(
             Some(value)
         }
         (value, other_value) => value.or(other_value),
+    }
+}
+
+/// A label: what the relay takes in a service name (letters, digits, `-_.:=/`, at most
+/// 64).
+fn check_label(label: &str) -> Result<(), String> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || "-_.:=/".contains(c);
+    if !label.is_empty() && label.len() <= 64 && label.chars().all(fine) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{label:?}: a label is 1 to 64 letters, digits or - _ . : = /"
+        ))
     }
 }
 
@@ -706,6 +724,10 @@ impl AgentConfig {
         };
 
         let update = update_policy(raw.update, dir, &field_error)?;
+        for (i, label) in agent.labels.iter().enumerate() {
+            check_label(label).map_err(|why| field_error(&format!("agent.labels[{i}]"), why))?;
+        }
+        let labels = agent.labels;
 
         // The network settings, from `network` or, where the tunnel agent kept them,
         // from `tunnel`.
@@ -844,6 +866,7 @@ impl AgentConfig {
             token,
             log_level,
             camera_model,
+            labels,
             tunnel_port: tunnel.tunnel_port.unwrap_or(8554),
             rtsp_target: SocketAddr::new(rtsp_host, rtsp_port),
             stream_paths,
@@ -879,6 +902,7 @@ impl AgentConfig {
                 "agent.camera_model",
                 self.camera_model != newer.camera_model,
             ),
+            field("agent.labels", self.labels != newer.labels),
             field("agent.restart", self.restart != newer.restart),
             field("tunnel.tunnel_port", self.tunnel_port != newer.tunnel_port),
             field("tunnel.max_streams", self.max_streams != newer.max_streams),
@@ -1118,6 +1142,49 @@ mod tests {
         AgentConfig::parse(text, "/etc/camera_agent/config.json")
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn release_keys_and_labels_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let minimal = r#"{"agent": {"agent_id": "cam", "tunnel_server_url": "ws://r:8080", "tunnel_server_token": "t"}"#;
+        // No release.pub beside the config: no key, every update refused.
+        let c = AgentConfig::parse_at(&format!("{minimal}}}"), "c.json", dir.path()).unwrap();
+        assert!(c.update.keys.is_empty());
+        assert_eq!(c.update.trial, DEFAULT_TRIAL);
+        assert!(c.labels.is_empty());
+
+        let key = common::release::SigningKey::generate().unwrap();
+        std::fs::write(dir.path().join("release.pub"), key.public().to_pem()).unwrap();
+        let c = AgentConfig::parse_at(&format!("{minimal}}}"), "c.json", dir.path()).unwrap();
+        assert_eq!(
+            c.update.keys,
+            vec![key.public()],
+            "release.pub beside the config"
+        );
+
+        let text = r#"{"agent": {"agent_id": "cam", "tunnel_server_url": "ws://r:8080", "tunnel_server_token": "t", "labels": ["site-a", "floor=2"]}, "update": {"trial_secs": 30}}"#;
+        let c = AgentConfig::parse_at(text, "c.json", dir.path()).unwrap();
+        assert_eq!(c.labels, ["site-a", "floor=2"]);
+        assert_eq!(c.update.trial, Duration::from_secs(30));
+
+        std::fs::write(dir.path().join("bad.pub"), "not a key").unwrap();
+        let bad = format!(r#"{minimal}, "update": {{"release_keys": ["bad.pub"]}}}}"#);
+        let err = AgentConfig::parse_at(&bad, "c.json", dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("update.release_keys[0]") && err.contains("bad.pub"),
+            "{err}"
+        );
+        let err = error(
+            r#"{"agent": {"agent_id": "cam", "tunnel_server_url": "ws://r:8080", "tunnel_server_token": "t", "labels": ["two words"]}}"#,
+        );
+        assert!(err.contains("agent.labels[0]"), "{err}");
+        let err = error(
+            r#"{"agent": {"agent_id": "cam", "tunnel_server_url": "ws://r:8080", "tunnel_server_token": "t"}, "update": {"trial_secs": 0}}"#,
+        );
+        assert!(err.contains("update.trial_secs"), "{err}");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use common::tls;
 use common::protocol::{
     decode_control, encode_control, AgentMessage, CameraInfo, Command, Redirect, Register,
     Registered, Rejection, RelayMessage, ServiceRequest, CONTROL_READ_BUFFER, FALLBACK_PATH_SUFFIX,
-    FEATURE_REDIRECT, FEATURE_TARGET_PREFIX, FEATURE_UPDATE, MAX_CONTROL_MESSAGE, PROTOCOL_VERSION,
-    SERVICE_RTSP,
+    FEATURE_LABEL_PREFIX, FEATURE_REDIRECT, FEATURE_TARGET_PREFIX, FEATURE_UPDATE,
+    MAX_CONTROL_MESSAGE, PROTOCOL_VERSION, SERVICE_RTSP,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, sync::mpsc, time::Instant};
@@ -214,7 +214,7 @@ async fn register(
                 stream_paths: config.stream_paths.clone(),
                 rtsp_port: config.rtsp_target.port(),
             },
-            services: vec![
+            services: [
                 ServiceRequest {
                     name: SERVICE_RTSP.into(),
                     port: config.tunnel_port,
@@ -231,7 +231,13 @@ async fn register(
                     name: format!("{FEATURE_TARGET_PREFIX}{}", crate::TARGET),
                     port: 0,
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(config.labels.iter().map(|label| ServiceRequest {
+                name: format!("{FEATURE_LABEL_PREFIX}{label}"),
+                port: 0,
+            }))
+            .collect(),
             heartbeat_interval_secs: config
                 .heartbeat_interval
                 .as_secs()

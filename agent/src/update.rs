@@ -199,9 +199,13 @@ impl Updater {
             return Err(io::Error::other("the agent's own binary cannot be found"));
         };
         let old = dir.join(OLD);
-        if old.exists() {
-            fs::rename(&old, exe)?;
+        if !old.exists() {
+            // Power failed while this agent confirmed itself once already.
+            return Err(io::Error::other(
+                "the previous agent is gone (this one was confirmed once)",
+            ));
         }
+        fs::rename(&old, exe)?;
         write_fields(
             &dir.join(ROLLED_BACK),
             &[

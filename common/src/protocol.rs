@@ -222,6 +222,10 @@ pub const FEATURE_UPDATE: &str = "+update";
 /// the camera can run.
 pub const FEATURE_TARGET_PREFIX: &str = "+target:";
 
+/// Prefix of a service entry carrying one of the agent's labels (`agent.labels`):
+/// `+label:site-a`.
+pub const FEATURE_LABEL_PREFIX: &str = "+label:";
+
 /// Counters the agent reports with every heartbeat.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStats {

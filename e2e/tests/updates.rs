@@ -91,9 +91,10 @@ camera_timeout_secs = 120
         }
     }
 
-    /// Installs the package for camera `id` (its relay port `port`) into a fresh
-    /// root, with the test's release key as a package built with RELEASE_PUB carries it.
-    fn install(&self, id: &str, port: u16) -> PathBuf {
+    /// Installs the package for camera `id` (its relay port `port`, its `labels`) into
+    /// a fresh root, with the test's release key as a package built with RELEASE_PUB
+    /// carries it.
+    fn install(&self, id: &str, port: u16, labels: &[&str]) -> PathBuf {
         let root = arm::camera_root(&self.dir.path().join(id)).unwrap();
         let unpacked = arm::unpack_package(CAMERA, CAMERA, &root.join("tmp")).unwrap();
         std::fs::copy(
@@ -108,7 +109,8 @@ camera_timeout_secs = 120
         )
         .unwrap();
         assert!(said.contains("installing to"), "{said}");
-        let config = agent_config_json(id, &self.relay.url(), TOKEN, port, self.sim.port);
+        let mut config = agent_config_json(id, &self.relay.url(), TOKEN, port, self.sim.port);
+        config["agent"]["labels"] = json!(labels);
         std::fs::write(root.join(PREFIX).join("config.json"), config.to_string()).unwrap();
         root
     }
@@ -245,7 +247,7 @@ async fn a_camera_updates_to_the_next_build_through_a_power_cut_and_refuses_bad_
     let port = rig.first_camera_port;
     let current = package_version(CAMERA);
     let (next_binary, next) = next_build();
-    let root = rig.install("ota-cam", port);
+    let root = rig.install("ota-cam", port, &[]);
     let camera = ArmCamera::boot(&root).await.unwrap();
     rig.online_as("ota-cam", &current).await;
     let before = camera_files(&root);
@@ -420,7 +422,7 @@ async fn a_new_agent_that_cannot_start_is_rolled_back_even_through_a_power_cut()
     let _one = ONE_AT_A_TIME.lock().await;
     let rig = Rig::start(1).await;
     let current = package_version(CAMERA);
-    let root = rig.install("crash-cam", rig.first_camera_port);
+    let root = rig.install("crash-cam", rig.first_camera_port, &[]);
     let camera = ArmCamera::boot(&root).await.unwrap();
     rig.online_as("crash-cam", &current).await;
     let before = camera_files(&root);
@@ -477,11 +479,14 @@ async fn a_rollout_stops_at_its_failure_threshold() {
     let current = package_version(CAMERA);
     let mut cameras = Vec::new();
     for (i, id) in ["fleet-a", "fleet-b", "fleet-c"].iter().enumerate() {
-        let root = rig.install(id, rig.first_camera_port + i as u16);
+        let root = rig.install(id, rig.first_camera_port + i as u16, &["site-a"]);
         cameras.push((id.to_string(), ArmCamera::boot(&root).await.unwrap(), root));
     }
     for (id, _, _) in &cameras {
         rig.online_as(id, &current).await;
+        let (_, agent) = rig.api("GET", &format!("/agents/{id}"), None).await;
+        assert_eq!(agent["labels"], json!(["site-a"]), "{agent}");
+        assert_eq!(agent["target"], TARGET, "{agent}");
     }
     let release = rig
         .release(&crashing_binary(&cameras[0].2), "0.99.9", TARGET, "keys")
@@ -491,7 +496,7 @@ async fn a_rollout_stops_at_its_failure_threshold() {
             "POST",
             "/updates",
             Some(
-                json!({ "release": release, "agents": ["fleet-*"], "batch": 1, "max_failures": 0 }),
+                json!({ "release": release, "labels": ["site-a"], "batch": 1, "max_failures": 0 }),
             ),
         )
         .await;

@@ -383,6 +383,9 @@ async fn agent_view(shared: &Shared, id: &str) -> Value {
         "ports": [session.port],
         "registered_secs_ago": session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
         "client_certificate": session.certified,
+        "target": session.target,
+        "labels": session.labels,
+        "takes_updates": session.takes_updates,
     })
 }
 

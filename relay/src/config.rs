@@ -1320,6 +1320,25 @@ mod tests {
     }
 
     #[test]
+    fn the_updates_section_bounds_transfers() {
+        let c = RelayConfig::from_toml(
+            "shared_token = \"t\"\n[updates]\nmax_transfers = 2\nmax_rate_kbps = 800\ncamera_timeout_secs = 60\n",
+            "relay.toml",
+        )
+        .unwrap();
+        assert_eq!(c.updates.max_transfers, 2);
+        assert_eq!(c.updates.max_rate, Some(100_000));
+        assert_eq!(c.updates.camera_timeout, Duration::from_secs(60));
+        let e = err("shared_token = \"t\"\n[updates]\nmax_transfers = 0\n");
+        assert!(e.contains("updates.max_transfers"), "{e}");
+        let e = err("shared_token = \"t\"\n[updates]\nrelease_keys = [\"/nonexistent.pub\"]\n");
+        assert!(
+            e.contains("updates.release_keys[0]") && e.contains("/nonexistent.pub"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn webhooks_need_a_url_a_secret_and_known_event_types() {
         let hook = |fields: &str| format!("shared_token = \"t\"\n[[webhooks]]\n{fields}\n");
         let config = RelayConfig::from_toml(

@@ -11,7 +11,8 @@ use common::{
     mux::Opener,
     protocol::{
         AgentStats, CameraInfo, CloseReason, Command, CommandOutput, Redirect, Register,
-        UpdateOffer, FEATURE_REDIRECT, FEATURE_TARGET_PREFIX, FEATURE_UPDATE, SESSION_KEY_LEN,
+        UpdateOffer, FEATURE_LABEL_PREFIX, FEATURE_REDIRECT, FEATURE_TARGET_PREFIX, FEATURE_UPDATE,
+        SESSION_KEY_LEN,
     },
     secret::constant_time_eq,
 };
@@ -91,6 +92,8 @@ pub struct AgentSession {
     pub takes_updates: bool,
     /// The Rust target triple the agent runs on, if it said.
     pub target: Option<String>,
+    /// The agent's labels (`agent.labels` in its config).
+    pub labels: Vec<String>,
     /// The update offered to the agent in this session, for its control loop to send.
     offer: watch::Sender<Option<UpdateOffer>>,
     /// Where the session was sent when it was ended, for the control loop to tell the
@@ -156,6 +159,13 @@ impl AgentSession {
                 .iter()
                 .find_map(|s| s.name.strip_prefix(FEATURE_TARGET_PREFIX))
                 .map(String::from),
+            labels: new
+                .reg
+                .services
+                .iter()
+                .filter_map(|s| s.name.strip_prefix(FEATURE_LABEL_PREFIX))
+                .map(String::from)
+                .collect(),
             offer: watch::Sender::new(None),
             moved_to: Mutex::new(None),
             port: new.port,

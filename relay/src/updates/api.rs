@@ -145,8 +145,12 @@ pub(crate) async fn agent_update(
 #[serde(deny_unknown_fields)]
 pub(crate) struct RolloutRequest {
     release: String,
-    /// Agent ids, or patterns with `*`.
+    /// Agent ids or patterns with `*`.
+    #[serde(default)]
     agents: Vec<String>,
+    /// Labels of online agents.
+    #[serde(default)]
+    labels: Vec<String>,
     #[serde(default = "one")]
     batch: usize,
     #[serde(default)]
@@ -168,8 +172,8 @@ pub(crate) async fn start_rollout(
         ApiError(
             StatusCode::BAD_REQUEST,
             format!(
-                "{}; send {{\"release\": \"<id>\", \"agents\": [\"cam-*\"], \"batch\": 10, \
-                 \"max_failures\": 0}}",
+                "{}; send {{\"release\": \"<id>\", \"agents\": [\"cam-*\"] (or \"labels\": \
+                 [\"site-a\"]), \"batch\": 10, \"max_failures\": 0}}",
                 e.body_text()
             ),
         )
@@ -179,7 +183,10 @@ pub(crate) async fn start_rollout(
         .rollout(
             &shared.registry,
             &request.release,
-            &request.agents,
+            &super::Pick {
+                agents: request.agents,
+                labels: request.labels,
+            },
             request.batch,
             request.max_failures,
             request.force,

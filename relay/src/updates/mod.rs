@@ -170,6 +170,15 @@ struct RolloutCamera {
     state: JobState,
 }
 
+/// Which cameras a rollout takes.
+#[derive(Debug, Default)]
+pub(crate) struct Pick {
+    /// Agent ids, or patterns with `*`.
+    pub(crate) agents: Vec<String>,
+    /// Labels (`agent.labels`) of online agents.
+    pub(crate) labels: Vec<String>,
+}
+
 /// Why an update cannot start.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum StartError {
@@ -278,13 +287,14 @@ impl Updates {
         }
     }
 
-    /// Starts a rollout of `release` to the known agents whose ids match `agents`
-    /// (exact ids, or patterns with `*`).
+    /// Starts a rollout of `release` to the known agents whose ids match `pick.agents`
+    /// (exact ids, or patterns with `*`) and the online agents with any of
+    /// `pick.labels`.
     pub(crate) fn rollout(
         &self,
         registry: &Registry,
         release: &str,
-        agents: &[String],
+        pick: &Pick,
         batch: usize,
         max_failures: usize,
         force: bool,
@@ -296,17 +306,25 @@ impl Updates {
         if batch == 0 {
             return Err(StartError::Invalid("batch must be at least 1".into()));
         }
-        let mut known = registry.known();
-        known.extend(registry.sessions().iter().map(|s| s.id.clone()));
-        known.sort_unstable();
-        known.dedup();
-        let targets: Vec<String> = known
+        let sessions = registry.sessions();
+        let mut targets: Vec<String> = registry
+            .known()
             .into_iter()
-            .filter(|id| agents.iter().any(|pattern| glob(pattern, id)))
+            .chain(sessions.iter().map(|s| s.id.clone()))
+            .filter(|id| pick.agents.iter().any(|pattern| glob(pattern, id)))
+            .chain(
+                sessions
+                    .iter()
+                    .filter(|s| s.labels.iter().any(|l| pick.labels.contains(l)))
+                    .map(|s| s.id.clone()),
+            )
             .collect();
+        targets.sort_unstable();
+        targets.dedup();
         if targets.is_empty() {
             return Err(StartError::Invalid(format!(
-                "no agent known to this relay matches {agents:?}"
+                "no agent known to this relay matches agents {:?} or labels {:?}",
+                pick.agents, pick.labels
             )));
         }
         let mut state = self.lock();
