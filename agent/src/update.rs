@@ -718,6 +718,55 @@ mod tests {
     }
 
     #[test]
+    fn a_new_agent_that_misses_its_trial_puts_the_previous_one_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("camera-agent");
+        fs::write(&exe, b"new binary").unwrap();
+        fs::write(dir.path().join(OLD), b"old binary").unwrap();
+        write_fields(
+            &dir.path().join(TRIAL),
+            &[
+                ("id", "9".into()),
+                ("from", "0.0.1".into()),
+                ("to", crate::VERSION.into()),
+            ],
+        )
+        .unwrap();
+        // This agent is the version on trial.
+        let updater = Updater::new(policy(vec![]), Some(exe.clone()));
+        assert_eq!(updater.trial(), Some(Duration::from_secs(5)));
+        updater.roll_back("not online within 5s").unwrap();
+        assert_eq!(fs::read(&exe).unwrap(), b"old binary");
+        assert!(!dir.path().join(TRIAL).exists() && !dir.path().join(OLD).exists());
+        // The previous agent, started again, reports it.
+        let reports = Updater::new(policy(vec![]), Some(exe.clone())).take_reports();
+        assert!(
+            matches!(&reports[..], [(9, UpdateProgress::RolledBack { why, .. })] if why.contains("not online")),
+            "{reports:?}"
+        );
+
+        // A trial that is confirmed instead reports the update and leaves no trace.
+        fs::write(dir.path().join(OLD), b"old binary").unwrap();
+        write_fields(
+            &dir.path().join(TRIAL),
+            &[
+                ("id", "10".into()),
+                ("from", "0.0.1".into()),
+                ("to", crate::VERSION.into()),
+            ],
+        )
+        .unwrap();
+        let updater = Updater::new(policy(vec![]), Some(exe.clone()));
+        updater.confirm();
+        assert!(matches!(
+            &updater.take_reports()[..],
+            [(10, UpdateProgress::Updated { .. })]
+        ));
+        assert!(updater.trial().is_none());
+        assert!(!dir.path().join(TRIAL).exists() && !dir.path().join(OLD).exists());
+    }
+
+    #[test]
     fn a_rollback_by_the_supervisor_is_reported_once() {
         let dir = tempfile::tempdir().unwrap();
         let exe = dir.path().join("camera-agent");
