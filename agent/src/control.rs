@@ -356,12 +356,15 @@ impl ControlLink {
                     tracing::info!(id, ?command, "command from the relay");
                     (id, handle(command))
                 }
-                Ok(RelayMessage::UpdateOffer(offer)) if updates.is_some() => {
-                    if let Some(updater) = updates {
-                        tracing::info!(id = offer.id, release = %offer.release.describe(), force = offer.force, "update offered");
-                        let id = offer.id;
-                        download = Some((id, updater.start(offer, outbox_tx.clone())));
-                    }
+                Ok(RelayMessage::UpdateOffer(offer)) => {
+                    let Some(updater) = updates else {
+                        return SessionError::Protocol(
+                            "an update offered, though the relay did not grant updates".into(),
+                        );
+                    };
+                    tracing::info!(id = offer.id, release = %offer.release.describe(), force = offer.force, "update offered");
+                    let id = offer.id;
+                    download = Some((id, updater.start(offer, outbox_tx.clone())));
                     continue;
                 }
                 Ok(RelayMessage::UpdateChunk { id, offset, data }) => {

@@ -51,7 +51,7 @@ pub(crate) struct Queue {
     waiting: IntGauge,
     dropped: IntCounter,
     /// Drops since the last warning, and when that was.
-    drops: Arc<DropLog>,
+    drops: DropLog,
 }
 
 #[derive(Debug, Default)]
@@ -139,7 +139,7 @@ pub(crate) fn start(
         lanes,
         waiting,
         dropped: count("dropped"),
-        drops: Arc::default(),
+        drops: DropLog::default(),
     }
 }
 

@@ -246,7 +246,7 @@ impl Updates {
             .get(release)
             .ok_or_else(|| StartError::NoRelease(release.to_string()))?;
         let session = registry.get(agent);
-        check_fits(session.as_deref(), &release, force)?;
+        check_fits(session.as_deref(), &release)?;
         let mut state = self.lock();
         if let Some(job) = state.jobs.get(agent) {
             if !job.state.is_final() && job.state != JobState::Waiting {
@@ -260,8 +260,8 @@ impl Updates {
         let job = self.new_job(session.as_deref(), release, force, None);
         state.jobs.insert(agent.to_string(), job);
         let view = view_of(agent, &state.jobs[agent]);
+        self.progress(&state, agent);
         drop(state);
-        self.progress(agent, None);
         self.wake.notify_one();
         Ok(view)
     }
@@ -463,36 +463,28 @@ impl Updates {
             // Its slot goes to the next camera.
             job.offered = None;
         }
-        if job.state == before && job.state == JobState::Downloading {
-            drop(state);
-            self.progress(agent, None);
-            return;
-        }
+        // Any word from the camera keeps its update from timing out.
         job.since = Instant::now();
+        let moved_on = job.state != before;
+        self.progress(&state, agent);
         drop(state);
-        self.progress(agent, None);
-        self.wake.notify_one();
+        if moved_on {
+            self.wake.notify_one();
+        }
     }
 
     /// Emits the `update.progress` event of `agent`'s job.
-    fn progress(&self, agent: &str, state: Option<&State>) {
-        let guard;
-        let state = match state {
-            Some(state) => state,
-            None => {
-                guard = self.lock();
-                &guard
-            }
-        };
+    fn progress(&self, state: &State, agent: &str) {
         let Some(job) = state.jobs.get(agent) else {
             return;
         };
-        let (word, detail) = match &job.state {
+        let word = job.state.word();
+        let detail = match &job.state {
             JobState::Refused(d)
             | JobState::Failed(d)
             | JobState::RolledBack(d)
-            | JobState::Skipped(d) => (job.state.word(), Some(d.clone())),
-            other => (other.word(), None),
+            | JobState::Skipped(d) => Some(d.clone()),
+            _ => None,
         };
         if job.state.is_final() {
             tracing::info!(agent, release = %job.release.id, state = word, detail = detail.as_deref().unwrap_or(""), "update ended");
@@ -538,7 +530,7 @@ impl Updates {
                     let Some(session) = registry.get(agent) else {
                         continue;
                     };
-                    if let Err(e) = check_fits(Some(&session), &job.release, job.force) {
+                    if let Err(e) = check_fits(Some(&session), &job.release) {
                         job.state = JobState::Refused(e.to_string());
                         changed.push(agent.clone());
                         continue;
@@ -573,7 +565,7 @@ impl Updates {
             }
         }
         for agent in changed {
-            self.progress(&agent, Some(&state));
+            self.progress(&state, &agent);
         }
     }
 
@@ -629,11 +621,7 @@ impl Updates {
 }
 
 /// Whether `release` can go to the agent of `session` (if online): its target.
-fn check_fits(
-    session: Option<&AgentSession>,
-    release: &Stored,
-    _force: bool,
-) -> Result<(), StartError> {
+fn check_fits(session: Option<&AgentSession>, release: &Stored) -> Result<(), StartError> {
     let Some(session) = session else {
         return Ok(());
     };
