@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod arm;
+pub mod browser;
 mod etcd;
 mod fleet;
 pub mod netns;

@@ -17,6 +17,7 @@ use common::protocol::{tunnel_close, Command, CommandOutput};
 use serde_json::{json, Value};
 
 use crate::{
+    events::MediaSummary,
     metrics::{ClusterGauges, LiveAgent},
     peer,
     registry::{AgentSession, CommandError, Presence},
@@ -50,6 +51,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/agents/{id}", get(agent))
         .route("/agents/{id}/control", post(control))
         .route("/streams", get(streams))
+        .route("/traffic", get(traffic))
         .route("/tunnels", get(tunnels))
         .route("/tunnels/{id}", get(tunnel))
         .route("/tunnels/{id}/restart", post(restart_tunnel))
@@ -293,17 +295,41 @@ async fn undrain(State(shared): State<Arc<Shared>>) -> ApiResult {
     Ok(Json(json!(state)))
 }
 
-async fn agents(State(shared): State<Arc<Shared>>) -> ApiResult {
+async fn agents(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> ApiResult {
+    let host = url_host(&shared, &headers);
     let mut list = Vec::new();
     for id in all_ids(&shared) {
-        list.push(agent_view(&shared, &id).await);
+        list.push(agent_view(&shared, &id, &host).await);
     }
     Ok(Json(json!({ "agents": list })))
 }
 
-async fn agent(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult {
+async fn agent(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
     known(&shared, &id)?;
-    Ok(Json(agent_view(&shared, &id).await))
+    Ok(Json(
+        agent_view(&shared, &id, &url_host(&shared, &headers)).await,
+    ))
+}
+
+/// The host a VMS names in a camera's URL: the address the camera ports listen on, or,
+/// when they listen on every address, the name the operator reached the relay by.
+fn url_host(shared: &Shared, headers: &HeaderMap) -> String {
+    let bind = shared.camera_bind;
+    if !bind.is_unspecified() {
+        return match bind {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+    }
+    let authority = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<axum::http::uri::Authority>().ok());
+    authority.map_or_else(|| "127.0.0.1".into(), |a| a.host().to_string())
 }
 
 /// Known ids (configured, registered before, anywhere in the cluster) and online ones,
@@ -337,7 +363,7 @@ pub(crate) fn known(shared: &Shared, id: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn agent_view(shared: &Shared, id: &str) -> Value {
+async fn agent_view(shared: &Shared, id: &str, host: &str) -> Value {
     if let Some(held) = held_elsewhere(shared, id) {
         return json!({
             "id": id,
@@ -360,6 +386,9 @@ async fn agent_view(shared: &Shared, id: &str) -> Value {
             "id": id,
             "online": false,
             "ports": shared.registry.assigned_port(id).await.into_iter().collect::<Vec<_>>(),
+            // Unknown (null) if it has not been online here since the relay started.
+            "offline_secs": shared.registry.offline_for(id).map(|d| d.as_secs()),
+            "relay_uptime_secs": shared.registry.uptime().as_secs(),
         });
     };
     let heartbeat = session.last_heartbeat();
@@ -381,6 +410,12 @@ async fn agent_view(shared: &Shared, id: &str) -> Value {
         "quic_remote_addr": session.current_tunnel().map(|c| c.remote_address().to_string()),
         "data_link": session.current_link().map(|link| link.transport()),
         "ports": [session.port],
+        "urls": session
+            .camera
+            .stream_paths
+            .iter()
+            .map(|path| format!("rtsp://{host}:{}{path}", session.port))
+            .collect::<Vec<_>>(),
         "registered_secs_ago": session.registered_at.elapsed().map_or(0, |d| d.as_secs()),
         "client_certificate": session.certified,
         "target": session.target,
@@ -507,10 +542,34 @@ async fn streams(State(shared): State<Arc<Shared>>) -> ApiResult {
                 "bytes_from_watcher": w.bytes.from_tcp.load(Relaxed),
                 "bytes_to_watcher": w.bytes.to_tcp.load(Relaxed),
                 "age_secs": w.opened.elapsed().as_secs_f64(),
+                "media": MediaSummary::of(&w.media.lock().unwrap_or_else(|e| e.into_inner())),
             })
         })
         .collect();
     Ok(Json(json!({ "streams": list })))
+}
+
+/// `GET /traffic`: each camera this relay carried lately, with its bytes per second
+/// (both directions) over the last minutes and, while online, its data link and RTT.
+async fn traffic(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let mut list = Vec::new();
+    for id in shared.traffic.ids() {
+        let session = shared.registry.get(&id);
+        list.push(json!({
+            "id": id,
+            "online": session.is_some(),
+            "data_link": session.as_ref().and_then(|s| s.current_link()).map(|l| l.transport()),
+            "quic_rtt_ms": session
+                .as_ref()
+                .and_then(|s| s.current_tunnel())
+                .map(|c| c.rtt().as_secs_f64() * 1000.0),
+            "bytes_per_sec": shared.traffic.rates(&id),
+        }));
+    }
+    Ok(Json(json!({
+        "every_secs": crate::traffic::EVERY.as_secs(),
+        "cameras": list,
+    })))
 }
 
 async fn tunnels(State(shared): State<Arc<Shared>>) -> ApiResult {

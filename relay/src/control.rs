@@ -48,7 +48,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             &format!("/agent/{{id}}{FALLBACK_PATH_SUFFIX}"),
             get(data::fallback),
         )
-        .route("/health", get(api::health));
+        .route("/health", get(api::health))
+        .merge(crate::console::router());
     let metrics = Router::new().route("/metrics", get(api::metrics));
     let app = if shared.api.public_metrics {
         open.merge(metrics).merge(api::router(shared.clone()))

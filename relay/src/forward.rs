@@ -720,6 +720,7 @@ async fn carry_open(
         request: &listed.request,
         metrics: &session.metrics,
         events: scope,
+        media: &listed.media,
     };
     let outcome = tokio::select! {
         outcome = rtsp::proxy(watcher, (gate, send), observed, limits.stall_after) => outcome,

@@ -18,6 +18,7 @@ mod admission;
 mod api;
 mod balance;
 pub mod config;
+mod console;
 mod control;
 mod data;
 pub mod events;
@@ -30,6 +31,7 @@ pub mod registry;
 mod rtsp;
 mod shard;
 mod throttle;
+mod traffic;
 mod updates;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -69,6 +71,10 @@ pub(crate) struct Shared {
     balance: Option<Arc<balance::Balance>>,
     /// Over-the-air agent updates.
     updates: Arc<updates::Updates>,
+    /// The cameras' recent traffic, for the console.
+    traffic: Arc<traffic::Traffic>,
+    /// The address the camera ports listen on, for the URLs the API shows.
+    camera_bind: std::net::IpAddr,
     cert_sha256: [u8; 32],
     /// Every task the relay spawns, so shutdown can wait for them.
     tracker: TaskTracker,
@@ -252,6 +258,8 @@ impl Relay {
                 shards,
                 balance,
                 updates,
+                traffic: Arc::default(),
+                camera_bind: config.camera_bind,
                 cert_sha256,
                 tracker,
                 shutdown,
@@ -320,6 +328,12 @@ impl Relay {
                 }
             });
         }
+        shared.tracker.spawn(
+            shared
+                .traffic
+                .clone()
+                .run(shared.registry.clone(), root.clone()),
+        );
         shared.tracker.spawn(
             shared
                 .updates

@@ -56,6 +56,8 @@ pub struct Registry {
     /// Agents the relay knows, online or not: listed in the config, or registered at
     /// some time (and so holding a port).
     known: Mutex<HashSet<String>>,
+    /// When each camera that was online here since the relay started went offline.
+    offline_since: Mutex<HashMap<String, Instant>>,
     /// Held for the whole of a registration: port choice, takeover and bind must not
     /// interleave between two agents, or two could be promised one port.
     ports: tokio::sync::Mutex<PortPolicy>,
@@ -93,6 +95,7 @@ impl Registry {
             auth,
             sessions: Mutex::new(HashMap::new()),
             known: Mutex::new(known),
+            offline_since: Mutex::default(),
             ports: tokio::sync::Mutex::new(ports),
             store,
             next_connection_id: AtomicU64::new(1),
@@ -221,6 +224,7 @@ impl Registry {
                 .is_some_and(|s| Arc::ptr_eq(s, session))
             {
                 sessions.remove(&session.id);
+                lock(&self.offline_since).insert(session.id.clone(), Instant::now());
             }
         }
         session.end();
@@ -348,6 +352,17 @@ impl Registry {
         let mut ids: Vec<String> = lock(&self.known).iter().cloned().collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// How long camera `agent_id` has been offline, if it was online here since the
+    /// relay started and is not now.
+    pub fn offline_for(&self, agent_id: &str) -> Option<Duration> {
+        if self.get(agent_id).is_some() {
+            return None;
+        }
+        lock(&self.offline_since)
+            .get(agent_id)
+            .map(Instant::elapsed)
     }
 
     /// Records an open Watcher connection until the guard is dropped.

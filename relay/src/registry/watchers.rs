@@ -9,6 +9,8 @@ use std::{
 
 use common::splice::ByteCounters;
 
+use crate::rtsp::MediaStats;
+
 use super::lock;
 
 /// Watcher connections open now, by connection id.
@@ -33,6 +35,7 @@ impl Watchers {
             opened,
             request: OnceLock::new(),
             bytes: ByteCounters::default(),
+            media: Mutex::default(),
         });
         lock(&self.open).insert(id, session.clone());
         WatcherGuard {
@@ -62,6 +65,8 @@ pub struct WatcherSession {
     pub request: OnceLock<(String, String)>,
     /// Its bytes (`from_tcp`: Watcher → camera).
     pub bytes: ByteCounters,
+    /// Its media as of the proxy's last report (about every second while it flows).
+    pub media: Mutex<MediaStats>,
 }
 
 /// Removes its [`WatcherSession`] from the table when dropped.

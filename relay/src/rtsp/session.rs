@@ -14,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
-        OnceLock,
+        Mutex, OnceLock,
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -74,6 +74,8 @@ pub(crate) struct Observed<'a> {
     pub(crate) metrics: &'a CameraMetrics,
     /// Where its stalls are told.
     pub(crate) events: WatcherScope<'a>,
+    /// Its media so far, as of the last report (for `/streams`).
+    pub(crate) media: &'a Mutex<MediaStats>,
 }
 
 /// A Watcher connection as the proxy takes it.
@@ -194,7 +196,7 @@ where
         scanner: Scanner::new(),
         answers: Some(answers_rx),
         naming,
-        media: Media::new(started, observed.metrics),
+        media: Media::new(started, observed.metrics, observed.media),
         stalls: Stalls::new(stall_after, &playing, observed.events),
         packet: None,
         held: None,
@@ -349,16 +351,18 @@ struct Media<'a> {
     meter: MediaMeter,
     started: Instant,
     metrics: &'a CameraMetrics,
+    live: &'a Mutex<MediaStats>,
     reported: MediaStats,
     next_report: Instant,
 }
 
 impl<'a> Media<'a> {
-    fn new(started: Instant, metrics: &'a CameraMetrics) -> Self {
+    fn new(started: Instant, metrics: &'a CameraMetrics, live: &'a Mutex<MediaStats>) -> Self {
         Media {
             meter: MediaMeter::new(started),
             started,
             metrics,
+            live,
             reported: MediaStats::default(),
             next_report: started + REPORT_EVERY,
         }
@@ -387,6 +391,9 @@ impl<'a> Media<'a> {
     fn report(&mut self) {
         let now = self.meter.summary();
         self.metrics.report(&self.reported, &now);
+        if let Ok(mut live) = self.live.lock() {
+            live.clone_from(&now);
+        }
         self.reported = now;
     }
 
