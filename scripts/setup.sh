@@ -13,6 +13,8 @@
 #   relay's HTTP side);
 # - dnsmasq (only the binary, dnsmasq-base: no service), the home router's DNS server
 #   when the firmware test resolves the relay's name on the emulated camera;
+# - Chromium's headless build, the browser that drives the operator's console in its
+#   tests;
 # - promtool, from the prometheus package, to check the relay's metrics, and Python's
 #   jsonschema and yaml, to check the API's responses against its OpenAPI document.
 # It runs apt only when something is missing, so a second run costs nothing.
@@ -76,6 +78,11 @@ if [ ! -x /usr/bin/etcd ]; then
 fi
 if ! command -v protoc >/dev/null; then
   missing+=(protobuf-compiler)
+fi
+# The console's tests drive a real browser: Chromium's headless build (no display
+# libraries), with a font to render the page in.
+if [ ! -x /usr/bin/chromium-headless-shell ] && [ ! -x /usr/bin/chromium ]; then
+  missing+=(chromium-headless-shell fonts-liberation)
 fi
 if ! command -v cargo >/dev/null; then
   missing+=("rustc-web=$RUST_VERSION" "cargo-web=$RUST_VERSION"

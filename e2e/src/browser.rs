@@ -24,8 +24,12 @@ use tokio_tungstenite::tungstenite::Message;
 /// How long a condition may take to hold.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The browsers tried, in order: the headless build first (no display libraries).
-const CANDIDATES: &[&str] = &["/usr/bin/chromium-headless-shell", "/usr/bin/chromium"];
+/// The browsers tried, in order: the headless build first (no display libraries). The
+/// binaries themselves, not Debian's /usr/bin wrapper scripts, which do not `exec`.
+const CANDIDATES: &[&str] = &[
+    "/usr/lib/chromium/chromium-headless-shell",
+    "/usr/lib/chromium/chromium",
+];
 
 type Sink = futures_util::stream::SplitSink<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
@@ -36,7 +40,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
 /// A headless Chromium with one page; killed when dropped.
 #[derive(Debug)]
 pub struct Browser {
-    _process: tokio::process::Child,
+    process: tokio::process::Child,
     _profile: tempfile::TempDir,
     sink: tokio::sync::Mutex<Sink>,
     pending: Pending,
@@ -49,6 +53,14 @@ pub struct Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         self.reader.abort();
+        // The browser and every process it started (zygote, renderers, GPU) share its
+        // process group.
+        if let Some(pid) = self.process.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -81,6 +93,7 @@ impl Browser {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true);
         let mut process = command
             .spawn()
@@ -134,7 +147,7 @@ impl Browser {
             }
         });
         let mut browser = Browser {
-            _process: process,
+            process,
             _profile: profile,
             sink: tokio::sync::Mutex::new(sink),
             pending,

@@ -153,7 +153,9 @@ fn agent_from_file(dir: &std::path::Path, json: &Value) -> AgentHandle {
 async fn operator_endpoints_need_the_admin_token() {
     let api = Api::start(free_port_run(4), 10.0).await;
     let url = |path: &str| format!("http://{}{path}", api.relay.control);
-    for path in ["/agents", "/streams", "/tunnels", "/metrics", "/events"] {
+    for path in [
+        "/agents", "/streams", "/traffic", "/tunnels", "/metrics", "/events",
+    ] {
         for token in [None, Some("wrong")] {
             let reply = http(&Place::host(), "GET", &url(path), token, None)
                 .await
@@ -442,6 +444,7 @@ async fn responses_match_the_openapi_document() {
         ("/agents/cam-off", "/agents/{id}"),
         ("/agents/nobody", "/agents/{id}"),
         ("/streams", "/streams"),
+        ("/traffic", "/traffic"),
         ("/tunnels", "/tunnels"),
         ("/tunnels/cam-1", "/tunnels/{id}"),
         ("/tunnels/cam-off", "/tunnels/{id}"),

@@ -99,6 +99,18 @@ async fn ask(browser: &Browser, action: &str) -> String {
     browser.text("#confirm").await.unwrap()
 }
 
+/// Nothing on the page needs scrolling sideways.
+async fn assert_fits_a_phone(browser: &Browser, page: &str) {
+    let overflow = browser
+        .eval("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        .await
+        .unwrap();
+    assert!(
+        overflow.as_f64().unwrap() <= 1.0,
+        "{page} is {overflow} px too wide for a phone"
+    );
+}
+
 fn row(id: &str) -> String {
     format!("(document.querySelector('tr[data-camera=\"{id}\"]')?.innerText ?? '')")
 }
@@ -384,14 +396,17 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
         )
         .await
         .unwrap();
-    let overflow = browser
-        .eval("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert_fits_a_phone(&browser, "the fleet").await;
+    browser.click("tr[data-camera=\"cam-2\"] a").await.unwrap();
+    browser
+        .wait_until(
+            "cam-2's page",
+            "document.querySelector('#events').innerText.includes('camera.online')",
+        )
         .await
         .unwrap();
-    assert!(
-        overflow.as_f64().unwrap() <= 1.0,
-        "the page is {overflow} px too wide for a phone"
-    );
+    assert_fits_a_phone(&browser, "a camera's page").await;
+    browser.click("#camera a[href=\"#/\"]").await.unwrap();
 
     // Signing out forgets the token.
     browser.viewport(1280, 800, false).await.unwrap();

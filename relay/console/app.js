@@ -8,6 +8,9 @@ const PAGE_SIZE = 50;
 // RTT and the sparklines; cameras' comings and goings arrive as events.
 const REFRESH_MS = 10_000;
 const EVENTS_SHOWN = 200;
+// In a cluster, other relays' cameras change without an event here: the fleet is read
+// again this often (one request).
+const CLUSTER_REFRESH_MS = 60_000;
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -193,22 +196,26 @@ function start() {
     })
     .catch(failed);
   refreshLoop(running.signal);
-  loadRelayName();
+  loadRelayName(running.signal);
 }
 
 async function loadAll(signal) {
   const [{ agents }] = await Promise.all([api("/agents", { signal }), refreshLive(signal)]);
-  state.cameras.clear();
-  for (const agent of agents) state.cameras.set(agent.id, withSince(agent));
+  // Built aside: withSince keeps what the page learnt (an offline camera's since).
+  state.cameras = new Map(agents.map((agent) => [agent.id, withSince(agent)]));
   sortIds();
   queueRender();
 }
 
-async function loadRelayName() {
+async function loadRelayName(signal) {
   const health = await fetch("/health", { cache: "no-store" }).then((r) => r.json()).catch(() => null);
   if (!health) return;
   const relay = health.cluster ? `relay ${health.cluster.relay} of ${health.cluster.relays.length}` : "one relay";
   $("#relay-name").textContent = `${relay} · v${health.version}`;
+  while (health.cluster && !signal.aborted) {
+    await sleep(CLUSTER_REFRESH_MS, signal);
+    if (!signal.aborted) await loadAll(signal).catch(failed);
+  }
 }
 
 async function refreshLive(signal) {
@@ -216,7 +223,11 @@ async function refreshLive(signal) {
     api("/streams", { signal }),
     api("/traffic", { signal }),
   ]);
-  state.streams = new Map(streams.map((s) => [s.id, s]));
+  const now = Date.now();
+  // A stall is known from the events only.
+  state.streams = new Map(streams.map((s) => [s.id, {
+    ...s, opened: now - s.age_secs * 1000, stalled: state.streams.get(s.id)?.stalled ?? false,
+  }]));
   state.traffic = new Map(traffic.cameras.map((t) => [t.id, t]));
   state.trafficEvery = traffic.every_secs;
   queueRender();
@@ -247,7 +258,11 @@ function withSince(agent) {
   const since = secs !== undefined && secs !== null
     ? Date.now() - secs * 1000
     : state.cameras.get(agent.id)?.since ?? null;
-  return { ...agent, since, search: searchText(agent) };
+  // Offline and not seen since the relay started: that long at least.
+  const unseenSince = !agent.online && agent.relay_uptime_secs !== undefined
+    ? Date.now() - agent.relay_uptime_secs * 1000
+    : null;
+  return { ...agent, since, unseenSince, search: searchText(agent) };
 }
 
 function searchText(agent) {
@@ -283,6 +298,8 @@ function applyEvent(event) {
         camera.offline_reason = data.detail || data.reason;
       });
       for (const [key, stream] of state.streams) if (stream.camera === id) state.streams.delete(key);
+      // Sent to another relay of the cluster: online there, once it has registered.
+      if (data.reason === "moved") setTimeout(() => refreshCamera(id), 3_000);
       break;
     case "camera.link":
       updateCamera(id, (camera) => (camera.data_link = data.link));
@@ -293,7 +310,7 @@ function applyEvent(event) {
     case "watcher.started":
       state.streams.set(data.connection_id, {
         id: data.connection_id, camera: id, watcher: data.watcher,
-        age_secs: 0, seen: Date.now(), media: null,
+        opened: Date.now(), media: null,
       });
       break;
     case "watcher.ended":
@@ -437,9 +454,8 @@ function stateBadge(camera) {
   const badge = h("span", { class: `state ${word}` }, word);
   if (camera.since) {
     badge.append(" ", h("span", { class: "since" }, `for ${ago(camera.since)}`));
-  } else if (!camera.online && camera.relay_uptime_secs !== undefined) {
-    const started = Date.now() - camera.relay_uptime_secs * 1000;
-    badge.append(" ", h("span", { class: "since" }, `not seen in ${ago(started)}`));
+  } else if (!camera.online && camera.unseenSince) {
+    badge.append(" ", h("span", { class: "since" }, `not seen in ${ago(camera.unseenSince)}`));
   }
   return badge;
 }
@@ -581,7 +597,7 @@ function renderCamera() {
     ["QUIC from", camera.quic_remote_addr ?? "—"],
     ["Client certificate", camera.client_certificate === undefined ? "—" : camera.client_certificate ? "yes" : "no"],
     ["Last heartbeat", camera.last_heartbeat_secs_ago === undefined || camera.last_heartbeat_secs_ago === null
-      ? "—" : `${camera.last_heartbeat_secs_ago.toFixed(0)} s before the page loaded it`],
+      ? "—" : `${camera.last_heartbeat_secs_ago.toFixed(0)} s before this page read it`],
     ["Traffic, last 10 min", sparkline(traffic?.bytes_per_sec ?? [], id)],
   ];
   $("#details").replaceChildren(...rows.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
@@ -591,7 +607,7 @@ function renderCamera() {
     const m = s.media ?? {};
     return h("tr", {},
       h("td", {}, s.watcher, s.stalled ? h("span", { class: "trouble" }, " stalled") : ""),
-      h("td", { class: "num" }, ago(Date.now() - (s.age_secs ?? 0) * 1000)),
+      h("td", { class: "num" }, ago(s.opened)),
       h("td", { class: "num" }, m.bitrate ? bits(m.bitrate) : "—"),
       h("td", { class: "num" }, m.fps ? m.fps.toFixed(1) : "—"),
       h("td", { class: "num" }, m.lost ?? "—"),

@@ -118,6 +118,9 @@ async fn run(once: bool, started: &mut Vec<(&'static str, Child)>) -> anyhow::Re
     println!("or, on the port shared by all cameras:");
     println!("    {shared_url}");
     println!("Per-camera media health for Prometheus: http://127.0.0.1:{relay_port}/metrics");
+    println!(
+        "The operator's console: http://127.0.0.1:{relay_port}/ui/ (no admin token is set: sign in with the field empty, from this host)"
+    );
 
     if once {
         return Ok(());
