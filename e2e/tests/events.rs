@@ -222,6 +222,31 @@ async fn relay_metrics(relay: &RelayProcess) -> String {
         .body
 }
 
+/// The relay from a relay.toml in `dir`: one camera port, the tokens, and `rest`.
+async fn relay_with(
+    dir: &tempfile::TempDir,
+    relay_port: u16,
+    camera_port: u16,
+    rest: &str,
+) -> RelayProcess {
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+listen = "127.0.0.1:{relay_port}"
+camera_ports = "{camera_port}-{camera_port}"
+shared_token = "{TOKEN}"
+admin_token = "{ADMIN}"
+{rest}"#
+        ),
+    )
+    .unwrap();
+    RelayProcess::start_from_file_in(&Place::host(), &config, "127.0.0.1", relay_port)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_and_the_event_stream_tell_what_happens_in_order() {
     let camera = CameraSim::start(&[]).await.unwrap();
@@ -233,16 +258,8 @@ async fn webhooks_and_the_event_stream_tell_what_happens_in_order() {
     let (relay_port, camera_port, down_port, tiny_port) = (ports[0], ports[1], ports[2], ports[3]);
     let down_addr: SocketAddr = format!("127.0.0.1:{down_port}").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-listen = "127.0.0.1:{relay_port}"
-camera_ports = "{camera_port}-{camera_port}"
-shared_token = "{TOKEN}"
-admin_token = "{ADMIN}"
-
+    let hooks = format!(
+        r#"
 [limits]
 stall_secs = 1
 
@@ -277,16 +294,11 @@ secret = "tiny-secret"
 queue = 1
 retry_max_secs = 0.5
 "#,
-            ok = ok.url(),
-            flaky = flaky.url(),
-            slow = slow.url(),
-        ),
-    )
-    .unwrap();
-    let mut relay =
-        RelayProcess::start_from_file_in(&Place::host(), &config, "127.0.0.1", relay_port)
-            .await
-            .unwrap();
+        ok = ok.url(),
+        flaky = flaky.url(),
+        slow = slow.url(),
+    );
+    let mut relay = relay_with(&dir, relay_port, camera_port, &hooks).await;
     let mut sse = sse_client(&relay, None);
     sse.wait_for_line("HTTP/1.1 200").await.unwrap();
 
@@ -514,16 +526,8 @@ async fn the_documented_receiver_adds_a_camera_to_watcher_when_it_first_comes_on
         .await
         .unwrap();
 
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-listen = "127.0.0.1:{relay_port}"
-camera_ports = "{camera_port}-{camera_port}"
-shared_token = "{TOKEN}"
-admin_token = "{ADMIN}"
-
+    let hooks = format!(
+        r#"
 [[webhooks]]
 name = "watcher"
 url = "http://127.0.0.1:{hook_port}/events"
@@ -531,13 +535,8 @@ secret = "hook-secret"
 events = ["camera.online"]
 retry_max_secs = 0.5
 "#
-        ),
-    )
-    .unwrap();
-    let mut relay =
-        RelayProcess::start_from_file_in(&Place::host(), &config, "127.0.0.1", relay_port)
-            .await
-            .unwrap();
+    );
+    let mut relay = relay_with(&dir, relay_port, camera_port, &hooks).await;
     let agent_json = agent_config_json(
         "dahua-2449s-il-001",
         &relay.url(),

@@ -318,18 +318,20 @@ async fn agent(
 /// The host a VMS names in a camera's URL: the address the camera ports listen on, or,
 /// when they listen on every address, the name the operator reached the relay by.
 fn url_host(shared: &Shared, headers: &HeaderMap) -> String {
-    let bind = shared.camera_bind;
+    let named = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    host_for_urls(shared.camera_bind, named)
+}
+
+fn host_for_urls(bind: std::net::IpAddr, host_header: Option<&str>) -> String {
     if !bind.is_unspecified() {
         return match bind {
             std::net::IpAddr::V6(v6) => format!("[{v6}]"),
             v4 => v4.to_string(),
         };
     }
-    let authority = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.parse::<axum::http::uri::Authority>().ok());
-    authority.map_or_else(|| "127.0.0.1".into(), |a| a.host().to_string())
+    host_header
+        .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
+        .map_or_else(|| "127.0.0.1".into(), |a| a.host().to_string())
 }
 
 /// Known ids (configured, registered before, anywhere in the cluster) and online ones,
@@ -657,4 +659,31 @@ async fn restart_tunnel(
         b"restarted by an operator",
     );
     Ok(Json(json!({ "agent": id, "closed_sessions": ended })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_for_urls;
+
+    #[test]
+    fn camera_urls_name_the_bind_address_or_the_host_the_operator_used() {
+        let loopback = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            host_for_urls(loopback, Some("relay.example:8080")),
+            "127.0.0.1"
+        );
+        let v6 = "2001:db8::1".parse().unwrap();
+        assert_eq!(host_for_urls(v6, None), "[2001:db8::1]");
+        let any = "0.0.0.0".parse().unwrap();
+        assert_eq!(
+            host_for_urls(any, Some("relay.example:8080")),
+            "relay.example"
+        );
+        assert_eq!(
+            host_for_urls(any, Some("[2001:db8::2]:8080")),
+            "[2001:db8::2]"
+        );
+        assert_eq!(host_for_urls(any, Some("not a host")), "127.0.0.1");
+        assert_eq!(host_for_urls(any, None), "127.0.0.1");
+    }
 }
