@@ -142,7 +142,8 @@ async function signIn(event) {
   error.textContent = "";
   let response;
   try {
-    response = await fetch("/agents", { headers: authHeaders(token), cache: "no-store" });
+    // A small answer: /agents of a big fleet is read once, after this.
+    response = await fetch("/streams", { headers: authHeaders(token), cache: "no-store" });
   } catch {
     error.textContent = "Cannot reach the relay. Is it running, and is this its control address?";
     return;
@@ -191,10 +192,10 @@ function start() {
   loadAll(running.signal)
     .then(() => {
       for (const event of held) applyEvent(event);
-      held = null;
       route();
     })
-    .catch(failed);
+    .catch(failed)
+    .finally(() => (held = null));
   refreshLoop(running.signal);
   loadRelayName(running.signal);
 }
