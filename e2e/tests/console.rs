@@ -61,6 +61,11 @@ async fn camera_port(relay_port: u16, id: &str) -> u16 {
     view["ports"][0].as_u64().unwrap() as u16
 }
 
+/// Waits until the page's `expression` is truthy (`what`, for the failure); its value.
+async fn until(browser: &Browser, what: &str, expression: &str) -> serde_json::Value {
+    browser.wait_until(what, expression).await.unwrap()
+}
+
 /// Clicks the camera page's button of `action`; the result, once it says `says`.
 async fn act(browser: &Browser, action: &str, says: &str) -> String {
     browser
@@ -73,13 +78,12 @@ async fn act(browser: &Browser, action: &str, says: &str) -> String {
 /// The camera page's result of an action, once it says `says`.
 async fn answer(browser: &Browser, says: &str) -> String {
     let result = "document.querySelector('#action-result').innerText";
-    let text = browser
-        .wait_until(
-            &format!("the result saying {says:?}"),
-            &format!("{result}.includes({}) && {result}", json!(says)),
-        )
-        .await
-        .unwrap();
+    let text = until(
+        browser,
+        &format!("the result saying {says:?}"),
+        &format!("{result}.includes({}) && {result}", json!(says)),
+    )
+    .await;
     text.as_str().unwrap().to_string()
 }
 
@@ -89,13 +93,12 @@ async fn ask(browser: &Browser, action: &str) -> String {
         .click(&format!("button[data-action=\"{action}\"]"))
         .await
         .unwrap();
-    browser
-        .wait_until(
-            "the confirmation",
-            "document.querySelector('#confirm').open",
-        )
-        .await
-        .unwrap();
+    until(
+        browser,
+        "the confirmation",
+        "document.querySelector('#confirm').open",
+    )
+    .await;
     browser.text("#confirm").await.unwrap()
 }
 
@@ -144,13 +147,12 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
 
     let browser = Browser::launch(1280, 800).await.unwrap();
     browser.goto(&console).await.unwrap();
-    browser
-        .wait_until(
-            "the sign-in form",
-            "!document.querySelector('#login').hidden",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "the sign-in form",
+        "!document.querySelector('#login').hidden",
+    )
+    .await;
     assert_eq!(
         browser.eval("document.activeElement.id").await.unwrap(),
         "token",
@@ -159,13 +161,12 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
 
     // A wrong token is refused in words, and nothing else shows.
     sign_in(&browser, "not-the-token").await;
-    let refused = browser
-        .wait_until(
-            "the refusal",
-            "document.querySelector('#login-error').innerText",
-        )
-        .await
-        .unwrap();
+    let refused = until(
+        &browser,
+        "the refusal",
+        "document.querySelector('#login-error').innerText",
+    )
+    .await;
     assert!(refused.as_str().unwrap().contains("refused"), "{refused}");
     assert!(
         browser
@@ -177,14 +178,13 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
 
     // The right one: the (empty) fleet, and the token in the tab's session only.
     sign_in(&browser, ADMIN).await;
-    browser
-        .wait_until(
-            "the fleet",
-            "!document.querySelector('#fleet').hidden && \
+    until(
+        &browser,
+        "the fleet",
+        "!document.querySelector('#fleet').hidden && \
              document.querySelector('#summary').innerText.includes('0 of 4 online')",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     assert_eq!(
         browser
             .eval("sessionStorage.getItem('camera-relay.admin-token')")
@@ -197,13 +197,12 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
         !href.as_str().unwrap().contains(ADMIN),
         "the token is in the URL: {href}"
     );
-    browser
-        .wait_until(
-            "the event stream",
-            "document.querySelector('#live').innerText === 'Live'",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "the event stream",
+        "document.querySelector('#live').innerText === 'Live'",
+    )
+    .await;
 
     // Cameras come online while the page is open; it shows them without reloading.
     browser.eval("window.notReloaded = true").await.unwrap();
@@ -251,21 +250,19 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
         watchers.push(ffmpeg_playing(&rtsp_url(port, PATH), 120).unwrap());
     }
     for id in ["cam-1", "cam-2"] {
-        browser
-            .wait_until(
-                &format!("{id}'s Watcher and its frame rate"),
-                &format!("{r}.includes('1 live') && {r}.includes('fps')", r = row(id)),
-            )
-            .await
-            .unwrap();
-    }
-    browser
-        .wait_until(
-            "a sparkline drawn from the traffic samples",
-            "document.querySelector('tr[data-camera=\"cam-1\"] svg.spark polyline')",
+        until(
+            &browser,
+            &format!("{id}'s Watcher and its frame rate"),
+            &format!("{r}.includes('1 live') && {r}.includes('fps')", r = row(id)),
         )
-        .await
-        .unwrap();
+        .await;
+    }
+    until(
+        &browser,
+        "a sparkline drawn from the traffic samples",
+        "document.querySelector('tr[data-camera=\"cam-1\"] svg.spark polyline')",
+    )
+    .await;
 
     // The screenshot of the fleet page (README).
     let shot = std::env::var_os("CONSOLE_SCREENSHOT")
@@ -290,38 +287,35 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
         assert!(tabs < 10, "the search field is not reachable by Tab");
     }
     browser.type_text("cam-3").await.unwrap();
-    browser
-        .wait_until(
-            "only cam-3 listed",
-            "document.querySelectorAll('#cameras tbody tr').length === 1 && \
+    until(
+        &browser,
+        "only cam-3 listed",
+        "document.querySelectorAll('#cameras tbody tr').length === 1 && \
              document.querySelector('tr[data-camera=\"cam-3\"]') !== null",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     browser
         .eval("document.querySelector('#search').select()")
         .await
         .unwrap();
     browser.press("Backspace").await.unwrap();
-    browser
-        .wait_until(
-            "all four listed again",
-            "document.querySelectorAll('#cameras tbody tr').length === 4",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "all four listed again",
+        "document.querySelectorAll('#cameras tbody tr').length === 4",
+    )
+    .await;
 
     // One camera: its page, its events (history, then live), its sessions, an action.
     browser.click("tr[data-camera=\"cam-1\"] a").await.unwrap();
-    browser
-        .wait_until(
-            "cam-1's page with its history",
-            "!document.querySelector('#camera').hidden && \
+    until(
+        &browser,
+        "cam-1's page with its history",
+        "!document.querySelector('#camera').hidden && \
              document.querySelector('#events').innerText.includes('camera.online') && \
              document.querySelector('#sessions tbody').innerText.includes('127.0.0.1')",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     let pong = act(&browser, "ping", "pong in").await;
     assert!(pong.contains("QUIC RTT"), "{pong}");
 
@@ -329,13 +323,12 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
     let question = ask(&browser, "tunnel_restart").await;
     assert!(question.contains("loses its video"), "{question}");
     browser.press("Escape").await.unwrap();
-    browser
-        .wait_until(
-            "the confirmation closed",
-            "!document.querySelector('#confirm').open",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "the confirmation closed",
+        "!document.querySelector('#confirm').open",
+    )
+    .await;
     assert!(browser
         .text("#action-result")
         .await
@@ -357,67 +350,61 @@ async fn an_operator_watches_the_fleet_live_and_acts_on_a_camera() {
     browser.click("#confirm-ok").await.unwrap();
     let restarted = answer(&browser, "Restart tunnel:").await;
     assert!(restarted.contains("1 Watcher session ended"), "{restarted}");
-    browser
-        .wait_until(
-            "the link back, the session gone",
-            "document.querySelector('#events').innerText.includes('none → quic') && \
+    until(
+        &browser,
+        "the link back, the session gone",
+        "document.querySelector('#events').innerText.includes('none → quic') && \
              document.querySelector('#events').innerText.includes('watcher.ended')",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
 
     // The camera goes offline: its page says so at once, the actions are off.
     agents[0].process.kill().await.unwrap();
-    browser
-        .wait_until(
-            "cam-1 offline on its page",
-            "document.querySelector('#camera-state').innerText.includes('offline') && \
+    until(
+        &browser,
+        "cam-1 offline on its page",
+        "document.querySelector('#camera-state').innerText.includes('offline') && \
              document.querySelector('#events').innerText.includes('camera.offline') && \
              document.querySelector('button[data-action=\"ping\"]').disabled",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
 
     // Back to the fleet by the link; on a phone's width the rows become cards, and
     // nothing needs scrolling sideways.
     browser.click("#camera a[href=\"#/\"]").await.unwrap();
-    browser
-        .wait_until(
-            "cam-1 offline in the fleet",
-            &format!("{}.includes('offline')", row("cam-1")),
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "cam-1 offline in the fleet",
+        &format!("{}.includes('offline')", row("cam-1")),
+    )
+    .await;
     browser.viewport(390, 844, true).await.unwrap();
-    browser
-        .wait_until(
-            "the phone layout",
-            "getComputedStyle(document.querySelector('#cameras thead')).display === 'none'",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "the phone layout",
+        "getComputedStyle(document.querySelector('#cameras thead')).display === 'none'",
+    )
+    .await;
     assert_fits_a_phone(&browser, "the fleet").await;
     browser.click("tr[data-camera=\"cam-2\"] a").await.unwrap();
-    browser
-        .wait_until(
-            "cam-2's page",
-            "document.querySelector('#events').innerText.includes('camera.online')",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "cam-2's page",
+        "document.querySelector('#events').innerText.includes('camera.online')",
+    )
+    .await;
     assert_fits_a_phone(&browser, "a camera's page").await;
     browser.click("#camera a[href=\"#/\"]").await.unwrap();
 
     // Signing out forgets the token.
     browser.viewport(1280, 800, false).await.unwrap();
     browser.click("#logout").await.unwrap();
-    browser
-        .wait_until(
-            "the sign-in form again",
-            "!document.querySelector('#login').hidden",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "the sign-in form again",
+        "!document.querySelector('#login').hidden",
+    )
+    .await;
     assert_eq!(
         browser
             .eval("sessionStorage.getItem('camera-relay.admin-token')")
@@ -462,13 +449,12 @@ async fn search_stays_fast_at_ten_thousand_cameras() {
         .unwrap();
     let loaded = Instant::now();
     sign_in(&browser, ADMIN).await;
-    browser
-        .wait_until(
-            "10,000 cameras listed",
-            "document.querySelector('#summary').innerText.includes('0 of 10000 online')",
-        )
-        .await
-        .unwrap();
+    until(
+        &browser,
+        "10,000 cameras listed",
+        "document.querySelector('#summary').innerText.includes('0 of 10000 online')",
+    )
+    .await;
     let loaded = loaded.elapsed();
     // 50 rows a page, not 10,000.
     assert_eq!(
@@ -488,17 +474,16 @@ async fn search_stays_fast_at_ten_thousand_cameras() {
             .await
             .unwrap();
         browser.type_text(query).await.unwrap();
-        let timings = browser
-            .wait_until(
-                &format!("the search for {query}"),
-                &format!(
-                    "document.querySelector('#search').value === {q} && \
+        let timings = until(
+            &browser,
+            &format!("the search for {query}"),
+            &format!(
+                "document.querySelector('#search').value === {q} && \
                      window.consoleTimings",
-                    q = json!(query)
-                ),
-            )
-            .await
-            .unwrap();
+                q = json!(query)
+            ),
+        )
+        .await;
         searches.push((
             query,
             timings["filter_ms"].as_f64().unwrap(),

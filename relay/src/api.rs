@@ -407,7 +407,7 @@ async fn agent_view(shared: &Shared, id: &str, host: &str) -> Value {
         },
         "agent_version": session.agent_version,
         "remote_addr": session.remote.to_string(),
-        "quic_rtt_ms": session.current_tunnel().map(|c| c.rtt().as_secs_f64() * 1000.0),
+        "quic_rtt_ms": quic_rtt_ms(&session),
         // Follows the camera's NAT: QUIC migrates when its public UDP port changes.
         "quic_remote_addr": session.current_tunnel().map(|c| c.remote_address().to_string()),
         "data_link": session.current_link().map(|link| link.transport()),
@@ -424,6 +424,13 @@ async fn agent_view(shared: &Shared, id: &str, host: &str) -> Value {
         "labels": session.labels,
         "takes_updates": session.takes_updates,
     })
+}
+
+/// The round-trip time of the camera's QUIC connection, if it is up.
+fn quic_rtt_ms(session: &AgentSession) -> Option<f64> {
+    session
+        .current_tunnel()
+        .map(|c| c.rtt().as_secs_f64() * 1000.0)
 }
 
 /// An online agent by id: 404 if unknown, 409 if known but offline.
@@ -555,17 +562,14 @@ async fn streams(State(shared): State<Arc<Shared>>) -> ApiResult {
 /// (both directions) over the last minutes and, while online, its data link and RTT.
 async fn traffic(State(shared): State<Arc<Shared>>) -> ApiResult {
     let mut list = Vec::new();
-    for id in shared.traffic.ids() {
+    for (id, rates) in shared.traffic.snapshot() {
         let session = shared.registry.get(&id);
         list.push(json!({
             "id": id,
             "online": session.is_some(),
             "data_link": session.as_ref().and_then(|s| s.current_link()).map(|l| l.transport()),
-            "quic_rtt_ms": session
-                .as_ref()
-                .and_then(|s| s.current_tunnel())
-                .map(|c| c.rtt().as_secs_f64() * 1000.0),
-            "bytes_per_sec": shared.traffic.rates(&id),
+            "quic_rtt_ms": session.as_deref().and_then(quic_rtt_ms),
+            "bytes_per_sec": rates,
         }));
     }
     Ok(Json(json!({

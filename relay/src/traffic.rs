@@ -70,21 +70,16 @@ impl Traffic {
         }
     }
 
-    /// The cameras with samples, sorted.
-    pub(crate) fn ids(&self) -> Vec<String> {
+    /// Each camera with samples, sorted by id, with its bytes per second of each sample,
+    /// oldest first.
+    pub(crate) fn snapshot(&self) -> Vec<(String, Vec<u64>)> {
         let cameras = self.cameras.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ids: Vec<String> = cameras.keys().cloned().collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    /// Bytes per second of each sample of camera `id`, oldest first; empty if none.
-    pub(crate) fn rates(&self, id: &str) -> Vec<u64> {
-        let cameras = self.cameras.lock().unwrap_or_else(|e| e.into_inner());
-        cameras
-            .get(id)
-            .map(|h| h.rates.iter().copied().collect())
-            .unwrap_or_default()
+        let mut list: Vec<(String, Vec<u64>)> = cameras
+            .iter()
+            .map(|(id, h)| (id.clone(), h.rates.iter().copied().collect()))
+            .collect();
+        list.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        list
     }
 
     /// Samples every [`EVERY`] until `shutdown`.
@@ -103,6 +98,16 @@ impl Traffic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Traffic {
+        fn rates(&self, id: &str) -> Vec<u64> {
+            self.snapshot()
+                .into_iter()
+                .find(|(camera, _)| camera == id)
+                .map(|(_, rates)| rates)
+                .unwrap_or_default()
+        }
+    }
 
     fn online(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
         pairs.iter().map(|(id, n)| (id.to_string(), *n)).collect()
